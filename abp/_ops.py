@@ -1,0 +1,232 @@
+"""The ``abp::`` operators: one torch.library definition per op, a fake kernel for each (so
+``torch.compile`` traces through them), and the masked-matmul autograd formula.
+
+Each op's body only validates nothing and dispatches: :mod:`abp.backends` picks reference, Triton or
+the compiled extension per call. Inputs are checked once, in :mod:`abp.functional`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from abp import backends, reference
+from abp._triton_bridge import kernels as _k
+
+Tensor = torch.Tensor
+
+
+def _c():
+    return torch.ops.abp_C
+
+
+def _contig(*ts):
+    return [t.contiguous() if t is not None else None for t in ts]
+
+
+# --------------------------------------------------------------------------- masked matmul (training)
+
+_MATMUL = {
+    "reference": reference.masked_linear_fwd,
+    "triton": lambda *a: _k().masked_matmul(*_contig(*a[:5]), t_hard=a[5]),
+}
+
+
+@torch.library.custom_op("abp::masked_matmul", mutates_args=())
+def masked_matmul(
+    x: Tensor, weight: Tensor, scores: Tensor, bias: Optional[Tensor], bias_scores: Optional[Tensor],
+    t_hard: Optional[float], t_soft: float, backend: str,
+) -> Tensor:
+    """``y = x·(W⊙M)ᵀ + b⊙m_b`` for 2-D ``x``; ``t_soft`` is used by the backward only."""
+    return backends.dispatch("masked_matmul", _MATMUL, x.device, backend, x, weight, scores, bias, bias_scores, t_hard)
+
+
+@masked_matmul.register_fake
+def _(x, weight, scores, bias, bias_scores, t_hard, t_soft, backend):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+_DX = {
+    "reference": reference.masked_linear_dx,
+    "triton": lambda dy, w, s, t_hard: _k().masked_matmul_dx(*_contig(dy, w, s), t_hard=t_hard),
+}
+
+
+@torch.library.custom_op("abp::masked_matmul_dx", mutates_args=())
+def masked_matmul_dx(dy: Tensor, weight: Tensor, scores: Tensor, t_hard: Optional[float], backend: str) -> Tensor:
+    """``dX = dY·(W⊙M)``."""
+    return backends.dispatch("masked_matmul_dx", _DX, dy.device, backend, dy, weight, scores, t_hard)
+
+
+@masked_matmul_dx.register_fake
+def _(dy, weight, scores, t_hard, backend):
+    return dy.new_empty(dy.shape[0], weight.shape[1])
+
+
+def _score_grad_reference(dy, x, weight, scores, bias, bias_scores, t_soft):
+    return reference.score_grad(dy, x, weight, scores, bias, bias_scores, t_soft)
+
+
+_SCORE_GRAD = {
+    "reference": _score_grad_reference,
+    "triton": lambda dy, x, w, s, b, bs, t_soft: _k().score_grad(*_contig(dy, x, w, s, b, bs), t_soft=t_soft),
+}
+
+
+@torch.library.custom_op("abp::score_grad", mutates_args=())
+def score_grad(
+    dy: Tensor, x: Tensor, weight: Tensor, scores: Tensor, bias: Optional[Tensor], bias_scores: Optional[Tensor],
+    t_soft: float, backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Surrogate score gradient ``(dYᵀX)⊙W⊙σ'`` and the bias-score grad (empty when there are no bias scores)."""
+    ds, dbs = backends.dispatch("score_grad", _SCORE_GRAD, dy.device, backend, dy, x, weight, scores, bias, bias_scores, t_soft)
+    return ds, dbs if dbs is not None else scores.new_empty(0)
+
+
+@score_grad.register_fake
+def _(dy, x, weight, scores, bias, bias_scores, t_soft, backend):
+    return torch.empty_like(scores), (torch.empty_like(bias_scores) if bias_scores is not None else scores.new_empty(0))
+
+
+def _score_grad_update_reference(dy, x, weight, scores, bias, bias_scores, counts, lr, gamma, active, recovery, t_soft):
+    ds, dbs = reference.score_grad(dy, x, weight, scores, bias, bias_scores, t_soft)
+    counts[0] += reference.score_update_(scores, ds, lr, gamma, active, recovery)
+    if bias_scores is not None:
+        counts[1] += reference.score_update_(bias_scores, dbs, lr, gamma, active, recovery)
+
+
+def _score_grad_update_triton(dy, x, weight, scores, bias, bias_scores, counts, lr, gamma, active, recovery, t_soft):
+    dy, x, weight, bias = _contig(dy, x, weight, bias)
+    _k().score_grad_update_(dy, x, weight, scores, lr=lr, gamma=gamma, active=active, recovery=recovery,
+                            counts=counts, bias=bias, bias_scores=bias_scores, t_soft=t_soft)
+
+
+_SCORE_GRAD_UPDATE = {"reference": _score_grad_update_reference, "triton": _score_grad_update_triton}
+
+
+@torch.library.custom_op("abp::score_grad_update_", mutates_args=("scores", "bias_scores", "counts"))
+def score_grad_update_(
+    dy: Tensor, x: Tensor, weight: Tensor, scores: Tensor, bias: Optional[Tensor], bias_scores: Optional[Tensor],
+    counts: Tensor, lr: float, gamma: Tensor, active: Tensor, recovery: bool, t_soft: float, backend: str,
+) -> None:
+    """Fused score gradient + SGD step in place; ``counts`` ← [#θ≤0 in scores, #θ≤0 in bias_scores]."""
+    counts.zero_()
+    backends.dispatch("score_grad_update_", _SCORE_GRAD_UPDATE, dy.device, backend,
+                      dy, x, weight, scores, bias, bias_scores, counts, lr, gamma, active, recovery, t_soft)
+
+
+@score_grad_update_.register_fake
+def _(dy, x, weight, scores, bias, bias_scores, counts, lr, gamma, active, recovery, t_soft, backend):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, scores, bias, bias_scores, t_hard, t_soft, backend = inputs
+    ctx.save_for_backward(x, weight, scores, bias, bias_scores)
+    ctx.t_hard, ctx.t_soft, ctx.backend = t_hard, t_soft, backend
+
+
+def _backward(ctx, dy):
+    x, weight, scores, bias, bias_scores = ctx.saved_tensors
+    dy = dy.contiguous()
+    dx = ds = dbs = None
+    if ctx.needs_input_grad[0]:
+        dx = masked_matmul_dx(dy, weight, scores, ctx.t_hard, ctx.backend)
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[4]:
+        ds, dbs = score_grad(dy, x, weight, scores, bias, bias_scores, ctx.t_soft, ctx.backend)
+        if bias_scores is None or not ctx.needs_input_grad[4]:
+            dbs = None
+        if not ctx.needs_input_grad[2]:
+            ds = None
+    return dx, None, ds, None, dbs, None, None, None
+
+
+masked_matmul.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- score update over many tensors
+
+def _multi_update_reference(scores, grads, lr, gamma, active, recovery, counts):
+    reference.multi_score_update_(scores, grads, lr, gamma, active, recovery, counts)
+
+
+def _multi_update_ext(scores, grads, lr, gamma, active, recovery, counts):
+    _c().multi_score_update_(scores, grads, lr, gamma, active, recovery, counts)
+
+
+_MULTI_UPDATE = {"reference": _multi_update_reference, "cuda": _multi_update_ext, "cpp": _multi_update_ext}
+
+
+@torch.library.custom_op("abp::multi_score_update_", mutates_args=("scores", "counts"))
+def multi_score_update_(
+    scores: list[Tensor], grads: list[Tensor], lr: float, gamma: Tensor, active: Tensor, recovery: bool,
+    counts: Tensor, backend: str,
+) -> None:
+    """``θ ← θ − active·(lr·g + γ)`` over all tensors at once; ``counts[i]`` ← #θ≤0 in ``scores[i]``."""
+    backends.dispatch("multi_score_update_", _MULTI_UPDATE, counts.device, backend,
+                      scores, grads, lr, gamma, active, recovery, counts)
+
+
+@multi_score_update_.register_fake
+def _(scores, grads, lr, gamma, active, recovery, counts, backend):
+    return None
+
+
+# --------------------------------------------------------------------------- 1-bit masks
+
+_PACK = {"reference": reference.pack_mask, "cuda": lambda m: _c().pack_mask(m), "cpp": lambda m: _c().pack_mask(m)}
+_UNPACK = {"reference": reference.unpack_mask, "cuda": lambda p, n: _c().unpack_mask(p, n),
+           "cpp": lambda p, n: _c().unpack_mask(p, n)}
+
+
+@torch.library.custom_op("abp::pack_mask", mutates_args=())
+def pack_mask(mask: Tensor, backend: str) -> Tensor:
+    """Bool tensor → uint8 bits, little-endian within a byte."""
+    return backends.dispatch("pack_mask", _PACK, mask.device, backend, mask.contiguous())
+
+
+@pack_mask.register_fake
+def _(mask, backend):
+    return mask.new_empty((mask.numel() + 7) // 8, dtype=torch.uint8)
+
+
+@torch.library.custom_op("abp::unpack_mask", mutates_args=())
+def unpack_mask(packed: Tensor, numel: int, backend: str) -> Tensor:
+    """uint8 bits → flat bool tensor of ``numel`` elements."""
+    return backends.dispatch("unpack_mask", _UNPACK, packed.device, backend, packed.contiguous(), numel)
+
+
+@unpack_mask.register_fake
+def _(packed, numel, backend):
+    return packed.new_empty(numel, dtype=torch.bool)
+
+
+_BITMASK = {"reference": reference.bitmask_linear, "cuda": lambda *a: _c().bitmask_linear(*a),
+            "cpp": lambda *a: _c().bitmask_linear(*a)}
+_MULTI_BITMASK = {"reference": reference.multi_bitmask_linear, "cuda": lambda *a: _c().multi_bitmask_linear(*a),
+                  "cpp": lambda *a: _c().multi_bitmask_linear(*a)}
+
+
+@torch.library.custom_op("abp::bitmask_linear", mutates_args=())
+def bitmask_linear(x: Tensor, weight: Tensor, packed: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
+    """Serving: ``x·(W⊙unpack(bits))ᵀ + b``, reading one bit per weight."""
+    return backends.dispatch("bitmask_linear", _BITMASK, x.device, backend, *_contig(x, weight, packed, bias))
+
+
+@bitmask_linear.register_fake
+def _(x, weight, packed, bias, backend):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("abp::multi_bitmask_linear", mutates_args=())
+def multi_bitmask_linear(
+    x: Tensor, weight: Tensor, packed: Tensor, task_ids: Tensor, bias: Optional[Tensor], backend: str
+) -> Tensor:
+    """Serving many task masks over one base weight: row ``i`` of ``x`` uses ``packed[task_ids[i]]``."""
+    return backends.dispatch("multi_bitmask_linear", _MULTI_BITMASK, x.device, backend,
+                             *_contig(x, weight, packed, task_ids, bias))
+
+
+@multi_bitmask_linear.register_fake
+def _(x, weight, packed, task_ids, bias, backend):
+    return x.new_empty(x.shape[0], weight.shape[0])

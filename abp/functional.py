@@ -1,0 +1,184 @@
+"""Functional masked layers: argument checks, leading dims, autocast, and the fused-update path.
+
+``masked_linear`` is the public entry point. Its gradient for ``scores`` is the paper's surrogate
+``(dYᵀX)⊙W⊙t_s·σ(t_s·θ)(1−σ(t_s·θ))``, deliberately *not* the derivative of the forward mask.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from abp import _ops, reference
+
+Tensor = torch.Tensor
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_CHECK_FINITE = os.environ.get("ABP_CHECK_FINITE") == "1"
+
+
+@dataclass
+class ScoreSGD:
+    """The paper's plain-SGD score step ``θ ← θ − active·(lr·g + γ)``, for the fused-update path.
+
+    ``gamma`` and ``active`` are 0-d fp32 tensors on the scores' device so that a schedule can change
+    them without a host sync; ``recovery=False`` keeps pruned scores pruned.
+    """
+
+    lr: float
+    gamma: Tensor
+    active: Tensor
+    recovery: bool = True
+
+
+def _check_linear(x: Tensor, weight: Tensor, scores: Tensor, bias, bias_scores, t_hard, t_soft) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"masked_linear: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"masked_linear: input's last dim {tuple(x.shape)[-1:]} does not match weight [out={weight.shape[0]}, in={weight.shape[1]}]")
+    if scores.shape != weight.shape:
+        raise ValueError(f"masked_linear: scores shape {tuple(scores.shape)} != weight shape {tuple(weight.shape)}")
+    if scores.dtype != torch.float32:
+        raise TypeError(f"masked_linear: scores must be float32 (updates of ~1e-7 vanish in lower precision), got {scores.dtype}")
+    if x.dtype not in _FLOATS or weight.dtype not in _FLOATS:
+        raise TypeError(f"masked_linear: input/weight must be float32, float16 or bfloat16, got {x.dtype}/{weight.dtype}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"masked_linear: input dtype {x.dtype} != weight dtype {weight.dtype} (cast one, or use autocast)")
+    devices = {t.device for t in (x, weight, scores, bias, bias_scores) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"masked_linear: tensors are on different devices: {sorted(map(str, devices))}")
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("masked_linear: weight and bias are frozen pre-trained parameters; set requires_grad=False")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"masked_linear: bias shape {tuple(bias.shape)} != ({weight.shape[0]},)")
+    if bias_scores is not None:
+        if bias is None:
+            raise ValueError("masked_linear: bias_scores given without bias")
+        if bias_scores.shape != bias.shape or bias_scores.dtype != torch.float32:
+            raise ValueError(f"masked_linear: bias_scores must be float32 of shape {tuple(bias.shape)}, got {bias_scores.dtype} {tuple(bias_scores.shape)}")
+    if t_hard is not None and not (math.isfinite(t_hard) and t_hard > 0):
+        raise ValueError(f"masked_linear: t_hard must be None (hard mask) or a positive finite number, got {t_hard}")
+    if not (math.isfinite(t_soft) and t_soft > 0):
+        raise ValueError(f"masked_linear: t_soft must be positive and finite, got {t_soft}")
+    if _CHECK_FINITE:
+        check_finite_scores(scores, "scores")
+
+
+def check_finite_scores(scores: Tensor, name: str = "scores") -> None:
+    """Raise if ``scores`` holds NaN or inf (a host sync: call it at checkpoints, not every step)."""
+    bad = (~torch.isfinite(scores)).sum().item()
+    if bad:
+        raise FloatingPointError(f"{name}: {bad} of {scores.numel()} mask scores are NaN or inf (learning rate too high?)")
+
+
+class _FusedUpdateLinear(torch.autograd.Function):
+    """Masked linear whose backward applies the score SGD step in the dθ epilogue: no dθ, no dW."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scores, bias, bias_scores, t_hard, t_soft, backend, sgd, counts):
+        ctx.save_for_backward(x, weight, scores, bias, bias_scores)
+        ctx.args = (t_hard, t_soft, backend, sgd, counts)
+        return _ops.masked_matmul(x, weight, scores, bias, bias_scores, t_hard, t_soft, backend)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, scores, bias, bias_scores = ctx.saved_tensors
+        t_hard, t_soft, backend, sgd, counts = ctx.args
+        dy = dy.contiguous()
+        # dX first: it must see the mask from before the update.
+        dx = _ops.masked_matmul_dx(dy, weight, scores, t_hard, backend) if ctx.needs_input_grad[0] else None
+        _ops.score_grad_update_(dy, x, weight, scores, bias, bias_scores, counts, sgd.lr, sgd.gamma, sgd.active,
+                                sgd.recovery, t_soft, backend)
+        return dx, None, None, None, None, None, None, None, None, None
+
+
+def masked_linear(
+    input: Tensor,
+    weight: Tensor,
+    scores: Tensor,
+    bias: Optional[Tensor] = None,
+    bias_scores: Optional[Tensor] = None,
+    *,
+    t_soft: float = 1.0,
+    t_hard: Optional[float] = None,
+    backend: Optional[str] = None,
+    fused_update: Optional[ScoreSGD] = None,
+    counts: Optional[Tensor] = None,
+) -> Tensor:
+    """``input @ (weight ⊙ m).T + bias ⊙ m_b`` with ``m = 1[scores > 0]`` (or ``σ(t_hard·scores)``).
+
+    Any leading dims; fp32/fp16/bf16 activations (autocast honoured); fp32 scores; ``weight`` and
+    ``bias`` frozen. With ``fused_update`` the backward updates ``scores`` in place (and writes the
+    count of pruned scores into ``counts``, int64 [2]) instead of returning a gradient for them.
+    """
+    if torch.is_autocast_enabled(input.device.type) and input.dtype in _FLOATS:
+        dtype = torch.get_autocast_dtype(input.device.type)
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    _check_linear(input, weight, scores, bias, bias_scores, t_hard, t_soft)
+    lead = input.shape[:-1]
+    x2d = input.reshape(-1, input.shape[-1])
+    backend = backend or "auto"
+    with torch.autocast(input.device.type, enabled=False):
+        if fused_update is None:
+            y = _ops.masked_matmul(x2d, weight, scores, bias, bias_scores, t_hard, t_soft, backend)
+        else:
+            if counts is None or counts.shape != (2,) or counts.dtype != torch.int64:
+                raise ValueError("masked_linear: fused_update needs counts, an int64 tensor of shape [2]")
+            y = _FusedUpdateLinear.apply(x2d, weight, scores, bias, bias_scores, t_hard, t_soft, backend,
+                                         fused_update, counts)
+    return y.reshape(*lead, weight.shape[0])
+
+
+class _MaskedRows(torch.autograd.Function):
+    """``W[ids] ⊙ m(θ[ids])`` for embeddings: gathers rows, never builds the dense W⊙M."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, scores, t_hard, t_soft, padding_idx):
+        ctx.save_for_backward(ids, weight, scores)
+        ctx.t_soft, ctx.padding_idx = t_soft, padding_idx
+        return weight[ids] * reference.mask_from_scores(scores[ids], t_hard).to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        ids, weight, scores = ctx.saved_tensors
+        flat = ids.reshape(-1)
+        g = dout.reshape(flat.numel(), -1).float() * weight[flat].float() * reference.surrogate_factor(scores[flat], ctx.t_soft)
+        if ctx.padding_idx is not None:
+            g[flat == ctx.padding_idx] = 0
+        dscores = torch.zeros_like(scores).index_add_(0, flat, g)
+        return None, None, dscores, None, None, None
+
+
+def masked_embedding(
+    ids: Tensor, weight: Tensor, scores: Tensor, *, t_soft: float = 1.0, t_hard: Optional[float] = None,
+    padding_idx: Optional[int] = None,
+) -> Tensor:
+    """Embedding lookup through a learnt mask, with the surrogate gradient for ``scores``."""
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"masked_embedding: ids must be int32/int64, got {ids.dtype}")
+    if scores.shape != weight.shape or scores.dtype != torch.float32:
+        raise ValueError(f"masked_embedding: scores must be float32 of shape {tuple(weight.shape)}, got {scores.dtype} {tuple(scores.shape)}")
+    return _MaskedRows.apply(ids, weight, scores, t_hard, t_soft, padding_idx)
+
+
+class _MaskedParam(torch.autograd.Function):
+    """``W ⊙ m(θ)`` for small parameters (LayerNorm), with the surrogate gradient."""
+
+    @staticmethod
+    def forward(ctx, weight, scores, t_hard, t_soft):
+        ctx.save_for_backward(weight, scores)
+        ctx.t_soft = t_soft
+        return weight * reference.mask_from_scores(scores, t_hard).to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        weight, scores = ctx.saved_tensors
+        return None, g.float() * weight.float() * reference.surrogate_factor(scores, ctx.t_soft), None, None
+
+
+def masked_param(weight: Tensor, scores: Tensor, *, t_soft: float = 1.0, t_hard: Optional[float] = None) -> Tensor:
+    """A small parameter seen through its mask (materialised: meant for norms and biases)."""
+    return _MaskedParam.apply(weight, scores, t_hard, t_soft)

@@ -1,0 +1,245 @@
+"""Task-mask files: 1 bit per masked weight, the task head, and what they were made for (safetensors).
+
+Layout of a ``.safetensors`` task-mask file:
+- ``mask/<module>.<weight|bias>``: uint8 packed bits (:func:`abp.pack_mask` order: row-major,
+  little-endian within a byte);
+- ``probe/<module>``: 64 fp32 values sampled from the base weight at fixed positions, the
+  fingerprint that refuses loading onto other base weights;
+- ``head/<param>``: the task head's state dict;
+- metadata: format, abp version, base model id, task, sparsity, shapes, mask settings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from abp import _ops
+from abp._atomic import atomic_path
+from abp.patch import MaskConfig, mask_model, masked_modules, sparsity
+
+FORMAT = "abp-mask"
+FORMAT_VERSION = "1"
+_PROBES = 64
+# Largest relative difference between probes of the same weights stored in different dtypes.
+_DTYPE_RTOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+class MaskFileError(ValueError):
+    """A task-mask file is unreadable, corrupt, or does not fit the model."""
+
+
+def pack_mask(mask: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Bool tensor (any shape) → uint8 bits, 1 bit per element: element ``i`` of the row-major
+    flattened tensor is bit ``i % 8`` (LSB first) of byte ``i // 8``; the last byte is zero-padded."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"pack_mask: expected a bool tensor, got {mask.dtype}")
+    return _ops.pack_mask(mask, backend or "auto")
+
+
+def unpack_mask(packed: torch.Tensor, shape, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: uint8 bits → bool tensor of ``shape``."""
+    shape = torch.Size(shape)
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise TypeError(f"unpack_mask: expected a 1-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    if packed.numel() != (shape.numel() + 7) // 8:
+        raise ValueError(f"unpack_mask: {packed.numel()} bytes cannot hold a mask of shape {tuple(shape)} "
+                         f"({(shape.numel() + 7) // 8} bytes expected)")
+    return _ops.unpack_mask(packed, shape.numel(), backend or "auto").view(shape)
+
+
+def _probe(weight: torch.Tensor) -> torch.Tensor:
+    flat = weight.detach().reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, _PROBES, device=flat.device).long()
+    return flat[idx].float().cpu()
+
+
+def _base_weight(module: nn.Module) -> torch.Tensor:
+    """A module's weight in ``[out, in]`` layout (GPT-2's ``Conv1D`` stores it transposed)."""
+    conv1d = type(module).__name__ == "Conv1D"
+    return module.weight.t() if conv1d else module.weight
+
+
+def _digest(probes: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(probes):
+        h.update(name.encode())
+        h.update(probes[name].to(torch.bfloat16).float().numpy().tobytes())  # dtype-robust display digest
+    return h.hexdigest()[:16]
+
+
+def save_mask(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    head: Optional[nn.Module | dict[str, torch.Tensor]] = None,
+    base_model: Optional[str] = None,
+    task: Optional[str] = None,
+    metadata: Optional[dict[str, Any]] = None,
+) -> dict[str, str]:
+    """Write the model's hard masks (and the task head) to ``path`` atomically; returns the metadata."""
+    from safetensors.torch import save_file
+
+    import abp
+
+    tensors: dict[str, torch.Tensor] = {}
+    probes: dict[str, torch.Tensor] = {}
+    shapes, kinds, settings = {}, {}, {}
+    mods = list(masked_modules(model))
+    if not mods:
+        raise ValueError("save_mask: the model has no masked modules (call abp.mask_model first)")
+    for name, m in mods:
+        for which, tensor, scores in m.score_pairs():
+            key = f"{name}.{which}"
+            if not torch.isfinite(scores).all():
+                raise FloatingPointError(f"save_mask: scores of {key} hold NaN/inf; refusing to save a broken mask")
+            tensors[f"mask/{key}"] = pack_mask(scores.detach() > 0).cpu()
+            shapes[key] = list(scores.shape)
+        probes[name] = _probe(m.weight)
+        tensors[f"probe/{name}"] = probes[name]
+        kinds[name] = type(m).__name__ + (":conv1d" if getattr(m, "source_type", "") == "conv1d" else "")
+        settings[name] = {"t_hard": m.t_hard, "t_soft": m.t_soft}
+    if head is not None:
+        state = head.state_dict() if isinstance(head, nn.Module) else head
+        for k, v in state.items():
+            tensors[f"head/{k}"] = v.detach().cpu().contiguous()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "abp_version": abp.__version__,
+        "base_model": str(base_model or getattr(getattr(model, "config", None), "_name_or_path", "") or "unknown"),
+        "task": str(task or ""),
+        "sparsity": f"{sparsity(model):.6f}",
+        "fingerprint": _digest(probes),
+        "weight_dtype": str(mods[0][1].weight.dtype).replace("torch.", ""),
+        "shapes": json.dumps(shapes),
+        "modules": json.dumps(kinds),
+        "settings": json.dumps(settings),
+        "bit_order": "row-major, little-endian within a byte",
+        "extra": json.dumps(metadata or {}),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
+    return meta
+
+
+@dataclass
+class MaskFile:
+    """A task-mask file read into memory (tensors on CPU)."""
+
+    path: str
+    metadata: dict[str, str]
+    masks: dict[str, torch.Tensor]  # "<module>.<weight|bias>" -> packed uint8
+    probes: dict[str, torch.Tensor]
+    head: dict[str, torch.Tensor]
+
+    @property
+    def shapes(self) -> dict[str, list[int]]:
+        return json.loads(self.metadata["shapes"])
+
+    @property
+    def sparsity(self) -> float:
+        return float(self.metadata["sparsity"])
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return json.loads(self.metadata.get("extra", "{}"))
+
+
+def read_mask_file(path: str | os.PathLike) -> MaskFile:
+    """Read and validate a task-mask file without touching a model."""
+    from safetensors import safe_open
+
+    path = str(path)
+    if not os.path.isfile(path):
+        raise MaskFileError(f"mask file {path} does not exist")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise MaskFileError(f"mask file {path} is corrupt or not a safetensors file ({type(e).__name__}: {e})") from e
+    if meta.get("format") != FORMAT:
+        raise MaskFileError(f"{path} is a safetensors file but not an abp task mask (format={meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise MaskFileError(f"{path} has mask format version {meta.get('format_version')}; this abp reads {FORMAT_VERSION}")
+    try:
+        shapes = json.loads(meta["shapes"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise MaskFileError(f"mask file {path} has corrupt metadata ({e})") from e
+    masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask/")}
+    if set(masks) != set(shapes):
+        raise MaskFileError(f"mask file {path} is inconsistent: masks {sorted(set(masks) ^ set(shapes))[:5]} lack shapes or data")
+    for key, packed in masks.items():
+        n = torch.Size(shapes[key]).numel()
+        if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
+            raise MaskFileError(f"mask file {path} is corrupt: {key} holds {packed.numel()} bytes for {n} weights")
+    return MaskFile(
+        path=path,
+        metadata=meta,
+        masks=masks,
+        probes={k[6:]: v for k, v in tensors.items() if k.startswith("probe/")},
+        head={k[5:]: v for k, v in tensors.items() if k.startswith("head/")},
+    )
+
+
+def _check_fingerprint(mf: MaskFile, name: str, weight: torch.Tensor) -> None:
+    expected = mf.probes.get(name)
+    if expected is None:
+        raise MaskFileError(f"mask file {mf.path} has no fingerprint for {name}")
+    got = _probe(weight)
+    file_dtype = getattr(torch, mf.metadata.get("weight_dtype", "float32"), torch.float32)
+    rtol = max(_DTYPE_RTOL.get(file_dtype, 1e-2), _DTYPE_RTOL.get(weight.dtype, 1e-2))
+    if not torch.allclose(got, expected, rtol=rtol, atol=rtol * float(expected.abs().mean()) + 1e-12):
+        raise MaskFileError(
+            f"mask file {mf.path} was made for other base weights: module {name} differs "
+            f"(file base model {mf.metadata.get('base_model')!r}, fingerprint {mf.metadata.get('fingerprint')}); "
+            f"load the base model the mask was trained on")
+
+
+def load_mask(model: nn.Module, path: str | os.PathLike, *, head: Optional[nn.Module] = None) -> MaskFile:
+    """Apply a task-mask file to ``model`` (masking it first if needed) and load the head into ``head``.
+
+    Refuses, with :class:`MaskFileError` and nothing changed, a file made for other base weights or
+    another architecture.
+    """
+    mf = read_mask_file(path)
+    modules = sorted({k.rsplit(".", 1)[0] for k in mf.masks})
+    present = dict(masked_modules(model))
+    if not present:
+        names = dict(model.named_modules())
+        missing = [n for n in modules if n not in names]
+        if missing:
+            raise MaskFileError(f"mask file {mf.path} (base model {mf.metadata.get('base_model')!r}) names modules this "
+                                f"model lacks: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        for n in modules:
+            _check_fingerprint(mf, n, _base_weight(names[n]))
+        mask_model(model, MaskConfig(include=[f"^{n}$" for n in modules], exclude=[], layernorm=True,
+                                     mask_bias=any(k.endswith(".bias") for k in mf.masks)))
+        present = dict(masked_modules(model))
+    missing = [n for n in modules if n not in present]
+    extra = [n for n in present if n not in modules]
+    if missing or extra:
+        raise MaskFileError(f"mask file {mf.path} does not fit this model: modules only in the file {missing[:5]}, "
+                            f"masked modules without a mask in the file {extra[:5]}")
+    for n in modules:  # check everything before changing anything
+        m = present[n]
+        _check_fingerprint(mf, n, m.weight)
+        for which, _, scores in m.score_pairs():
+            key = f"{n}.{which}"
+            if key not in mf.masks or list(scores.shape) != mf.shapes[key]:
+                raise MaskFileError(f"mask file {mf.path}: {key} has shape {mf.shapes.get(key)}, the model's is {list(scores.shape)}")
+    for n in modules:
+        m = present[n]
+        masks = [unpack_mask(mf.masks[f"{n}.{w}"], mf.shapes[f"{n}.{w}"]) for w, _, _ in m.score_pairs()]
+        m.set_mask(*masks)
+    if head is not None:
+        if not mf.head:
+            raise MaskFileError(f"mask file {mf.path} holds no task head")
+        head.load_state_dict(mf.head)
+    return mf

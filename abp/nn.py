@@ -1,0 +1,204 @@
+"""Masked drop-in modules: frozen pre-trained weights, fp32 mask scores, hard mask ``1[θ>0]``.
+
+Thin wrappers over :mod:`abp.functional`; ``from_*`` builds one from a pre-trained module (sharing its
+weight, no copy except GPT-2's transposed ``Conv1D``) and ``to_plain()`` bakes the mask back in.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from abp import functional as AF
+
+Tensor = torch.Tensor
+
+
+def _frozen(t: Tensor) -> nn.Parameter:
+    return t if isinstance(t, nn.Parameter) and not t.requires_grad else nn.Parameter(t.detach(), requires_grad=False)
+
+
+def _scores_like(t: Tensor, init: float, std: float) -> nn.Parameter:
+    s = torch.full(t.shape, float(init), dtype=torch.float32, device=t.device)
+    if std > 0:
+        s.add_(torch.randn_like(s) * std)
+    return nn.Parameter(s)
+
+
+class MaskedModule(nn.Module):
+    """Base of every masked module: a frozen ``weight`` (and optional ``bias``), fp32 ``scores``.
+
+    Attributes ``t_hard`` (None = hard mask; the paper's t_l) and ``t_soft`` (the paper's t_s) shape
+    the forward mask and the backward surrogate.
+    """
+
+    t_hard: Optional[float] = None
+    t_soft: float = 1.0
+
+    def score_pairs(self) -> Iterator[tuple[str, Tensor, Tensor]]:
+        """``(name, frozen tensor, its scores)`` for every masked tensor of this module."""
+        yield "weight", self.weight, self.scores
+        if getattr(self, "bias_scores", None) is not None:
+            yield "bias", self.bias, self.bias_scores
+
+    def mask(self) -> Tensor:
+        """The hard weight mask ``scores > 0`` (bool)."""
+        return self.scores.detach() > 0
+
+    def bias_mask(self) -> Optional[Tensor]:
+        bs = getattr(self, "bias_scores", None)
+        return None if bs is None else bs.detach() > 0
+
+    @torch.no_grad()
+    def set_mask(self, mask: Tensor, bias_mask: Optional[Tensor] = None, magnitude: float = 0.01) -> None:
+        """Set scores to ``±magnitude`` so that the hard mask equals ``mask``."""
+        for (name, _, scores), m in zip(self.score_pairs(), (mask, bias_mask)):
+            if m is None:
+                continue
+            if m.shape != scores.shape:
+                raise ValueError(f"{type(self).__name__}.set_mask: {name} mask shape {tuple(m.shape)} != {tuple(scores.shape)}")
+            scores.copy_(torch.where(m.to(scores.device, torch.bool), magnitude, -magnitude))
+
+    def _init_scores(self, init: float, std: float, mask_bias: bool) -> None:
+        self.scores = _scores_like(self.weight, init, std)
+        self.bias_scores = _scores_like(self.bias, init, std) if (mask_bias and self.bias is not None) else None
+
+
+class MaskedLinear(MaskedModule):
+    """Drop-in ``nn.Linear`` whose frozen weight is seen through a learnt binary mask."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 score_init: float = 0.01, score_init_std: float = 0.0, mask_bias: bool = False,
+                 t_hard: Optional[float] = None, t_soft: float = 1.0):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        w = torch.empty(out_features, in_features, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(w, a=5 ** 0.5)
+        self.weight = _frozen(w)
+        self.bias = _frozen(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self._configure(score_init=score_init, score_init_std=score_init_std, mask_bias=mask_bias,
+                        t_hard=t_hard, t_soft=t_soft)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kw) -> "MaskedLinear":
+        """Wrap a pre-trained ``nn.Linear`` (its weight and bias are shared, frozen)."""
+        m = cls.__new__(cls)
+        MaskedModule.__init__(m)
+        m.in_features, m.out_features = linear.in_features, linear.out_features
+        m.weight = _frozen(linear.weight)
+        m.bias = _frozen(linear.bias) if linear.bias is not None else None
+        m._configure(**kw)
+        return m
+
+    @classmethod
+    def from_conv1d(cls, conv, **kw) -> "MaskedLinear":
+        """Wrap GPT-2's ``Conv1D`` (weight ``[in, out]``): the weight is stored transposed, once."""
+        m = cls.__new__(cls)
+        MaskedModule.__init__(m)
+        m.in_features, m.out_features = conv.weight.shape
+        m.weight = nn.Parameter(conv.weight.detach().t().contiguous(), requires_grad=False)
+        m.bias = _frozen(conv.bias)
+        m._configure(source_type="conv1d", **kw)
+        return m
+
+    def _configure(self, *, score_init: float = 0.01, score_init_std: float = 0.0, mask_bias: bool = False,
+                   t_hard: Optional[float] = None, t_soft: float = 1.0, source_type: str = "linear") -> None:
+        self.t_hard, self.t_soft = t_hard, t_soft
+        self.backend: Optional[str] = None  # None: ABP_BACKEND / auto
+        self.fused_update: Optional[AF.ScoreSGD] = None  # set by the trainer for the fused-update path
+        self.register_buffer("fused_counts", torch.zeros(2, dtype=torch.int64, device=self.weight.device), persistent=False)
+        self._init_scores(score_init, score_init_std, mask_bias)
+        self.source_type = source_type
+
+    def forward(self, x: Tensor) -> Tensor:
+        fused = self.fused_update if (self.training and torch.is_grad_enabled()) else None
+        return AF.masked_linear(x, self.weight, self.scores, self.bias, self.bias_scores, t_soft=self.t_soft,
+                                t_hard=self.t_hard, backend=self.backend, fused_update=fused,
+                                counts=self.fused_counts if fused is not None else None)
+
+    @torch.no_grad()
+    def to_plain(self) -> nn.Module:
+        """An ``nn.Linear`` (or GPT-2 ``Conv1D``) with the hard mask baked into its weight."""
+        w = self.weight * self.mask().to(self.weight.dtype)
+        b = None if self.bias is None else self.bias * (self.bias_mask() if self.bias_scores is not None else 1)
+        if self.source_type == "conv1d":
+            from transformers.pytorch_utils import Conv1D
+
+            out = Conv1D(self.out_features, self.in_features).to(w.device, w.dtype)
+            out.weight.copy_(w.t())
+            out.bias.copy_(b if b is not None else 0)
+            return out
+        out = nn.Linear(self.in_features, self.out_features, bias=b is not None, device=w.device, dtype=w.dtype)
+        out.weight.copy_(w)
+        if b is not None:
+            out.bias.copy_(b)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"mask_bias={self.bias_scores is not None}, t_hard={self.t_hard}, t_soft={self.t_soft}")
+
+
+class MaskedEmbedding(MaskedModule):
+    """Drop-in ``nn.Embedding`` with a learnt mask over its frozen table (rows gathered, never W⊙M)."""
+
+    def __init__(self, embedding: nn.Embedding, *, score_init: float = 0.01, score_init_std: float = 0.0,
+                 t_hard: Optional[float] = None, t_soft: float = 1.0, **_):
+        super().__init__()
+        if embedding.max_norm is not None or embedding.sparse:
+            raise ValueError("MaskedEmbedding: embeddings with max_norm or sparse=True are not supported")
+        self.num_embeddings, self.embedding_dim = embedding.weight.shape
+        self.padding_idx = embedding.padding_idx
+        self.weight = _frozen(embedding.weight)
+        self.bias = None
+        self.t_hard, self.t_soft = t_hard, t_soft
+        self._init_scores(score_init, score_init_std, False)
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, **kw) -> "MaskedEmbedding":
+        return cls(embedding, **kw)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return AF.masked_embedding(ids, self.weight, self.scores, t_soft=self.t_soft, t_hard=self.t_hard,
+                                   padding_idx=self.padding_idx)
+
+    @torch.no_grad()
+    def to_plain(self) -> nn.Embedding:
+        out = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        out.weight.copy_(self.weight * self.mask().to(self.weight.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}"
+
+
+class MaskedLayerNorm(MaskedModule):
+    """``nn.LayerNorm`` with masked affine weight and bias (optional in :func:`abp.mask_model`)."""
+
+    def __init__(self, norm: nn.LayerNorm, *, score_init: float = 0.01, score_init_std: float = 0.0,
+                 t_hard: Optional[float] = None, t_soft: float = 1.0, **_):
+        super().__init__()
+        if norm.weight is None:
+            raise ValueError("MaskedLayerNorm: the LayerNorm has no affine weight to mask")
+        self.normalized_shape, self.eps = norm.normalized_shape, norm.eps
+        self.weight = _frozen(norm.weight)
+        self.bias = _frozen(norm.bias) if norm.bias is not None else None
+        self.t_hard, self.t_soft = t_hard, t_soft
+        self._init_scores(score_init, score_init_std, self.bias is not None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = AF.masked_param(self.weight, self.scores, t_soft=self.t_soft, t_hard=self.t_hard)
+        b = None if self.bias is None else AF.masked_param(self.bias, self.bias_scores, t_soft=self.t_soft, t_hard=self.t_hard)
+        return nn.functional.layer_norm(x, self.normalized_shape, w.to(x.dtype), None if b is None else b.to(x.dtype), self.eps)
+
+    @torch.no_grad()
+    def to_plain(self) -> nn.LayerNorm:
+        out = nn.LayerNorm(self.normalized_shape, eps=self.eps, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        out.weight.copy_(self.weight * self.mask().to(self.weight.dtype))
+        if self.bias is not None:
+            out.bias.copy_(self.bias * self.bias_mask().to(self.bias.dtype))
+        return out
+

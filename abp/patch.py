@@ -1,0 +1,153 @@
+"""Swap the pre-trained modules of any model for masked ones, in place (torchao ``quantize_`` style).
+
+``mask_model(model)`` handles ``nn.Linear``, GPT-2's ``Conv1D``, ``nn.Embedding`` and (optionally)
+``nn.LayerNorm``: BERT, RoBERTa, DistilBERT, GPT-2 and LLaMA-style models alike. Task heads are left
+alone by default, so they can be trained as usual.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from abp.nn import MaskedEmbedding, MaskedLayerNorm, MaskedLinear, MaskedModule
+
+# Module names of task heads in Hugging Face models: excluded unless asked for.
+HEAD_PATTERNS = (r"(^|\.)(classifier|score|lm_head|qa_outputs|pre_classifier|cls|head|heads)(\.|$)",)
+
+
+@dataclass
+class MaskConfig:
+    """What :func:`mask_model` masks and how the scores start.
+
+    ``include`` / ``exclude`` are regular expressions searched in module names; ``exclude`` defaults
+    to the task heads. ``t_hard=None`` is the hard mask (the paper's t_l → ∞); the paper's t_l = 1e5.
+    """
+
+    linear: bool = True
+    embeddings: bool = True
+    layernorm: bool = False
+    mask_bias: bool = False
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = field(default_factory=lambda: list(HEAD_PATTERNS))
+    score_init: float = 0.01
+    score_init_std: float = 0.0
+    t_hard: Optional[float] = None
+    t_soft: float = 1.0
+
+    def score_kwargs(self) -> dict:
+        return dict(score_init=self.score_init, score_init_std=self.score_init_std, t_hard=self.t_hard, t_soft=self.t_soft)
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D
+    except Exception:  # transformers is optional for plain torch models
+        return None
+
+
+def _swap(module: nn.Module, cfg: MaskConfig) -> Optional[nn.Module]:
+    conv1d = _conv1d_type()
+    kw = cfg.score_kwargs()
+    if cfg.linear and isinstance(module, nn.Linear):
+        return MaskedLinear.from_linear(module, mask_bias=cfg.mask_bias, **kw)
+    if cfg.linear and conv1d is not None and isinstance(module, conv1d):
+        return MaskedLinear.from_conv1d(module, mask_bias=cfg.mask_bias, **kw)
+    if cfg.embeddings and isinstance(module, nn.Embedding):
+        return MaskedEmbedding.from_embedding(module, **kw)
+    if cfg.layernorm and isinstance(module, nn.LayerNorm) and module.weight is not None:
+        return MaskedLayerNorm(module, **kw)
+    return None
+
+
+def mask_model(
+    model: nn.Module,
+    config: Optional[MaskConfig] = None,
+    *,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+    **overrides,
+) -> nn.Module:
+    """Replace the model's maskable modules by masked ones, in place; returns the model.
+
+    ``filter_fn(module, name)`` may veto a module (torchao style); keyword ``overrides`` set
+    :class:`MaskConfig` fields. Every other parameter of the model keeps its ``requires_grad``; the
+    masked modules' weights are frozen and their scores are the new trainable parameters.
+    """
+    cfg = config or MaskConfig()
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise TypeError(f"mask_model: unknown option {k!r}")
+        setattr(cfg, k, v)
+    if any(isinstance(m, MaskedModule) for m in model.modules()):
+        raise ValueError("mask_model: this model is already masked (call unmask_model first)")
+    include = [re.compile(p) for p in cfg.include]
+    exclude = [re.compile(p) for p in cfg.exclude]
+    swaps = []
+    for name, module in model.named_modules():
+        if not name or any(p.search(name) for p in exclude):
+            continue
+        if include and not any(p.search(name) for p in include):
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            continue
+        new = _swap(module, cfg)
+        if new is not None:
+            swaps.append((name, new))
+    # Don't swap modules nested in an already-swapped one (none of the types nest, but be explicit).
+    for name, new in swaps:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    if not swaps:
+        raise ValueError("mask_model: no module matched (check include/exclude patterns and the model type)")
+    return model
+
+
+def masked_modules(model: nn.Module) -> Iterator[tuple[str, MaskedModule]]:
+    """``(name, module)`` for every masked module of ``model``."""
+    for name, m in model.named_modules():
+        if isinstance(m, MaskedModule):
+            yield name, m
+
+
+def score_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(qualified name, scores)`` for every mask-score tensor, in a stable order."""
+    for name, m in masked_modules(model):
+        for which, _, s in m.score_pairs():
+            yield f"{name}.{which}", s
+
+
+@torch.no_grad()
+def sparsity(model: nn.Module) -> float:
+    """Fraction of masked weights (and masked biases) that the hard mask zeroes."""
+    zeros = total = 0
+    for _, s in score_tensors(model):
+        zeros += int((s <= 0).sum())
+        total += s.numel()
+    if total == 0:
+        raise ValueError("sparsity: the model has no masked modules (call abp.mask_model first)")
+    return zeros / total
+
+
+def unmask_model(model: nn.Module) -> nn.Module:
+    """Bake every hard mask into a plain module (``nn.Linear``/``Conv1D``/``nn.Embedding``/``nn.LayerNorm``)."""
+    for name, m in list(masked_modules(model)):
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, m.to_plain())
+    return model
+
+
+def shared_weights(model: nn.Module) -> list[tuple[str, str]]:
+    """Pairs of masked modules that read the same frozen storage (the fused update is not exact then)."""
+    seen: dict[int, str] = {}
+    pairs = []
+    for name, m in masked_modules(model):
+        ptr = m.weight.data_ptr()
+        if ptr in seen:
+            pairs.append((seen[ptr], name))
+        seen.setdefault(ptr, name)
+    return pairs

@@ -1,0 +1,134 @@
+"""Pure-torch implementation of every abp op.
+
+It runs on any device and is the oracle the fused backends are tested against, so it favours
+clarity over speed: it *does* materialise W⊙M and the dense dW, which the kernels never do.
+
+Conventions shared by every backend (the contract):
+- ``weight`` is ``[N, K]`` (``nn.Linear`` layout), ``x2d`` is ``[M, K]``, ``dy2d`` is ``[M, N]``.
+- ``scores`` are fp32 with the shape of what they mask.
+- Forward mask: ``1[θ > 0]`` when ``t_hard`` is None, else ``σ(t_hard·θ)``.
+- Surrogate backward factor: ``t_soft·σ(t_soft·θ)·(1 − σ(t_soft·θ))``.
+- Score update (plain SGD of the paper): ``θ ← θ − active·(lr·g + γ)``; without connection
+  recovery a score that was ``≤ 0`` before the step is clamped to ``≤ 0`` after it.
+- Packed masks: 1 bit per element of the row-major flattened tensor, little-endian within a byte
+  (element ``i`` is bit ``i % 8`` of byte ``i // 8``, as ``numpy.packbits(bitorder="little")``),
+  zero-padded to whole bytes.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def mask_from_scores(scores: Tensor, t_hard: Optional[float] = None) -> Tensor:
+    """The forward mask as fp32: hard ``1[θ>0]`` or the paper's ``σ(t_l·θ)``."""
+    if t_hard is None:
+        return (scores > 0).to(torch.float32)
+    return torch.sigmoid(scores.float() * t_hard)
+
+
+def surrogate_factor(scores: Tensor, t_soft: float = 1.0) -> Tensor:
+    """``t_s·σ(t_s·θ)(1−σ(t_s·θ))``: the straight-through surrogate of dm/dθ (fp32)."""
+    s = torch.sigmoid(scores.float() * t_soft)
+    return t_soft * s * (1.0 - s)
+
+
+def masked_linear_fwd(
+    x2d: Tensor,
+    weight: Tensor,
+    scores: Tensor,
+    bias: Optional[Tensor] = None,
+    bias_scores: Optional[Tensor] = None,
+    t_hard: Optional[float] = None,
+) -> Tensor:
+    """``y = x·(W⊙M)ᵀ + b⊙m_b``."""
+    w_eff = weight * mask_from_scores(scores, t_hard).to(weight.dtype)
+    b_eff = None
+    if bias is not None:
+        b_eff = bias if bias_scores is None else bias * mask_from_scores(bias_scores, t_hard).to(bias.dtype)
+    return F.linear(x2d, w_eff, b_eff)
+
+
+def masked_linear_dx(dy2d: Tensor, weight: Tensor, scores: Tensor, t_hard: Optional[float] = None) -> Tensor:
+    """``dX = dY·(W⊙M)``."""
+    return dy2d @ (weight * mask_from_scores(scores, t_hard).to(weight.dtype))
+
+
+def score_grad(
+    dy2d: Tensor,
+    x2d: Tensor,
+    weight: Tensor,
+    scores: Tensor,
+    bias: Optional[Tensor] = None,
+    bias_scores: Optional[Tensor] = None,
+    t_soft: float = 1.0,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """``dθ = (dYᵀX) ⊙ W ⊙ σ'``, fp32; the bias-score grad ``Σ_m dY ⊙ b ⊙ σ'`` when asked for."""
+    dw_eff = dy2d.float().t() @ x2d.float()
+    dscores = dw_eff * weight.float() * surrogate_factor(scores, t_soft)
+    dbias_scores = None
+    if bias_scores is not None:
+        if bias is None:
+            raise ValueError("bias_scores given without bias")
+        dbias_scores = dy2d.float().sum(0) * bias.float() * surrogate_factor(bias_scores, t_soft)
+    return dscores, dbias_scores
+
+
+def score_update_(
+    scores: Tensor, grad: Tensor, lr: float, gamma: Tensor | float, active: Tensor | float = 1.0,
+    recovery: bool = True,
+) -> Tensor:
+    """In-place SGD step on one score tensor; returns the count of ``θ ≤ 0`` after it (int64, on device)."""
+    step = lr * grad.float() + gamma
+    new = scores - active * step
+    if not recovery:
+        new = torch.where(scores <= 0, new.clamp(max=0.0), new)
+    scores.copy_(new)
+    return (scores <= 0).sum()
+
+
+def multi_score_update_(
+    scores: Sequence[Tensor], grads: Sequence[Tensor], lr: float, gamma: Tensor | float,
+    active: Tensor | float, recovery: bool, counts: Tensor,
+) -> None:
+    """:func:`score_update_` over many tensors; ``counts[i]`` ← count of ``θ ≤ 0`` in ``scores[i]``."""
+    for i, (s, g) in enumerate(zip(scores, grads)):
+        counts[i] = score_update_(s, g, lr, gamma, active, recovery)
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """Bool tensor → uint8 bits (see the module docstring for the bit order)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = (2 ** torch.arange(8, device=flat.device, dtype=torch.int32))
+    return (flat.view(-1, 8).to(torch.int32) * weights).sum(1).to(torch.uint8)
+
+
+def unpack_mask(packed: Tensor, numel: int) -> Tensor:
+    """uint8 bits → flat bool tensor of ``numel`` elements."""
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
+    bits = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(-1)[:numel].to(torch.bool)
+
+
+def bitmask_linear(x2d: Tensor, weight: Tensor, packed: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Serving: ``y = x·(W⊙unpack(bits))ᵀ + b``."""
+    m = unpack_mask(packed, weight.numel()).view_as(weight)
+    return F.linear(x2d, weight * m.to(weight.dtype), bias)
+
+
+def multi_bitmask_linear(
+    x2d: Tensor, weight: Tensor, packed: Tensor, task_ids: Tensor, bias: Optional[Tensor] = None
+) -> Tensor:
+    """Serving several task masks over one base weight: row ``i`` uses mask ``packed[task_ids[i]]``."""
+    out = x2d.new_empty(x2d.shape[0], weight.shape[0])
+    for t in torch.unique(task_ids).tolist():
+        rows = (task_ids == t).nonzero().squeeze(1)
+        out[rows] = bitmask_linear(x2d[rows], weight, packed[t], bias)
+    return out
