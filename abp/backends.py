@@ -6,7 +6,7 @@ Backends:
   interpreter when ``TRITON_INTERPRET=1``; that is how CI tests them).
 - ``cuda`` / ``cpp``: the compiled extension ``abp._C`` on CUDA / CPU tensors.
 
-The choice comes from, in order: the ``backend=`` argument of a call, :func:`use_backend`, the
+The choice comes from, in order: the ``backend=`` argument of a call (``""`` or None: not given), :func:`use_backend`, the
 ``ABP_BACKEND`` environment variable, else ``auto``. ``auto`` takes the fastest backend that can
 run the op on the tensors' device. Asking for a backend that cannot run raises
 :class:`BackendUnavailableError`; ``auto`` on a GPU that lacks its fast path warns once with the reason

@@ -15,7 +15,7 @@ import torch
 from abp import _ops, reference
 
 Tensor = torch.Tensor
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # fp64: reference backend only
 _CHECK_FINITE = os.environ.get("ABP_CHECK_FINITE") == "1"
 
 
@@ -43,7 +43,7 @@ def _check_linear(x: Tensor, weight: Tensor, scores: Tensor, bias, bias_scores, 
     if scores.dtype != torch.float32:
         raise TypeError(f"masked_linear: scores must be float32 (updates of ~1e-7 vanish in lower precision), got {scores.dtype}")
     if x.dtype not in _FLOATS or weight.dtype not in _FLOATS:
-        raise TypeError(f"masked_linear: input/weight must be float32, float16 or bfloat16, got {x.dtype}/{weight.dtype}")
+        raise TypeError(f"masked_linear: input/weight must be a float dtype, got {x.dtype}/{weight.dtype}")
     if x.dtype != weight.dtype:
         raise TypeError(f"masked_linear: input dtype {x.dtype} != weight dtype {weight.dtype} (cast one, or use autocast)")
     devices = {t.device for t in (x, weight, scores, bias, bias_scores) if t is not None}
@@ -120,7 +120,7 @@ def masked_linear(
     _check_linear(input, weight, scores, bias, bias_scores, t_hard, t_soft)
     lead = input.shape[:-1]
     x2d = input.reshape(-1, input.shape[-1])
-    backend = backend or "auto"
+    backend = backend or ""  # "": the default choice (use_backend, ABP_BACKEND, auto)
     with torch.autocast(input.device.type, enabled=False):
         if fused_update is None:
             y = _ops.masked_matmul(x2d, weight, scores, bias, bias_scores, t_hard, t_soft, backend)

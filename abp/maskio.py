@@ -39,7 +39,7 @@ def pack_mask(mask: torch.Tensor, *, backend: Optional[str] = None) -> torch.Ten
     flattened tensor is bit ``i % 8`` (LSB first) of byte ``i // 8``; the last byte is zero-padded."""
     if mask.dtype != torch.bool:
         raise TypeError(f"pack_mask: expected a bool tensor, got {mask.dtype}")
-    return _ops.pack_mask(mask, backend or "auto")
+    return _ops.pack_mask(mask, backend or "")
 
 
 def unpack_mask(packed: torch.Tensor, shape, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -50,7 +50,7 @@ def unpack_mask(packed: torch.Tensor, shape, *, backend: Optional[str] = None) -
     if packed.numel() != (shape.numel() + 7) // 8:
         raise ValueError(f"unpack_mask: {packed.numel()} bytes cannot hold a mask of shape {tuple(shape)} "
                          f"({(shape.numel() + 7) // 8} bytes expected)")
-    return _ops.unpack_mask(packed, shape.numel(), backend or "auto").view(shape)
+    return _ops.unpack_mask(packed, shape.numel(), backend or "").view(shape)
 
 
 def _probe(weight: torch.Tensor) -> torch.Tensor:
@@ -243,3 +243,21 @@ def load_mask(model: nn.Module, path: str | os.PathLike, *, head: Optional[nn.Mo
             raise MaskFileError(f"mask file {mf.path} holds no task head")
         head.load_state_dict(mf.head)
     return mf
+
+
+def describe_mask_file(path: str | os.PathLike) -> str:
+    """A human-readable summary of a task-mask file (``abp info``)."""
+    mf = read_mask_file(path)
+    meta = mf.metadata
+    lines = [f"{mf.path}: abp task mask (format {meta['format_version']}, abp {meta.get('abp_version')})",
+             f"  base model : {meta.get('base_model')}  fingerprint {meta.get('fingerprint')}",
+             f"  task       : {meta.get('task') or '-'}",
+             f"  sparsity   : {float(meta['sparsity']):.4f} over {sum(torch.Size(s).numel() for s in mf.shapes.values()):,} masked weights",
+             f"  file size  : {os.path.getsize(mf.path):,} bytes",
+             f"  head       : {len(mf.head)} tensors, {sum(t.numel() for t in mf.head.values()):,} parameters",
+             "  modules    :"]
+    for key, shape in mf.shapes.items():
+        n = torch.Size(shape).numel()
+        kept = int(unpack_mask(mf.masks[key], shape).sum())
+        lines.append(f"    {key:<60} {str(tuple(shape)):>14}  kept {kept / n:6.1%}")
+    return "\n".join(lines)

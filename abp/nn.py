@@ -107,12 +107,19 @@ class MaskedLinear(MaskedModule):
         self.t_hard, self.t_soft = t_hard, t_soft
         self.backend: Optional[str] = None  # None: ABP_BACKEND / auto
         self.fused_update: Optional[AF.ScoreSGD] = None  # set by the trainer for the fused-update path
+        self.fused_uses = 0  # forwards since the last score step (must stay <= 1 when fused)
         self.register_buffer("fused_counts", torch.zeros(2, dtype=torch.int64, device=self.weight.device), persistent=False)
         self._init_scores(score_init, score_init_std, mask_bias)
         self.source_type = source_type
 
     def forward(self, x: Tensor) -> Tensor:
         fused = self.fused_update if (self.training and torch.is_grad_enabled()) else None
+        if fused is not None:
+            # The fused backward updates θ in place: a second use before the step would see a moved mask.
+            self.fused_uses += 1
+            if self.fused_uses > 1:
+                raise RuntimeError("MaskedLinear with a fused score update was called twice in one step "
+                                   "(shared or re-used layer); the update would not be exact: disable fused_update")
         return AF.masked_linear(x, self.weight, self.scores, self.bias, self.bias_scores, t_soft=self.t_soft,
                                 t_hard=self.t_hard, backend=self.backend, fused_update=fused,
                                 counts=self.fused_counts if fused is not None else None)

@@ -35,6 +35,7 @@ class MaskConfig:
     exclude: Sequence[str] = field(default_factory=lambda: list(HEAD_PATTERNS))
     score_init: float = 0.01
     score_init_std: float = 0.0
+    freeze: bool = True  # freeze every pre-trained parameter outside the task heads (the paper trains only θ and p)
     t_hard: Optional[float] = None
     t_soft: float = 1.0
 
@@ -75,8 +76,8 @@ def mask_model(
     """Replace the model's maskable modules by masked ones, in place; returns the model.
 
     ``filter_fn(module, name)`` may veto a module (torchao style); keyword ``overrides`` set
-    :class:`MaskConfig` fields. Every other parameter of the model keeps its ``requires_grad``; the
-    masked modules' weights are frozen and their scores are the new trainable parameters.
+    :class:`MaskConfig` fields. Pre-trained parameters outside the task heads are frozen (unless
+    ``freeze=False``); the mask scores are the new trainable parameters.
     """
     cfg = config or MaskConfig()
     for k, v in overrides.items():
@@ -87,6 +88,11 @@ def mask_model(
         raise ValueError("mask_model: this model is already masked (call unmask_model first)")
     include = [re.compile(p) for p in cfg.include]
     exclude = [re.compile(p) for p in cfg.exclude]
+    if cfg.freeze:
+        heads = [re.compile(p) for p in HEAD_PATTERNS]
+        for pname, p in model.named_parameters():
+            if not any(h.search(pname) for h in heads):
+                p.requires_grad_(False)
     swaps = []
     for name, module in model.named_modules():
         if not name or any(p.search(name) for p in exclude):
@@ -98,7 +104,6 @@ def mask_model(
         new = _swap(module, cfg)
         if new is not None:
             swaps.append((name, new))
-    # Don't swap modules nested in an already-swapped one (none of the types nest, but be explicit).
     for name, new in swaps:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

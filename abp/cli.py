@@ -1,0 +1,133 @@
+"""``abp prune | eval | info | experiment``: the command line over :mod:`abp.train`.
+
+``prune`` takes every :class:`~abp.train.config.ABPConfig` field as ``--field-name`` (generated from the
+dataclass, so the CLI and the Python API never drift apart).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import logging
+import sys
+import typing
+from typing import Optional, Sequence
+
+from abp.train.config import ABPConfig
+
+_ALIASES = {"target_sparsity": ["--sparsity"], "score_lr": ["--alpha"], "head_lr": ["--beta"]}
+
+
+def _bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+def _optional_float(v: str) -> Optional[float]:
+    return None if v.lower() in ("none", "auto", "hard") else float(v)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(ABPConfig)
+    for f in dataclasses.fields(ABPConfig):
+        flags = ["--" + f.name.replace("_", "-")] + _ALIASES.get(f.name, [])
+        hint, kw = hints[f.name], {"dest": f.name, "default": argparse.SUPPRESS}
+        args = typing.get_args(hint)
+        if hint is bool:
+            kw["type"] = _bool
+        elif hint in (int, float, str):
+            kw["type"] = hint
+        elif args and set(args) == {float, type(None)}:
+            kw["type"] = _optional_float
+        elif args and int in args:
+            kw["type"] = lambda v: None if v.lower() == "none" else int(v)
+        elif args and str in args:
+            kw["type"] = lambda v: None if v.lower() == "none" else v
+        elif args and args[0] is str:  # tuple[str, ...]
+            kw["type"], kw["nargs"] = str, "*"
+        kw["help"] = f"(default: {f.default!r})"
+        p.add_argument(*flags, **kw)
+    p.add_argument("--no-recovery", dest="recovery", action="store_false", default=argparse.SUPPRESS,
+                   help="ablation: pruned connections never come back")
+
+
+def _cmd_prune(a: argparse.Namespace) -> int:
+    from abp.train.trainer import run_abp
+
+    fields = {f.name for f in dataclasses.fields(ABPConfig)}
+    cfg = ABPConfig(**{k: v for k, v in vars(a).items() if k in fields})
+    result = run_abp(cfg, a.output, resume=a.resume, progress=not a.quiet)
+    print(json.dumps({k: result[k] for k in ("task", "metric_name", "dev_metric", "sparsity", "mask_file")}, indent=1))
+    return 0
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from abp.train.evaluate import evaluate_mask_file
+
+    metrics = evaluate_mask_file(a.mask, model=a.model, task=a.task, glue_dir=a.glue_dir, batch_size=a.batch_size,
+                                 max_length=a.max_length, device=a.device)
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def _cmd_info(a: argparse.Namespace) -> int:
+    from abp.maskio import describe_mask_file
+
+    print(describe_mask_file(a.mask))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="abp", description="Adapt pre-trained transformers by pruning (Gao et al. 2021).")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("prune", help="learn a task mask (Algorithm 1) and write OUTPUT/mask.safetensors + metrics.json")
+    _add_config_args(pr)
+    pr.add_argument("--output", "-o", required=True, help="output folder")
+    pr.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.safetensors")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(func=_cmd_prune)
+
+    ev = sub.add_parser("eval", help="evaluate a task-mask file on a task's dev set")
+    ev.add_argument("--mask", required=True)
+    ev.add_argument("--model", default=None, help="base model (default: the one recorded in the mask, else the embedded MiniLM)")
+    ev.add_argument("--task", default=None, help="task (default: the one recorded in the mask)")
+    ev.add_argument("--glue-dir", default=None)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--max-length", type=int, default=128)
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=_cmd_eval)
+
+    info = sub.add_parser("info", help="what a task-mask file holds")
+    info.add_argument("mask")
+    info.set_defaults(func=_cmd_info)
+
+    if importlib.util.find_spec("abp.experiments.cli") is not None:
+        from abp.experiments.cli import add_experiment_parser
+
+        add_experiment_parser(sub)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return a.func(a)
+    except KeyboardInterrupt:
+        print("abp: interrupted (a checkpoint, if any, is intact: rerun with --resume)", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError, FileNotFoundError) as e:
+        if a.verbose:
+            raise
+        print(f"abp: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The configuration of one ABP run (Algorithm 1), with the paper's symbols in the comments."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class ABPConfig:
+    """Everything that defines an ABP run; saved in checkpoints so ``--resume`` can check it."""
+
+    # what
+    model: Optional[str] = None  # HF id or path; None = the embedded all-MiniLM-L6-v2
+    task: str = "sst2"
+    glue_dir: Optional[str] = None  # local GLUE folder (else ABP_GLUE_DIR, else the hub)
+    train_file: Optional[str] = None  # custom CSV/JSON data instead of GLUE
+    dev_file: Optional[str] = None
+    text_columns: tuple[str, ...] = ("sentence",)
+    label_column: str = "label"
+    num_labels: int = 2
+    train_subsample: Optional[int] = None  # train examples kept (dev is never subsampled)
+    # the mask (paper: t_l = 1e5 forward temperature, t_s = 1 surrogate temperature, init mean 0.01)
+    target_sparsity: float = 0.5  # s
+    score_lr: float = 10.0  # α, plain SGD on the scores
+    gamma: Optional[float] = None  # γ; None = automatic schedule reaching s after prune_fraction of the steps
+    prune_fraction: float = 0.5
+    schedule: str = "linear"  # target ramp of the auto-γ controller: linear | cubic
+    t_l: Optional[float] = 1e5  # None = hard mask 1[θ>0] in the forward too
+    t_s: float = 1.0
+    score_init: float = 0.01
+    score_init_std: float = 0.0
+    recovery: bool = True  # connection recovery: pruned scores may turn positive again
+    mask_embeddings: bool = True
+    mask_layernorm: bool = False
+    mask_bias: bool = False
+    exclude: tuple[str, ...] = ("pooler",)  # module-name patterns never masked (besides task heads)
+    # the head p (paper: layer-weighted [CLS] → MLP)
+    head: str = "paper"
+    head_lr: float = 1e-3  # β
+    head_optimizer: str = "adamw"  # adamw | sgd
+    # the loop
+    batch_size: int = 32
+    max_length: int = 128
+    max_steps: int = 1000
+    grad_accum: int = 1
+    eval_every: int = 200
+    log_every: int = 50
+    checkpoint_every: Optional[int] = None  # default: eval_every
+    keep_best: bool = True
+    seed: int = 0
+    # the machine
+    device: str = "auto"
+    backbone_dtype: str = "auto"  # frozen weights: bf16 on CUDA (they need no fp32 master), fp32 on CPU
+    autocast: bool = True  # bf16 autocast on CUDA
+    fused_update: str = "auto"  # auto | on | off: score step inside the backward epilogue
+    backend: Optional[str] = None  # abp backend for the masked layers (None = ABP_BACKEND / auto)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ABPConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown ABP config fields: {sorted(unknown)}")
+        d = dict(d)
+        for k in ("text_columns", "exclude"):
+            if k in d and d[k] is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    def validate(self) -> None:
+        if not 0 <= self.target_sparsity < 1:
+            raise ValueError(f"target sparsity must be in [0, 1), got {self.target_sparsity}")
+        if not 0 < self.prune_fraction <= 1:
+            raise ValueError(f"prune_fraction must be in (0, 1], got {self.prune_fraction}")
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.fused_update not in ("auto", "on", "off"):
+            raise ValueError(f"fused_update must be auto, on or off, got {self.fused_update!r}")
+        if self.head_optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"head_optimizer must be adamw or sgd, got {self.head_optimizer!r}")
+
+
+# Fields that may differ between a run and its resumption (they do not change the result).
+RESUMABLE_CHANGES = frozenset({"log_every", "device", "backend", "glue_dir"})

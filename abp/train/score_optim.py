@@ -1,0 +1,137 @@
+"""Algorithm 1's score update for every masked tensor of a model, without a host sync per step.
+
+``θ ← θ − α·∇θ − γ`` (plain SGD, as in the paper). ``γ`` is either the constant the user gives or set
+by an on-device controller that tracks a sparsity ramp reaching the target after ``prune_steps``
+(the paper hand-tunes γ; users should not have to). Pruning stops — ``active`` drops to 0 for good —
+the first step the fraction of ``θ ≤ 0`` reaches the target, as the paper's stop rule says.
+
+Two paths, same arithmetic: tensors whose module runs the *fused* update get their step inside the
+backward (:class:`abp.ScoreSGD`), all others get one multi-tensor launch after the backward.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from abp import _ops
+from abp.functional import ScoreSGD
+from abp.nn import MaskedLinear
+from abp.patch import masked_modules, shared_weights
+
+# Controller gain: γ is multiplied by exp(clamp(GAIN · error / target, ±MAX_LOG_STEP)) every step.
+GAIN, MAX_LOG_STEP = 20.0, 0.1
+
+
+class FusedUpdateError(RuntimeError):
+    """The fused score update would not be exact here."""
+
+
+class ScoreOptimizer:
+    """Owns the scores' SGD step, the γ schedule and the stop rule of Algorithm 1."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lr: float,
+        target_sparsity: float,
+        prune_steps: int,
+        gamma: Optional[float] = None,
+        recovery: bool = True,
+        fused: bool = False,
+        schedule: str = "linear",
+        backend: Optional[str] = None,
+    ):
+        if not 0.0 <= target_sparsity < 1.0:
+            raise ValueError(f"target sparsity must be in [0, 1), got {target_sparsity}")
+        if prune_steps < 1:
+            raise ValueError(f"prune_steps must be >= 1, got {prune_steps}")
+        if schedule not in ("linear", "cubic"):
+            raise ValueError(f"schedule must be 'linear' or 'cubic', got {schedule!r}")
+        self.lr, self.target, self.prune_steps = float(lr), float(target_sparsity), int(prune_steps)
+        self.auto_gamma, self.recovery, self.schedule, self.backend = gamma is None, recovery, schedule, backend or ""
+        self.modules = list(masked_modules(model))
+        if not self.modules:
+            raise ValueError("ScoreOptimizer: the model has no masked modules (call abp.mask_model first)")
+        self.fused_modules = [m for _, m in self.modules if fused and isinstance(m, MaskedLinear)]
+        if self.fused_modules and shared_weights(model):
+            raise FusedUpdateError(f"fused score update refused: masked modules share a weight {shared_weights(model)[:3]}; "
+                                   "the in-place update would not be exact (use fused=False)")
+        fused_ids = {id(m) for m in self.fused_modules}
+        self.scores = [s for _, m in self.modules if id(m) not in fused_ids for _, _, s in m.score_pairs()]
+        self.total = sum(s.numel() for _, m in self.modules for _, _, s in m.score_pairs())
+        first = self.modules[0][1].scores
+        device = first.device
+        init = float(first.detach().float().mean())
+        self.gamma = torch.tensor(gamma if gamma is not None else max(init, 1e-4) / self.prune_steps,
+                                  dtype=torch.float32, device=device)
+        self.active = torch.ones((), dtype=torch.float32, device=device)
+        self.counts = torch.zeros(max(len(self.scores), 1), dtype=torch.int64, device=device)
+        self.zeros = torch.zeros((), dtype=torch.int64, device=device)
+        self.steps = 0
+        sgd = ScoreSGD(self.lr, self.gamma, self.active, recovery)
+        for m in self.fused_modules:
+            m.fused_update = sgd
+
+    @property
+    def fused(self) -> bool:
+        return bool(self.fused_modules)
+
+    def target_at(self, step: int) -> float:
+        """The sparsity the auto-γ controller aims at after ``step`` steps."""
+        frac = min(1.0, step / self.prune_steps)
+        return self.target * (frac if self.schedule == "linear" else 1.0 - (1.0 - frac) ** 3)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Apply the update to the non-fused scores (their ``.grad``), then the schedule and stop rule."""
+        if self.scores:
+            grads = [s.grad if s.grad is not None else torch.zeros_like(s) for s in self.scores]
+            _ops.multi_score_update_(self.scores, grads, self.lr, self.gamma, self.active, self.recovery,
+                                     self.counts, self.backend)
+            for s in self.scores:
+                s.grad = None
+        zeros = self.counts.sum() if self.scores else torch.zeros_like(self.zeros)
+        for m in self.fused_modules:
+            zeros = zeros + m.fused_counts.sum()
+            m.fused_uses = 0
+        self.zeros = zeros
+        self.steps += 1
+        frac = zeros.float() / self.total
+        self.active.mul_((frac < self.target).float())
+        if self.auto_gamma:
+            err = (self.target_at(self.steps) - frac) / max(self.target, 1e-6)
+            self.gamma.mul_(torch.exp(torch.clamp(GAIN * err, -MAX_LOG_STEP, MAX_LOG_STEP)) * self.active
+                            + (1 - self.active))
+
+    def sparsity(self) -> float:
+        """Current fraction of pruned scores (one host sync)."""
+        return float(self.zeros) / self.total
+
+    def done(self) -> bool:
+        """Whether the stop rule has fired (one host sync)."""
+        return float(self.active) == 0.0 or self.target == 0.0
+
+    def freeze(self) -> None:
+        """After the stop rule: scores stop needing gradients, so backward skips dθ entirely."""
+        for _, m in self.modules:
+            m.fused_update = None
+            for _, _, s in m.score_pairs():
+                s.requires_grad_(False)
+                s.grad = None
+        self.fused_modules, self.scores = [], []
+
+    def state_dict(self) -> dict:
+        return {"gamma": self.gamma.detach().cpu(), "active": self.active.detach().cpu(),
+                "zeros": self.zeros.detach().cpu(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gamma.copy_(state["gamma"])
+        self.active.copy_(state["active"])
+        self.zeros = state["zeros"].to(self.zeros.device)
+        self.steps = int(state["steps"])
+        if not math.isfinite(float(self.gamma)):
+            raise ValueError("checkpoint holds a non-finite gamma")

@@ -1,0 +1,295 @@
+"""Algorithm 1 end to end: mask a pre-trained backbone, learn the scores and the head, stop pruning at
+the target sparsity, keep training the head, keep the best mask by dev metric, resume after a crash.
+
+Writes into ``output_dir``: ``mask.safetensors`` (packed mask + head), ``metrics.json``,
+``history.json`` (every eval) and ``checkpoint.safetensors`` (for ``resume=True``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+import abp
+from abp._atomic import write_text
+from abp.models import load_backbone, resolve_model
+from abp.patch import MaskConfig, mask_model, masked_modules, score_tensors
+from abp.train import data as D
+from abp.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from abp.train.config import RESUMABLE_CHANGES, ABPConfig
+from abp.train.heads import Classifier, make_head
+from abp.train.evaluate import evaluate_model
+from abp.train.score_optim import FusedUpdateError, ScoreOptimizer
+from abp.train.tasks import get_task
+
+log = logging.getLogger("abp")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but torch sees no CUDA device")
+    return dev
+
+
+class Trainer:
+    """One ABP run. ``Trainer(cfg, output_dir).run(resume=...)`` returns the final metrics dict."""
+
+    def __init__(self, cfg: ABPConfig, output_dir: str | os.PathLike, *, progress: bool = True):
+        cfg.validate()
+        self.cfg, self.out, self.progress = cfg, Path(output_dir), progress
+        self.device = pick_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.task = get_task(cfg.task) if cfg.train_file is None else None
+        self.num_labels = self.task.num_labels if self.task else cfg.num_labels
+        dtype = self._backbone_dtype()
+        backbone, self.tokenizer = load_backbone(cfg.model, dtype=dtype)
+        backbone.requires_grad_(False)
+        mask_model(backbone, MaskConfig(embeddings=cfg.mask_embeddings, layernorm=cfg.mask_layernorm,
+                                        mask_bias=cfg.mask_bias, exclude=list(abp.patch.HEAD_PATTERNS) + list(cfg.exclude),
+                                        score_init=cfg.score_init, score_init_std=cfg.score_init_std,
+                                        t_hard=cfg.t_l, t_soft=cfg.t_s))
+        for _, m in masked_modules(backbone):
+            if hasattr(m, "backend"):
+                m.backend = cfg.backend
+        c = backbone.config
+        head = make_head(cfg.head, c.hidden_size, c.num_hidden_layers + 1, self.num_labels)
+        self.model = Classifier(backbone, head, self.num_labels).to(self.device)
+        self.fused = self._want_fused()
+        self.total_steps = cfg.max_steps
+        self.scores = ScoreOptimizer(self.model, lr=cfg.score_lr, target_sparsity=cfg.target_sparsity,
+                                     prune_steps=max(1, int(cfg.prune_fraction * cfg.max_steps)), gamma=cfg.gamma,
+                                     recovery=cfg.recovery, fused=self.fused, schedule=cfg.schedule, backend=cfg.backend)
+        opt = torch.optim.AdamW if cfg.head_optimizer == "adamw" else torch.optim.SGD
+        self.head_opt = opt(self.model.head.parameters(), lr=cfg.head_lr)
+        self.train_set, self.dev_sets = self._load_data()
+        self.step, self.history, self.best = 0, [], {"metric": -math.inf, "step": None, "sparsity": None}
+
+    # ------------------------------------------------------------------ setup helpers
+    def _backbone_dtype(self) -> Optional[torch.dtype]:
+        want = self.cfg.backbone_dtype
+        if want == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else None
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[want]
+
+    def _want_fused(self) -> bool:
+        """The fused update is exact only without accumulation, all-reduce, clipping or shared weights."""
+        why = []
+        if self.cfg.grad_accum > 1:
+            why.append("gradient accumulation (grad_accum > 1)")
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            why.append("a DDP gradient all-reduce")
+        if self.cfg.fused_update == "on" and why:
+            raise FusedUpdateError("fused score update refused: it would not be exact with " + " and ".join(why))
+        if self.cfg.fused_update == "auto":
+            return not why and self.device.type == "cuda"
+        return self.cfg.fused_update == "on"
+
+    def _load_data(self):
+        cfg = self.cfg
+        if self.task is None:
+            cols = tuple(cfg.text_columns)
+            train = D.load_custom(cfg.train_file, text_columns=cols, label_column=cfg.label_column, num_labels=cfg.num_labels)
+            if cfg.train_subsample:
+                g = torch.Generator().manual_seed(cfg.seed)
+                train = [train[i] for i in torch.randperm(len(train), generator=g)[: cfg.train_subsample].tolist()]
+            dev = D.load_custom(cfg.dev_file, text_columns=cols, label_column=cfg.label_column, num_labels=cfg.num_labels)
+            return train, {"dev": dev}
+        train = D.load_split(self.task.name, "train", cfg.glue_dir, max_examples=cfg.train_subsample, seed=cfg.seed)
+        devs = {split: D.load_split(self.task.name, split, cfg.glue_dir) for split in self.task.dev_splits}
+        return train, devs
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Dev metrics with the *hard* mask 1[θ>0]: exactly what the saved mask file gives."""
+        return evaluate_model(self.model, self.tokenizer, self.dev_sets, task=self.task.name if self.task else None,
+                              num_labels=self.num_labels, batch_size=max(64, self.cfg.batch_size),
+                              max_length=self.cfg.max_length, autocast=self.cfg.autocast)
+
+    @property
+    def metric_name(self) -> str:
+        if self.task is None:
+            return "accuracy" if self.num_labels > 1 else "pearson"
+        name = self.task.primary_metric
+        return name + ("_matched" if len(self.dev_sets) > 1 else "")
+
+    # ------------------------------------------------------------------ the loop
+    def _autocast(self):
+        if self.device.type == "cuda" and self.cfg.autocast:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.num_labels == 1:
+            return nn.functional.mse_loss(logits.float(), labels.float())
+        return nn.functional.cross_entropy(logits.float(), labels.long())
+
+    def _batches(self):
+        """Micro-batches from the current step on: a pure function of (seed, epoch, index) for exact resume."""
+        per_epoch = D.batches_per_epoch(len(self.train_set), self.cfg.batch_size)
+        micro = self.step * self.cfg.grad_accum
+        epoch, start = divmod(micro, per_epoch)
+        while True:
+            yield from D.iter_batches(self.train_set, self.tokenizer, batch_size=self.cfg.batch_size,
+                                      max_length=self.cfg.max_length, shuffle=True, seed=self.cfg.seed,
+                                      epoch=epoch, start=start)
+            epoch, start = epoch + 1, 0
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Train until ``max_steps``; with ``resume`` continue from ``output_dir/checkpoint.safetensors``."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt = self.out / "checkpoint.safetensors"
+        if resume and ckpt.exists():
+            self._restore(ckpt)
+        elif resume:
+            log.warning("abp: --resume given but %s does not exist: starting from scratch", ckpt)
+        self.model.train()
+        if self.scores.done() and self.step > 0:
+            self.scores.freeze()
+        batches = self._batches()
+        run_loss = torch.zeros((), device=self.device)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress, desc=f"abp {self.metric_label()}",
+                   dynamic_ncols=True)
+        t0 = time.time()
+        ckpt_every = cfg.checkpoint_every or cfg.eval_every
+        while self.step < cfg.max_steps:
+            for _ in range(cfg.grad_accum):
+                batch = self._to_device(next(batches))
+                labels = batch.pop("labels")
+                with self._autocast():
+                    loss = self._loss(self.model(**batch), labels) / cfg.grad_accum
+                loss.backward()
+                run_loss += loss.detach()
+            self.scores.step()
+            self.head_opt.step()
+            self.head_opt.zero_grad(set_to_none=True)
+            self.step += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                self._log_point(run_loss, bar)
+                run_loss.zero_()
+            if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                self._eval_point(bar)
+            if self.step % ckpt_every == 0 or self.step == cfg.max_steps:
+                self._save_checkpoint(ckpt)
+        bar.close()
+        return self._finish(time.time() - t0)
+
+    def metric_label(self) -> str:
+        return f"{self.cfg.task if self.task else 'custom'} s={self.cfg.target_sparsity:g}"
+
+    def _log_point(self, run_loss: torch.Tensor, bar) -> None:
+        n = (self.step - 1) % self.cfg.log_every + 1
+        loss = float(run_loss) / n
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {self.step}: lower --score-lr/--head-lr")
+        sp = self.scores.sparsity()
+        bar.set_postfix(loss=f"{loss:.4f}", sparsity=f"{sp:.3f}", gamma=f"{float(self.scores.gamma):.2e}")
+        self._last_log = {"step": self.step, "loss": loss, "sparsity": sp}
+        if self.scores.scores or self.scores.fused:
+            if self.scores.done():
+                self.scores.freeze()
+
+    def _eval_point(self, bar) -> None:
+        metrics = self.evaluate()
+        sp = abp.sparsity(self.model)
+        pruned = sp >= self.cfg.target_sparsity
+        entry = {"step": self.step, "sparsity": sp, "reached_target": pruned, **metrics,
+                 "loss": getattr(self, "_last_log", {}).get("loss")}
+        self.history.append(entry)
+        value = metrics[self.metric_name]
+        bar.write(f"step {self.step}: sparsity {sp:.4f} dev {self.metric_name} {value:.4f}")
+        better = self.best["step"] is None or value > self.best["metric"]
+        if pruned and (better or not self.cfg.keep_best):
+            self.best = {"metric": value, "step": self.step, "sparsity": sp, "metrics": metrics}
+            self._save_mask(self.out / "mask.safetensors")
+        write_text(self.out / "history.json", json.dumps(self.history, indent=1))
+
+    def _save_mask(self, path: Path) -> None:
+        abp.save_mask(self.model.backbone, path, head=self.model.head, base_model=resolve_model(self.cfg.model)
+                      if self.cfg.model else "all-MiniLM-L6-v2 (embedded)", task=self.cfg.task,
+                      metadata={"head": self.cfg.head, "num_labels": self.num_labels, "step": self.step,
+                                "config": self.cfg.to_dict()})
+
+    def _finish(self, seconds: float) -> dict[str, Any]:
+        mask_path = self.out / "mask.safetensors"
+        reached = self.best["step"] is not None
+        if not reached:
+            log.warning("abp: the target sparsity %.3f was not reached in %d steps (at %.3f); saving the final mask",
+                        self.cfg.target_sparsity, self.cfg.max_steps, abp.sparsity(self.model))
+            self._save_mask(mask_path)
+            self.best = {"metric": self.history[-1][self.metric_name], "step": self.step,
+                         "sparsity": abp.sparsity(self.model), "metrics": {k: v for k, v in self.history[-1].items()}}
+        final_mask = abp.read_mask_file(mask_path)
+        result = {
+            "task": self.cfg.task if self.task else "custom",
+            "model": self.cfg.model or "all-MiniLM-L6-v2 (embedded)",
+            "metric_name": self.metric_name,
+            "dev_metric": self.best["metric"],
+            "dev_metrics": self.best.get("metrics", {}),
+            "sparsity": final_mask.sparsity,
+            "target_sparsity": self.cfg.target_sparsity,
+            "reached_target": reached,
+            "best_step": self.best["step"],
+            "steps": self.step,
+            "train_seconds_this_process": round(seconds, 1),
+            "device": str(self.device),
+            "backends": abp.last_backend(),
+            "fused_update": self.fused,
+            "mask_file": str(mask_path),
+            "config": self.cfg.to_dict(),
+        }
+        write_text(self.out / "metrics.json", json.dumps(result, indent=1))
+        return result
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, path: Path) -> None:
+        info = {"step": self.step, "config": self.cfg.to_dict(), "history": self.history, "best": self.best}
+        save_checkpoint(path, scores=dict(score_tensors(self.model)), head=self.model.head, head_opt=self.head_opt,
+                        score_state=self.scores.state_dict(), info=info)
+
+    def _restore(self, path: Path) -> None:
+        ck = load_checkpoint(path)
+        saved = ABPConfig.from_dict(ck["info"]["config"]).to_dict()
+        now = self.cfg.to_dict()
+        diff = {k for k in now if now[k] != saved[k] and k not in RESUMABLE_CHANGES}
+        if diff:
+            raise CheckpointError(f"cannot resume from {path}: the run's settings differ in {sorted(diff)} "
+                                  f"(checkpoint: {[saved[k] for k in sorted(diff)]}, now: {[now[k] for k in sorted(diff)]})")
+        with torch.no_grad():
+            for name, s in score_tensors(self.model):
+                if name not in ck["scores"]:
+                    raise CheckpointError(f"checkpoint {path} lacks scores for {name}")
+                s.copy_(ck["scores"][name])
+        self.model.head.load_state_dict(ck["head"])
+        self.head_opt.load_state_dict(ck["head_opt"])
+        self.scores.load_state_dict(ck["score_state"])
+        torch.set_rng_state(ck["rng"]["cpu"])
+        if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(ck["rng"]["cuda"])
+        info = ck["info"]
+        self.step, self.history, self.best = info["step"], info["history"], info["best"]
+        if self.best["metric"] is None:
+            self.best["metric"] = -math.inf
+        log.info("abp: resumed from %s at step %d", path, self.step)
+
+
+def run_abp(cfg: ABPConfig, output_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> dict:
+    """Convenience: build a :class:`Trainer` and run it."""
+    return Trainer(cfg, output_dir, progress=progress).run(resume=resume)

@@ -1,0 +1,146 @@
+"""masked_linear forward and every gradient against a float64 reference, on the reference backend."""
+import pytest
+import torch
+
+import abp
+from abp import reference as R
+
+def assert_close(got, ref, dtype, reduction):
+    """max error within 8·eps·sqrt(reduction) of the reference's RMS (a length-``reduction`` dot product
+    in ``dtype``; fp64 inputs still meet fp32 masks, so they get fp32's eps)."""
+    eps = torch.finfo(torch.float32 if dtype == torch.float64 else dtype).eps
+    scale = ref.double().pow(2).mean().sqrt().item() + 1e-30
+    err = (got.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
+    assert err <= 8 * eps * max(reduction, 1) ** 0.5 * scale, f"max error {err:.3g} vs RMS {scale:.3g} ({dtype})"
+
+
+def _oracle(x, w, s, b, bs, dy, t_hard, t_soft):
+    """float64 formulas, written out independently of abp.reference."""
+    x, w, s, dy = x.double(), w.double(), s.double(), dy.double()
+    m = (s > 0).double() if t_hard is None else torch.sigmoid(t_hard * s)
+    y = x @ (w * m).T
+    if b is not None:
+        mb = 1.0 if bs is None else ((bs > 0).double() if t_hard is None else torch.sigmoid(t_hard * bs.double()))
+        y = y + b.double() * mb
+    sig = lambda z: torch.sigmoid(t_soft * z.double())  # noqa: E731
+    ds = (dy.T @ x) * w * t_soft * sig(s) * (1 - sig(s))
+    dbs = None if bs is None else dy.sum(0) * b.double() * t_soft * sig(bs) * (1 - sig(bs))
+    return y, dy @ (w * m), ds, dbs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 13, 5), (97, 33, 130)])
+@pytest.mark.parametrize("density", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("bias", ["none", "bias", "masked_bias"])
+@pytest.mark.parametrize("t_hard", [None, 30.0])
+def test_masked_linear_matches_float64(dtype, shape, density, bias, t_hard):
+    M, K, N = shape
+    g = torch.Generator().manual_seed(hash((shape, density, bias)) % 2**31)
+    x = torch.randn(M, K, generator=g).to(dtype).requires_grad_(True)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    s = (torch.rand(N, K, generator=g) - (1 - density)).float() if 0 < density < 1 else \
+        torch.full((N, K), 0.01 if density == 1 else -0.01)
+    s.add_(torch.randn(N, K, generator=g) * 1e-3)
+    s.requires_grad_(True)
+    b = torch.randn(N, generator=g).to(dtype) if bias != "none" else None
+    bs = torch.randn(N, generator=g).float().requires_grad_(True) if bias == "masked_bias" else None
+    y = abp.masked_linear(x, w, s, b, bs, t_hard=t_hard, t_soft=1.5, backend="reference")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ry, rdx, rds, rdbs = _oracle(x.detach(), w, s.detach(), b, bs.detach() if bs is not None else None, dy, t_hard, 1.5)
+    assert_close(y, ry, dtype, K)
+    assert_close(x.grad, rdx, dtype, N)
+    assert_close(s.grad, rds, dtype, M)  # fp32, accumulated over the M tokens from dtype inputs
+    assert s.grad.dtype == torch.float32
+    if bs is not None:
+        assert_close(bs.grad, rdbs, dtype, M)
+
+
+def test_leading_dims_and_no_weight_grad():
+    x = torch.randn(2, 3, 4, 6, requires_grad=True)
+    lin = abp.MaskedLinear(6, 5)
+    y = lin(x)
+    assert y.shape == (2, 3, 4, 5)
+    y.sum().backward()
+    assert lin.weight.grad is None and lin.scores.grad is not None and x.grad.shape == x.shape
+
+
+def test_surrogate_is_not_the_forward_derivative():
+    """Hard forward has zero derivative; the surrogate must still give a gradient (the paper's trick)."""
+    s = torch.full((3, 4), 0.5, requires_grad=True)
+    y = abp.masked_linear(torch.ones(2, 4), torch.ones(3, 4), s)
+    y.sum().backward()
+    sig = torch.sigmoid(torch.tensor(0.5))
+    torch.testing.assert_close(s.grad, torch.full((3, 4), 2 * float(sig * (1 - sig))))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(x=torch.randn(3, 5)), "last dim"),
+    (dict(s=torch.randn(4, 6, dtype=torch.float16)), "float32"),
+    (dict(s=torch.randn(4, 5)), "scores shape"),
+    (dict(x=torch.randn(3, 6, dtype=torch.float16)), "dtype"),
+    (dict(w=torch.randn(4, 6, requires_grad=True)), "frozen"),
+    (dict(b=torch.randn(5)), "bias shape"),
+])
+def test_bad_input_is_named(bad, match):
+    args = dict(x=torch.randn(3, 6), w=torch.randn(4, 6), s=torch.randn(4, 6), b=None)
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        abp.masked_linear(args["x"], args["w"], args["s"], args["b"])
+
+
+def test_unknown_or_unavailable_backend_is_an_error():
+    x, w, s = torch.randn(2, 3), torch.randn(4, 3), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="unknown abp backend"):
+        abp.masked_linear(x, w, s, backend="magic")
+    with pytest.raises(abp.BackendUnavailableError, match="cuda"):
+        abp.masked_linear(x, w, s, backend="cuda")
+
+
+def test_backend_recorded_and_env(monkeypatch):
+    abp.masked_linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(4, 3))
+    assert abp.last_backend("masked_matmul") == "reference"
+    monkeypatch.setenv("ABP_BACKEND", "cuda")
+    with pytest.raises(abp.BackendUnavailableError):
+        abp.masked_linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(4, 3))
+    with abp.use_backend("reference"):
+        abp.masked_linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(4, 3))
+
+
+def test_fused_update_equals_separate_step():
+    """Fused backward update == reference grad then SGD step; dX uses the pre-update mask."""
+    torch.manual_seed(0)
+    x = torch.randn(9, 7, requires_grad=True)
+    w, s0 = torch.randn(5, 7), torch.randn(5, 7) * 0.05
+    dy = torch.randn(9, 5)
+    gamma, active = torch.tensor(0.003), torch.tensor(1.0)
+    for recovery in (True, False):
+        s = s0.clone().requires_grad_(True)
+        counts = torch.zeros(2, dtype=torch.int64)
+        sgd = abp.ScoreSGD(lr=0.7, gamma=gamma, active=active, recovery=recovery)
+        x.grad = None
+        abp.masked_linear(x, w, s, fused_update=sgd, counts=counts).backward(dy)
+        assert s.grad is None
+        ref_dx = R.masked_linear_dx(dy, w, s0)
+        ds, _ = R.score_grad(dy, x.detach(), w, s0)
+        ref_s = s0.clone()
+        R.score_update_(ref_s, ds, 0.7, gamma, active, recovery)
+        torch.testing.assert_close(x.grad, ref_dx)
+        torch.testing.assert_close(s.detach(), ref_s)
+        assert int(counts[0]) == int((ref_s <= 0).sum())
+        if not recovery:
+            assert not bool(((s0 <= 0) & (s.detach() > 0)).any())
+
+
+def test_opcheck():
+    x, w = torch.randn(5, 7), torch.randn(3, 7)
+    s = torch.randn(3, 7, requires_grad=True)
+    torch.library.opcheck(torch.ops.abp.masked_matmul.default, (x, w, s, None, None, None, 1.0, "reference"))
+    torch.library.opcheck(torch.ops.abp.pack_mask.default, (torch.rand(13, 5) > 0.5, "reference"))
+
+
+def test_torch_compile_traces_the_op():
+    lin = abp.MaskedLinear(8, 4)
+    x = torch.randn(3, 8)
+    compiled = torch.compile(lin, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), lin(x))

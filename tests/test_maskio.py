@@ -1,0 +1,132 @@
+"""Task-mask files: bit packing, round trip, refusal of other base weights, corrupt files, atomicity."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+
+import abp
+
+
+def _bert(seed=0):
+    torch.manual_seed(seed)
+    return T.BertModel(T.BertConfig(vocab_size=101, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=29))
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (9,), (13, 5), (3, 4, 17)])
+@pytest.mark.parametrize("density", [0.0, 0.5, 1.0])
+def test_pack_matches_numpy_little_endian(shape, density):
+    m = torch.rand(shape) < density
+    packed = abp.pack_mask(m)
+    assert packed.dtype == torch.uint8 and packed.numel() == (m.numel() + 7) // 8
+    np.testing.assert_array_equal(packed.numpy(), np.packbits(m.numpy().reshape(-1), bitorder="little"))
+    assert torch.equal(abp.unpack_mask(packed, shape), m)
+
+
+def test_pack_errors():
+    with pytest.raises(TypeError, match="bool"):
+        abp.pack_mask(torch.ones(3))
+    with pytest.raises(ValueError, match="bytes"):
+        abp.unpack_mask(torch.zeros(2, dtype=torch.uint8), (3, 7))
+
+
+def _randomise(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _, m in abp.masked_modules(model):
+        with torch.no_grad():
+            m.scores.copy_(torch.randn(m.scores.shape, generator=g))
+
+
+def test_round_trip_with_head(tmp_path):
+    model = abp.mask_model(_bert())
+    _randomise(model, 3)
+    head = torch.nn.Linear(24, 3)
+    path = tmp_path / "task.safetensors"
+    meta = abp.save_mask(model, path, head=head, task="sst2", base_model="tiny-bert")
+    assert meta["task"] == "sst2" and abs(float(meta["sparsity"]) - abp.sparsity(model)) < 1e-6
+    fresh, head2 = _bert(), torch.nn.Linear(24, 3)
+    mf = abp.load_mask(fresh, path, head=head2)
+    assert mf.metadata["base_model"] == "tiny-bert"
+    for (n1, a), (n2, b) in zip(abp.masked_modules(model), abp.masked_modules(fresh)):
+        assert n1 == n2 and torch.equal(a.mask(), b.mask())
+    assert torch.equal(head.weight, head2.weight)
+    ids = torch.randint(0, 101, (2, 6))
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).last_hidden_state, fresh(ids).last_hidden_state)
+    # a packed mask costs 1 bit per weight (+ a 64-value fingerprint per module and the header)
+    n = sum(m.scores.numel() for _, m in abp.masked_modules(model))
+    assert os.path.getsize(path) < n / 8 + 64 * 4 * 20 + 3 * 25 * 4 + 16384
+
+
+def test_refuses_other_base_weights(tmp_path):
+    model = abp.mask_model(_bert(0))
+    path = tmp_path / "m.safetensors"
+    abp.save_mask(model, path)
+    other = _bert(1)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(abp.MaskFileError, match="other base weights"):
+        abp.load_mask(other, path)
+    assert not list(abp.masked_modules(other)), "a refused load must leave the model untouched"
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_same_weights_in_another_dtype_are_accepted(tmp_path):
+    model = abp.mask_model(_bert(0))
+    _randomise(model, 5)
+    path = tmp_path / "m.safetensors"
+    abp.save_mask(model, path)
+    half = _bert(0).to(torch.bfloat16)
+    abp.load_mask(half, path)
+    assert abs(abp.sparsity(half) - abp.sparsity(model)) < 1e-9
+
+
+def test_refuses_other_architecture(tmp_path):
+    model = abp.mask_model(_bert(0))
+    path = tmp_path / "m.safetensors"
+    abp.save_mask(model, path)
+    gpt = T.GPT2Model(T.GPT2Config(vocab_size=101, n_embd=24, n_layer=1, n_head=2))
+    with pytest.raises(abp.MaskFileError, match="lacks"):
+        abp.load_mask(gpt, path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "not-a-mask", "missing"])
+def test_corrupt_files_are_named(tmp_path, damage):
+    model = abp.mask_model(_bert(0))
+    path = tmp_path / "m.safetensors"
+    abp.save_mask(model, path)
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00" * 64)
+    elif damage == "not-a-mask":
+        from safetensors.torch import save_file
+        save_file({"x": torch.zeros(3)}, str(path))
+    else:
+        path = tmp_path / "nope.safetensors"
+    with pytest.raises(abp.MaskFileError, match=str(path.name) if damage != "missing" else "does not exist"):
+        abp.load_mask(_bert(0), path)
+
+
+def test_nan_scores_refused_and_previous_file_kept(tmp_path):
+    model = abp.mask_model(_bert(0))
+    path = tmp_path / "m.safetensors"
+    abp.save_mask(model, path)
+    good = path.read_bytes()
+    next(iter(abp.masked_modules(model)))[1].scores.data[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN"):
+        abp.save_mask(model, path)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"], "no temporary file left behind"
+
+
+def test_info_describes_the_file(tmp_path):
+    model = abp.mask_model(_bert(0))
+    _randomise(model, 1)
+    path = tmp_path / "m.safetensors"
+    abp.save_mask(model, path, task="stsb")
+    from abp.maskio import describe_mask_file
+    text = describe_mask_file(path)
+    assert "stsb" in text and "encoder.layer.0.attention.self.query.weight" in text and "kept" in text
