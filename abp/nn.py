@@ -19,10 +19,13 @@ def _frozen(t: Tensor) -> nn.Parameter:
     return t if isinstance(t, nn.Parameter) and not t.requires_grad else nn.Parameter(t.detach(), requires_grad=False)
 
 
-def _scores_like(t: Tensor, init: float, std: float) -> nn.Parameter:
+def _scores_like(t: Tensor, init: float, spread: float) -> nn.Parameter:
+    """fp32 scores ``init·(1 + spread·U(−1, 1))``: small, positive (for spread ≤ 1), mean ``init``."""
     s = torch.full(t.shape, float(init), dtype=torch.float32, device=t.device)
-    if std > 0:
-        s.add_(torch.randn_like(s) * std)
+    if spread > 0:
+        s.mul_(1 + spread * (2 * torch.rand_like(s) - 1))
+        if init > 0:
+            s.clamp_(min=init * 1e-3)
     return nn.Parameter(s)
 
 
@@ -60,16 +63,16 @@ class MaskedModule(nn.Module):
                 raise ValueError(f"{type(self).__name__}.set_mask: {name} mask shape {tuple(m.shape)} != {tuple(scores.shape)}")
             scores.copy_(torch.where(m.to(scores.device, torch.bool), magnitude, -magnitude))
 
-    def _init_scores(self, init: float, std: float, mask_bias: bool) -> None:
-        self.scores = _scores_like(self.weight, init, std)
-        self.bias_scores = _scores_like(self.bias, init, std) if (mask_bias and self.bias is not None) else None
+    def _init_scores(self, init: float, spread: float, mask_bias: bool) -> None:
+        self.scores = _scores_like(self.weight, init, spread)
+        self.bias_scores = _scores_like(self.bias, init, spread) if (mask_bias and self.bias is not None) else None
 
 
 class MaskedLinear(MaskedModule):
     """Drop-in ``nn.Linear`` whose frozen weight is seen through a learnt binary mask."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 score_init: float = 0.01, score_init_std: float = 0.0, mask_bias: bool = False,
+                 score_init: float = 0.01, score_init_spread: float = 0.0, mask_bias: bool = False,
                  t_hard: Optional[float] = None, t_soft: float = 1.0):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -77,7 +80,7 @@ class MaskedLinear(MaskedModule):
         nn.init.kaiming_uniform_(w, a=5 ** 0.5)
         self.weight = _frozen(w)
         self.bias = _frozen(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
-        self._configure(score_init=score_init, score_init_std=score_init_std, mask_bias=mask_bias,
+        self._configure(score_init=score_init, score_init_spread=score_init_spread, mask_bias=mask_bias,
                         t_hard=t_hard, t_soft=t_soft)
 
     @classmethod
@@ -102,14 +105,14 @@ class MaskedLinear(MaskedModule):
         m._configure(source_type="conv1d", **kw)
         return m
 
-    def _configure(self, *, score_init: float = 0.01, score_init_std: float = 0.0, mask_bias: bool = False,
+    def _configure(self, *, score_init: float = 0.01, score_init_spread: float = 0.0, mask_bias: bool = False,
                    t_hard: Optional[float] = None, t_soft: float = 1.0, source_type: str = "linear") -> None:
         self.t_hard, self.t_soft = t_hard, t_soft
         self.backend: Optional[str] = None  # None: ABP_BACKEND / auto
         self.fused_update: Optional[AF.ScoreSGD] = None  # set by the trainer for the fused-update path
         self.fused_uses = 0  # forwards since the last score step (must stay <= 1 when fused)
         self.register_buffer("fused_counts", torch.zeros(2, dtype=torch.int64, device=self.weight.device), persistent=False)
-        self._init_scores(score_init, score_init_std, mask_bias)
+        self._init_scores(score_init, score_init_spread, mask_bias)
         self.source_type = source_type
 
     def forward(self, x: Tensor) -> Tensor:
@@ -150,7 +153,7 @@ class MaskedLinear(MaskedModule):
 class MaskedEmbedding(MaskedModule):
     """Drop-in ``nn.Embedding`` with a learnt mask over its frozen table (rows gathered, never W⊙M)."""
 
-    def __init__(self, embedding: nn.Embedding, *, score_init: float = 0.01, score_init_std: float = 0.0,
+    def __init__(self, embedding: nn.Embedding, *, score_init: float = 0.01, score_init_spread: float = 0.0,
                  t_hard: Optional[float] = None, t_soft: float = 1.0, **_):
         super().__init__()
         if embedding.max_norm is not None or embedding.sparse:
@@ -160,7 +163,7 @@ class MaskedEmbedding(MaskedModule):
         self.weight = _frozen(embedding.weight)
         self.bias = None
         self.t_hard, self.t_soft = t_hard, t_soft
-        self._init_scores(score_init, score_init_std, False)
+        self._init_scores(score_init, score_init_spread, False)
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, **kw) -> "MaskedEmbedding":
@@ -184,7 +187,7 @@ class MaskedEmbedding(MaskedModule):
 class MaskedLayerNorm(MaskedModule):
     """``nn.LayerNorm`` with masked affine weight and bias (optional in :func:`abp.mask_model`)."""
 
-    def __init__(self, norm: nn.LayerNorm, *, score_init: float = 0.01, score_init_std: float = 0.0,
+    def __init__(self, norm: nn.LayerNorm, *, score_init: float = 0.01, score_init_spread: float = 0.0,
                  t_hard: Optional[float] = None, t_soft: float = 1.0, **_):
         super().__init__()
         if norm.weight is None:
@@ -193,7 +196,7 @@ class MaskedLayerNorm(MaskedModule):
         self.weight = _frozen(norm.weight)
         self.bias = _frozen(norm.bias) if norm.bias is not None else None
         self.t_hard, self.t_soft = t_hard, t_soft
-        self._init_scores(score_init, score_init_std, self.bias is not None)
+        self._init_scores(score_init, score_init_spread, self.bias is not None)
 
     def forward(self, x: Tensor) -> Tensor:
         w = AF.masked_param(self.weight, self.scores, t_soft=self.t_soft, t_hard=self.t_hard)

@@ -34,13 +34,13 @@ class MaskConfig:
     include: Sequence[str] = ()
     exclude: Sequence[str] = field(default_factory=lambda: list(HEAD_PATTERNS))
     score_init: float = 0.01
-    score_init_std: float = 0.0
+    score_init_spread: float = 0.0
     freeze: bool = True  # freeze every pre-trained parameter outside the task heads (the paper trains only θ and p)
     t_hard: Optional[float] = None
     t_soft: float = 1.0
 
     def score_kwargs(self) -> dict:
-        return dict(score_init=self.score_init, score_init_std=self.score_init_std, t_hard=self.t_hard, t_soft=self.t_soft)
+        return dict(score_init=self.score_init, score_init_spread=self.score_init_spread, t_hard=self.t_hard, t_soft=self.t_soft)
 
 
 def _conv1d_type():

@@ -56,7 +56,7 @@ def save_checkpoint(path: str | os.PathLike, *, scores: dict[str, torch.Tensor],
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
     meta = {"format": "abp-checkpoint", "info": json.dumps(info), "opt": json.dumps(opt_meta),
-            "score_steps": str(score_state["steps"])}
+            "score_steps": str(score_state["steps"]), "score_lr": repr(score_state["lr"])}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
 
@@ -81,7 +81,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "head_opt": _unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith("opt/")},
                                          json.loads(meta["opt"])),
         "score_state": {"gamma": so["gamma"][0], "active": so["active"][0], "zeros": so["zeros"][0],
-                        "steps": int(meta["score_steps"])},
+                        "steps": int(meta["score_steps"]), "lr": float(meta["score_lr"])},
         "rng": {"cpu": tensors["rng/cpu"], "cuda": tensors.get("rng/cuda")},
         "info": json.loads(meta["info"]),
     }

@@ -22,14 +22,15 @@ class ABPConfig:
     train_subsample: Optional[int] = None  # train examples kept (dev is never subsampled)
     # the mask (paper: t_l = 1e5 forward temperature, t_s = 1 surrogate temperature, init mean 0.01)
     target_sparsity: float = 0.5  # s
-    score_lr: float = 10.0  # α, plain SGD on the scores
+    score_lr: Optional[float] = None  # α, plain SGD on the scores; None = calibrated on the first batch
+    score_lr_ratio: float = 4.0  # auto α: a steady gradient moves a score this many × its init over the pruning window
     gamma: Optional[float] = None  # γ; None = automatic schedule reaching s after prune_fraction of the steps
     prune_fraction: float = 0.5
     schedule: str = "linear"  # target ramp of the auto-γ controller: linear | cubic
     t_l: Optional[float] = 1e5  # None = hard mask 1[θ>0] in the forward too
     t_s: float = 1.0
     score_init: float = 0.01
-    score_init_std: float = 0.0
+    score_init_spread: float = 1.0  # θ0 ~ init·U(0, 2): positive, mean init, so pruning order is never a tie
     recovery: bool = True  # connection recovery: pruned scores may turn positive again
     mask_embeddings: bool = True
     mask_layernorm: bool = False

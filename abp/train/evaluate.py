@@ -25,41 +25,47 @@ def hard_masks(model: torch.nn.Module) -> Iterator[None]:
             m.t_hard = t
 
 
-@torch.no_grad()
-def evaluate_model(model: torch.nn.Module, tokenizer, dev_sets: dict[str, list], *, task: Optional[str],
-                   num_labels: int, batch_size: int = 64, max_length: int = 128, autocast: bool = True) -> dict[str, float]:
-    """Metrics of ``model`` (a :class:`~abp.train.heads.Classifier`) on each dev split.
+def dev_batchers(dev_sets: dict[str, list], tokenizer, *, batch_size: int = 64, max_length: int = 128) -> dict:
+    """One :class:`~abp.train.data.Batcher` per dev split (tokenised once, reused at every eval)."""
+    return {split: D.Batcher(ex, tokenizer, batch_size=batch_size, max_length=max_length, shuffle=False)
+            for split, ex in dev_sets.items()}
 
-    Splits other than the first-named get a suffix (MNLI: ``accuracy_matched``, ``accuracy_mismatched``).
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, batchers: dict, *, task: Optional[str], num_labels: int,
+                   autocast: bool = True) -> dict[str, float]:
+    """Metrics of ``model`` (a :class:`~abp.train.heads.Classifier`) on each dev split, hard masks on.
+
+    Keys follow :meth:`TaskSpec.metric_key` (MNLI: ``accuracy_matched``, ``accuracy_mismatched``).
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and autocast) else nullcontext()
-    results: dict[str, float] = {}
+    outputs = {}
     try:
         with hard_masks(model):
-            for split, examples in dev_sets.items():
+            for split, batcher in batchers.items():
                 preds, labels = [], []
-                for batch in D.iter_batches(examples, tokenizer, batch_size=batch_size, max_length=max_length,
-                                            shuffle=False, seed=0, epoch=0):
+                for batch in batcher.iter_batches(0):
                     labels.append(batch.pop("labels"))
                     with amp:
                         preds.append(model(**{k: v.to(device) for k, v in batch.items()}).float().cpu())
-                p, y = torch.cat(preds), torch.cat(labels)
-                metrics = M.compute_metrics(task, p, y) if task else _custom_metrics(p, y, num_labels)
-                suffix = "" if len(dev_sets) == 1 else "_" + split.replace("dev_", "")
-                results.update({k + suffix: v for k, v in metrics.items()})
+                outputs[split] = (torch.cat(preds), torch.cat(labels))
     finally:
         model.train(was_training)
-    return results
+    if task:
+        return M.evaluate_splits(task, outputs)
+    (p, y), = outputs.values()
+    return _custom_metrics(p, y, num_labels)
 
 
 def _custom_metrics(preds: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, float]:
+    """Custom datasets: accuracy for classification, Pearson/Spearman for regression."""
     if num_labels == 1:
-        return {"pearson": M.pearson(preds.reshape(-1), labels.float()),
-                "spearman": M.spearman(preds.reshape(-1), labels.float())}
-    return {"accuracy": M.accuracy(preds.argmax(-1), labels)}
+        p, y = preds.reshape(-1).double().numpy(), labels.double().numpy()
+        return {"pearson": M.pearson(p, y), "spearman": M.spearman(p, y)}
+    return {"accuracy": M.accuracy(preds.argmax(-1).numpy(), labels.numpy())}
 
 
 def evaluate_mask_file(mask_path: str, *, model: Optional[str] = None, task: Optional[str] = None,
@@ -88,6 +94,6 @@ def evaluate_mask_file(mask_path: str, *, model: Optional[str] = None, task: Opt
     head.load_state_dict(mf.head)
     clf = Classifier(backbone, head, spec.num_labels).to(pick_device(device))
     devs = {split: D.load_split(spec.name, split, glue_dir) for split in spec.dev_splits}
-    metrics = evaluate_model(clf, tok, devs, task=spec.name, num_labels=spec.num_labels, batch_size=batch_size,
-                             max_length=max_length)
+    batchers = dev_batchers(devs, tok, batch_size=batch_size, max_length=max_length)
+    metrics = evaluate_model(clf, batchers, task=spec.name, num_labels=spec.num_labels)
     return {"task": spec.name, "sparsity": abp.sparsity(backbone), "metrics": metrics, "mask_file": str(mask_path)}

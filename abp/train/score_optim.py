@@ -25,6 +25,26 @@ from abp.patch import masked_modules, shared_weights
 GAIN, MAX_LOG_STEP = 20.0, 0.1
 
 
+def calibrate_score_lr(model: nn.Module, *, prune_steps: int, ratio: float = 4.0) -> float:
+    """α such that a score whose gradient keeps the RMS size moves ``ratio × init`` over the pruning window.
+
+    Call after one backward (scores hold ``.grad``). Plain SGD keeps this α for the whole run; it only
+    spares users the paper's hand-tuning of α to the model's gradient scale.
+    """
+    sq, n, init = 0.0, 0, []
+    for _, m in masked_modules(model):
+        for _, _, s in m.score_pairs():
+            if s.grad is None:
+                raise RuntimeError("calibrate_score_lr: run a backward first (scores have no .grad)")
+            sq += float(s.grad.float().pow(2).sum())
+            n += s.numel()
+            init.append(float(s.detach().abs().mean()))
+    rms = math.sqrt(sq / max(n, 1))
+    if not math.isfinite(rms) or rms == 0:
+        raise FloatingPointError(f"calibrate_score_lr: score gradient RMS is {rms}; cannot set α (is the loss constant?)")
+    return ratio * max(sum(init) / len(init), 1e-4) / (prune_steps * rms)
+
+
 class FusedUpdateError(RuntimeError):
     """The fused score update would not be exact here."""
 
@@ -66,7 +86,8 @@ class ScoreOptimizer:
         first = self.modules[0][1].scores
         device = first.device
         init = float(first.detach().float().mean())
-        self.gamma = torch.tensor(gamma if gamma is not None else max(init, 1e-4) / self.prune_steps,
+        # auto γ starts where a pure-γ drift of U(0, 2·init) scores would meet the ramp; the controller adapts it
+        self.gamma = torch.tensor(gamma if gamma is not None else 2 * max(init, 1e-4) * max(self.target, 0.05) / self.prune_steps,
                                   dtype=torch.float32, device=device)
         self.active = torch.ones((), dtype=torch.float32, device=device)
         self.counts = torch.zeros(max(len(self.scores), 1), dtype=torch.int64, device=device)
@@ -75,6 +96,14 @@ class ScoreOptimizer:
         sgd = ScoreSGD(self.lr, self.gamma, self.active, recovery)
         for m in self.fused_modules:
             m.fused_update = sgd
+
+    def set_lr(self, lr: float) -> None:
+        """Set α (e.g. after :func:`calibrate_score_lr`), for both update paths."""
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"score learning rate must be finite and >= 0, got {lr}")
+        self.lr = float(lr)
+        for m in self.fused_modules:
+            m.fused_update.lr = self.lr
 
     @property
     def fused(self) -> bool:
@@ -126,12 +155,13 @@ class ScoreOptimizer:
 
     def state_dict(self) -> dict:
         return {"gamma": self.gamma.detach().cpu(), "active": self.active.detach().cpu(),
-                "zeros": self.zeros.detach().cpu(), "steps": self.steps}
+                "zeros": self.zeros.detach().cpu(), "steps": self.steps, "lr": self.lr}
 
     def load_state_dict(self, state: dict) -> None:
         self.gamma.copy_(state["gamma"])
         self.active.copy_(state["active"])
         self.zeros = state["zeros"].to(self.zeros.device)
         self.steps = int(state["steps"])
+        self.set_lr(float(state["lr"]))
         if not math.isfinite(float(self.gamma)):
             raise ValueError("checkpoint holds a non-finite gamma")

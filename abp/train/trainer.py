@@ -26,8 +26,8 @@ from abp.train import data as D
 from abp.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from abp.train.config import RESUMABLE_CHANGES, ABPConfig
 from abp.train.heads import Classifier, make_head
-from abp.train.evaluate import evaluate_model
-from abp.train.score_optim import FusedUpdateError, ScoreOptimizer
+from abp.train.evaluate import dev_batchers, evaluate_model
+from abp.train.score_optim import FusedUpdateError, ScoreOptimizer, calibrate_score_lr
 from abp.train.tasks import get_task
 
 log = logging.getLogger("abp")
@@ -57,7 +57,7 @@ class Trainer:
         backbone.requires_grad_(False)
         mask_model(backbone, MaskConfig(embeddings=cfg.mask_embeddings, layernorm=cfg.mask_layernorm,
                                         mask_bias=cfg.mask_bias, exclude=list(abp.patch.HEAD_PATTERNS) + list(cfg.exclude),
-                                        score_init=cfg.score_init, score_init_std=cfg.score_init_std,
+                                        score_init=cfg.score_init, score_init_spread=cfg.score_init_spread,
                                         t_hard=cfg.t_l, t_soft=cfg.t_s))
         for _, m in masked_modules(backbone):
             if hasattr(m, "backend"):
@@ -67,12 +67,16 @@ class Trainer:
         self.model = Classifier(backbone, head, self.num_labels).to(self.device)
         self.fused = self._want_fused()
         self.total_steps = cfg.max_steps
-        self.scores = ScoreOptimizer(self.model, lr=cfg.score_lr, target_sparsity=cfg.target_sparsity,
+        self.scores = ScoreOptimizer(self.model, lr=cfg.score_lr or 0.0, target_sparsity=cfg.target_sparsity,
                                      prune_steps=max(1, int(cfg.prune_fraction * cfg.max_steps)), gamma=cfg.gamma,
                                      recovery=cfg.recovery, fused=self.fused, schedule=cfg.schedule, backend=cfg.backend)
         opt = torch.optim.AdamW if cfg.head_optimizer == "adamw" else torch.optim.SGD
         self.head_opt = opt(self.model.head.parameters(), lr=cfg.head_lr)
-        self.train_set, self.dev_sets = self._load_data()
+        train_set, dev_sets = self._load_data()
+        self.train_batches = D.Batcher(train_set, self.tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                       shuffle=True, seed=cfg.seed)
+        self.dev_batchers = dev_batchers(dev_sets, self.tokenizer, batch_size=max(64, cfg.batch_size),
+                                         max_length=cfg.max_length)
         self.step, self.history, self.best = 0, [], {"metric": -math.inf, "step": None, "sparsity": None}
 
     # ------------------------------------------------------------------ setup helpers
@@ -100,9 +104,7 @@ class Trainer:
         if self.task is None:
             cols = tuple(cfg.text_columns)
             train = D.load_custom(cfg.train_file, text_columns=cols, label_column=cfg.label_column, num_labels=cfg.num_labels)
-            if cfg.train_subsample:
-                g = torch.Generator().manual_seed(cfg.seed)
-                train = [train[i] for i in torch.randperm(len(train), generator=g)[: cfg.train_subsample].tolist()]
+            train = D.subsample(train, cfg.train_subsample, cfg.seed)
             dev = D.load_custom(cfg.dev_file, text_columns=cols, label_column=cfg.label_column, num_labels=cfg.num_labels)
             return train, {"dev": dev}
         train = D.load_split(self.task.name, "train", cfg.glue_dir, max_examples=cfg.train_subsample, seed=cfg.seed)
@@ -112,16 +114,14 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
         """Dev metrics with the *hard* mask 1[θ>0]: exactly what the saved mask file gives."""
-        return evaluate_model(self.model, self.tokenizer, self.dev_sets, task=self.task.name if self.task else None,
-                              num_labels=self.num_labels, batch_size=max(64, self.cfg.batch_size),
-                              max_length=self.cfg.max_length, autocast=self.cfg.autocast)
+        return evaluate_model(self.model, self.dev_batchers, task=self.task.name if self.task else None,
+                              num_labels=self.num_labels, autocast=self.cfg.autocast)
 
     @property
     def metric_name(self) -> str:
         if self.task is None:
             return "accuracy" if self.num_labels > 1 else "pearson"
-        name = self.task.primary_metric
-        return name + ("_matched" if len(self.dev_sets) > 1 else "")
+        return self.task.primary_metric
 
     # ------------------------------------------------------------------ the loop
     def _autocast(self):
@@ -139,13 +139,9 @@ class Trainer:
 
     def _batches(self):
         """Micro-batches from the current step on: a pure function of (seed, epoch, index) for exact resume."""
-        per_epoch = D.batches_per_epoch(len(self.train_set), self.cfg.batch_size)
-        micro = self.step * self.cfg.grad_accum
-        epoch, start = divmod(micro, per_epoch)
+        epoch, start = divmod(self.step * self.cfg.grad_accum, len(self.train_batches))
         while True:
-            yield from D.iter_batches(self.train_set, self.tokenizer, batch_size=self.cfg.batch_size,
-                                      max_length=self.cfg.max_length, shuffle=True, seed=self.cfg.seed,
-                                      epoch=epoch, start=start)
+            yield from self.train_batches.iter_batches(epoch, start)
             epoch, start = epoch + 1, 0
 
     def run(self, resume: bool = False) -> dict[str, Any]:
@@ -163,6 +159,8 @@ class Trainer:
         if self.scores.done() and self.step > 0:
             self.scores.freeze()
         batches = self._batches()
+        if self.step == 0 and cfg.score_lr is None:
+            self._calibrate()
         run_loss = torch.zeros((), device=self.device)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress, desc=f"abp {self.metric_label()}",
                    dynamic_ncols=True)
@@ -190,6 +188,22 @@ class Trainer:
                 self._save_checkpoint(ckpt)
         bar.close()
         return self._finish(time.time() - t0)
+
+    def _calibrate(self) -> None:
+        """Auto α from the gradient scale of the first batch (no update is applied)."""
+        fused = [(m, m.fused_update) for m in self.scores.fused_modules]
+        for m, _ in fused:
+            m.fused_update = None
+        batch = self._to_device(next(self._batches()))
+        labels = batch.pop("labels")
+        with self._autocast():
+            self._loss(self.model(**batch), labels).backward()
+        lr = calibrate_score_lr(self.model, prune_steps=self.scores.prune_steps, ratio=self.cfg.score_lr_ratio)
+        self.model.zero_grad(set_to_none=True)
+        for m, sgd in fused:
+            m.fused_update = sgd
+        self.scores.set_lr(lr)
+        log.info("abp: score learning rate α calibrated to %.4g", lr)
 
     def metric_label(self) -> str:
         return f"{self.cfg.task if self.task else 'custom'} s={self.cfg.target_sparsity:g}"
@@ -252,6 +266,7 @@ class Trainer:
             "device": str(self.device),
             "backends": abp.last_backend(),
             "fused_update": self.fused,
+            "score_lr": self.scores.lr,
             "mask_file": str(mask_path),
             "config": self.cfg.to_dict(),
         }
