@@ -39,3 +39,16 @@ def load_backbone(name_or_path: str | None, *, dtype=None):
         raise RuntimeError(f"could not load model {path!r}: {e}. Offline machines need a local path "
                            f"(the embedded default needs no network)") from e
     return model, tok
+
+
+def native_pooling(name_or_path: str | None) -> str:
+    """How the model was trained to pool tokens: ``mean`` for sentence-transformers folders whose
+    ``1_Pooling/config.json`` says so (the embedded MiniLM), else ``cls`` (BERT's [CLS])."""
+    import json
+
+    cfg = os.path.join(resolve_model(name_or_path), "1_Pooling", "config.json")
+    if os.path.isfile(cfg):
+        with open(cfg) as f:
+            if json.load(f).get("pooling_mode_mean_tokens"):
+                return "mean"
+    return "cls"

@@ -8,7 +8,7 @@ import transformers as T
 
 import abp
 from abp.train.config import ABPConfig
-from abp.train.score_optim import FusedUpdateError, ScoreOptimizer
+from abp.train.score_optim import FusedUpdateError, ScoreOptimizer, calibrate_score_lr
 from abp.train.trainer import Trainer
 
 
@@ -102,13 +102,24 @@ def test_stop_rule_and_outputs(tiny_model_dir, tiny_data, tmp_path):
 
 
 def _score_run(model, recovery, steps=40, fused=False):
+    """Score SGD on a loss whose direction changes every step (noisy gradients, as in real training)."""
     torch.manual_seed(0)
-    opt = ScoreOptimizer(model, lr=3e4, target_sparsity=0.9, prune_steps=steps, recovery=recovery, fused=fused)
-    ids = torch.randint(0, 200, (4, 10), generator=torch.Generator().manual_seed(1))
+    opt = ScoreOptimizer(model, lr=0.0, target_sparsity=0.9, prune_steps=steps, recovery=recovery, fused=fused)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 200, (4, 10), generator=g)
+    targets = [torch.randn(4, 10, 16, generator=g) for _ in range(steps + 1)]
+    model.encoder.layer[0].attention.self.query.fused_update = None  # calibration pass: plain gradients
+    opt.enable(False)
+    for _, s in abp.patch.score_tensors(model):
+        s.requires_grad_(True)
+    (model(input_ids=ids).last_hidden_state * targets[-1]).mean().backward()
+    opt.set_lr(calibrate_score_lr(model, prune_steps=steps, ratio=20.0))
+    model.zero_grad(set_to_none=True)
+    opt.enable(True)
     ever_off, came_back = None, 0
-    for _ in range(steps):
+    for t in range(steps):
         out = model(input_ids=ids).last_hidden_state
-        (out.pow(2).mean()).backward()
+        (out * targets[t]).mean().backward()
         opt.step()
         on = torch.cat([s.detach().reshape(-1) > 0 for _, s in abp.patch.score_tensors(model)])
         if ever_off is not None:

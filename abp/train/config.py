@@ -25,7 +25,9 @@ class ABPConfig:
     score_lr: Optional[float] = None  # α, plain SGD on the scores; None = calibrated on the first batch
     score_lr_ratio: float = 4.0  # auto α: a steady gradient moves a score this many × its init over the pruning window
     gamma: Optional[float] = None  # γ; None = automatic schedule reaching s after prune_fraction of the steps
-    prune_fraction: float = 0.5
+    warmup_fraction: float = 0.2  # share of the steps that train the head alone first: early score
+    #   gradients through a random head are noise, and plain SGD would prune on that noise
+    prune_fraction: float = 0.5  # share of the steps over which auto-γ ramps to the target, after the warm-up
     schedule: str = "linear"  # target ramp of the auto-γ controller: linear | cubic
     t_l: Optional[float] = 1e5  # None = hard mask 1[θ>0] in the forward too
     t_s: float = 1.0
@@ -38,6 +40,7 @@ class ABPConfig:
     exclude: tuple[str, ...] = ("pooler",)  # module-name patterns never masked (besides task heads)
     # the head p (paper: layer-weighted [CLS] → MLP)
     head: str = "paper"
+    head_pool: str = "auto"  # cls | mean | auto (the model's own: mean for the embedded MiniLM, else [CLS])
     head_lr: float = 1e-3  # β
     head_optimizer: str = "adamw"  # adamw | sgd
     # the loop
@@ -75,13 +78,18 @@ class ABPConfig:
     def validate(self) -> None:
         if not 0 <= self.target_sparsity < 1:
             raise ValueError(f"target sparsity must be in [0, 1), got {self.target_sparsity}")
-        if not 0 < self.prune_fraction <= 1:
-            raise ValueError(f"prune_fraction must be in (0, 1], got {self.prune_fraction}")
+        if not 0 < self.prune_fraction <= 1 or not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"need 0 < prune_fraction <= 1 and 0 <= warmup_fraction < 1, got {self.prune_fraction}, {self.warmup_fraction}")
+        if self.warmup_fraction + self.prune_fraction > 1:
+            raise ValueError(f"warmup_fraction + prune_fraction must be <= 1 (the ramp must end within max_steps), "
+                             f"got {self.warmup_fraction} + {self.prune_fraction}")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.fused_update not in ("auto", "on", "off"):
             raise ValueError(f"fused_update must be auto, on or off, got {self.fused_update!r}")
+        if self.head_pool not in ("auto", "cls", "mean"):
+            raise ValueError(f"head_pool must be auto, cls or mean, got {self.head_pool!r}")
         if self.head_optimizer not in ("adamw", "sgd"):
             raise ValueError(f"head_optimizer must be adamw or sgd, got {self.head_optimizer!r}")
 

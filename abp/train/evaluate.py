@@ -90,7 +90,8 @@ def evaluate_mask_file(mask_path: str, *, model: Optional[str] = None, task: Opt
     backbone, tok = load_backbone(model)
     abp.load_mask(backbone, mask_path)
     c = backbone.config
-    head = make_head(extra.get("head", "paper"), c.hidden_size, c.num_hidden_layers + 1, spec.num_labels)
+    head = make_head(extra.get("head", "paper"), c.hidden_size, c.num_hidden_layers + 1, spec.num_labels,
+                     pool=extra.get("head_pool", "cls"))
     head.load_state_dict(mf.head)
     clf = Classifier(backbone, head, spec.num_labels).to(pick_device(device))
     devs = {split: D.load_split(spec.name, split, glue_dir) for split in spec.dev_splits}

@@ -26,23 +26,27 @@ GAIN, MAX_LOG_STEP = 20.0, 0.1
 
 
 def calibrate_score_lr(model: nn.Module, *, prune_steps: int, ratio: float = 4.0) -> float:
-    """α such that a score whose gradient keeps the RMS size moves ``ratio × init`` over the pruning window.
+    """α such that a score with a typical gradient moves ``ratio × init`` over the pruning window.
 
-    Call after one backward (scores hold ``.grad``). Plain SGD keeps this α for the whole run; it only
-    spares users the paper's hand-tuning of α to the model's gradient scale.
+    "Typical" is the median over tensors of each tensor's RMS over its non-zero entries (embedding rows
+    absent from the batch, and modules the loss does not reach, carry no signal). Call after one
+    backward. Plain SGD keeps this α for the whole run: it only spares users the paper's hand-tuning.
     """
-    sq, n, init = 0.0, 0, []
+    rms, init = [], []
     for _, m in masked_modules(model):
         for _, _, s in m.score_pairs():
-            if s.grad is None:
-                raise RuntimeError("calibrate_score_lr: run a backward first (scores have no .grad)")
-            sq += float(s.grad.float().pow(2).sum())
-            n += s.numel()
             init.append(float(s.detach().abs().mean()))
-    rms = math.sqrt(sq / max(n, 1))
-    if not math.isfinite(rms) or rms == 0:
-        raise FloatingPointError(f"calibrate_score_lr: score gradient RMS is {rms}; cannot set α (is the loss constant?)")
-    return ratio * max(sum(init) / len(init), 1e-4) / (prune_steps * rms)
+            if s.grad is not None:
+                g = s.grad.detach().float()
+                g = g[g != 0]
+                if g.numel():
+                    rms.append(float(g.pow(2).mean().sqrt()))
+    if not rms:
+        raise RuntimeError("calibrate_score_lr: no score has a gradient; run a backward through the masked model first")
+    typical = sorted(rms)[len(rms) // 2]
+    if not math.isfinite(typical) or typical == 0:
+        raise FloatingPointError(f"calibrate_score_lr: typical score-gradient size is {typical}; cannot set α")
+    return ratio * max(sum(init) / len(init), 1e-4) / (prune_steps * typical)
 
 
 class FusedUpdateError(RuntimeError):
@@ -90,20 +94,27 @@ class ScoreOptimizer:
         self.gamma = torch.tensor(gamma if gamma is not None else 2 * max(init, 1e-4) * max(self.target, 0.05) / self.prune_steps,
                                   dtype=torch.float32, device=device)
         self.active = torch.ones((), dtype=torch.float32, device=device)
-        self.counts = torch.zeros(max(len(self.scores), 1), dtype=torch.int64, device=device)
-        self.zeros = torch.zeros((), dtype=torch.int64, device=device)
+        # counts of θ ≤ 0 per tensor, kept current on device (tensors skipped in a step keep theirs)
+        with torch.no_grad():
+            self.counts = torch.stack([(s <= 0).sum() for s in self.scores]) if self.scores else \
+                torch.zeros(1, dtype=torch.int64, device=device)
+            for m in self.fused_modules:
+                m.fused_counts.copy_(torch.stack([(s <= 0).sum() for _, _, s in m.score_pairs()] +
+                                                 [torch.zeros((), dtype=torch.int64, device=device)])[:2])
+        self.zeros = self.counts.sum() + sum((m.fused_counts.sum() for m in self.fused_modules),
+                                             torch.zeros((), dtype=torch.int64, device=device))
+        self.frozen = False
         self.steps = 0
-        sgd = ScoreSGD(self.lr, self.gamma, self.active, recovery)
+        self._sgd = ScoreSGD(self.lr, self.gamma, self.active, recovery)
         for m in self.fused_modules:
-            m.fused_update = sgd
+            m.fused_update = self._sgd
 
     def set_lr(self, lr: float) -> None:
         """Set α (e.g. after :func:`calibrate_score_lr`), for both update paths."""
         if not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"score learning rate must be finite and >= 0, got {lr}")
         self.lr = float(lr)
-        for m in self.fused_modules:
-            m.fused_update.lr = self.lr
+        self._sgd.lr = self.lr
 
     @property
     def fused(self) -> bool:
@@ -116,14 +127,25 @@ class ScoreOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Apply the update to the non-fused scores (their ``.grad``), then the schedule and stop rule."""
-        if self.scores:
-            grads = [s.grad if s.grad is not None else torch.zeros_like(s) for s in self.scores]
-            _ops.multi_score_update_(self.scores, grads, self.lr, self.gamma, self.active, self.recovery,
-                                     self.counts, self.backend)
-            for s in self.scores:
+        """Apply the update to the non-fused scores (their ``.grad``), then the schedule and stop rule.
+
+        A tensor whose module took no part in this backward (no ``.grad``; a fused module whose backward
+        did not run) is left as it is on both paths, so fused and unfused runs agree exactly.
+        """
+        if self.frozen:
+            return
+        live = [i for i, s in enumerate(self.scores) if s.grad is not None]
+        if live:
+            scores = [self.scores[i] for i in live]
+            counts = self.counts if len(live) == len(self.scores) else torch.empty(len(live), dtype=torch.int64,
+                                                                                      device=self.counts.device)
+            _ops.multi_score_update_(scores, [s.grad for s in scores], self.lr, self.gamma, self.active,
+                                     self.recovery, counts, self.backend)
+            if counts is not self.counts:
+                self.counts[torch.tensor(live, device=counts.device)] = counts
+            for s in scores:
                 s.grad = None
-        zeros = self.counts.sum() if self.scores else torch.zeros_like(self.zeros)
+        zeros = self.counts.sum()
         for m in self.fused_modules:
             zeros = zeros + m.fused_counts.sum()
             m.fused_uses = 0
@@ -144,6 +166,17 @@ class ScoreOptimizer:
         """Whether the stop rule has fired (one host sync)."""
         return float(self.active) == 0.0 or self.target == 0.0
 
+    def enable(self, on: bool) -> None:
+        """Pause (``on=False``: scores need no gradient, so backward skips dθ) or resume score learning."""
+        if self.frozen:
+            raise RuntimeError("ScoreOptimizer.enable: the scores were frozen by the stop rule")
+        for _, m in self.modules:
+            if any(m is f for f in self.fused_modules):
+                m.fused_update = self._sgd if on else None
+            for _, _, s in m.score_pairs():
+                s.requires_grad_(on)
+                s.grad = None
+
     def freeze(self) -> None:
         """After the stop rule: scores stop needing gradients, so backward skips dθ entirely."""
         for _, m in self.modules:
@@ -151,7 +184,7 @@ class ScoreOptimizer:
             for _, _, s in m.score_pairs():
                 s.requires_grad_(False)
                 s.grad = None
-        self.fused_modules, self.scores = [], []
+        self.frozen = True
 
     def state_dict(self) -> dict:
         return {"gamma": self.gamma.detach().cpu(), "active": self.active.detach().cpu(),

@@ -13,14 +13,14 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 import abp
 from abp._atomic import write_text
-from abp.models import load_backbone, resolve_model
+from abp.models import load_backbone, native_pooling, resolve_model
 from abp.patch import MaskConfig, mask_model, masked_modules, score_tensors
 from abp.train import data as D
 from abp.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -43,9 +43,14 @@ def pick_device(name: str) -> torch.device:
 
 
 class Trainer:
-    """One ABP run. ``Trainer(cfg, output_dir).run(resume=...)`` returns the final metrics dict."""
+    """One ABP run. ``Trainer(cfg, output_dir).run(resume=...)`` returns the final metrics dict.
 
-    def __init__(self, cfg: ABPConfig, output_dir: str | os.PathLike, *, progress: bool = True):
+    ``mask_init(backbone)`` may set the scores after masking (baselines and ablations); with
+    ``learn_mask=False`` the mask stays as set and only the head trains (e.g. the random-mask baseline).
+    """
+
+    def __init__(self, cfg: ABPConfig, output_dir: str | os.PathLike, *, progress: bool = True,
+                 mask_init: Optional[Callable[[nn.Module], None]] = None, learn_mask: bool = True):
         cfg.validate()
         self.cfg, self.out, self.progress = cfg, Path(output_dir), progress
         self.device = pick_device(cfg.device)
@@ -62,14 +67,21 @@ class Trainer:
         for _, m in masked_modules(backbone):
             if hasattr(m, "backend"):
                 m.backend = cfg.backend
+        if mask_init is not None:
+            with torch.no_grad():
+                mask_init(backbone)
+        self.learn_mask = learn_mask
         c = backbone.config
-        head = make_head(cfg.head, c.hidden_size, c.num_hidden_layers + 1, self.num_labels)
+        self.head_pool = native_pooling(cfg.model) if cfg.head_pool == "auto" else cfg.head_pool
+        head = make_head(cfg.head, c.hidden_size, c.num_hidden_layers + 1, self.num_labels, pool=self.head_pool)
         self.model = Classifier(backbone, head, self.num_labels).to(self.device)
-        self.fused = self._want_fused()
+        self.fused = self._want_fused() and learn_mask
         self.total_steps = cfg.max_steps
         self.scores = ScoreOptimizer(self.model, lr=cfg.score_lr or 0.0, target_sparsity=cfg.target_sparsity,
                                      prune_steps=max(1, int(cfg.prune_fraction * cfg.max_steps)), gamma=cfg.gamma,
                                      recovery=cfg.recovery, fused=self.fused, schedule=cfg.schedule, backend=cfg.backend)
+        if not learn_mask:
+            self.scores.freeze()
         opt = torch.optim.AdamW if cfg.head_optimizer == "adamw" else torch.optim.SGD
         self.head_opt = opt(self.model.head.parameters(), lr=cfg.head_lr)
         train_set, dev_sets = self._load_data()
@@ -159,14 +171,19 @@ class Trainer:
         if self.scores.done() and self.step > 0:
             self.scores.freeze()
         batches = self._batches()
-        if self.step == 0 and cfg.score_lr is None:
-            self._calibrate()
+        warm = self.warmup_steps
+        if self.learn_mask and not self.scores.done():
+            self.scores.enable(self.step >= warm)
         run_loss = torch.zeros((), device=self.device)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress, desc=f"abp {self.metric_label()}",
                    dynamic_ncols=True)
         t0 = time.time()
         ckpt_every = cfg.checkpoint_every or cfg.eval_every
         while self.step < cfg.max_steps:
+            if self.learn_mask and self.step == warm and not self.scores.frozen:  # head warmed up: pruning starts
+                self.scores.enable(True)
+                if cfg.score_lr is None:
+                    self._calibrate()
             for _ in range(cfg.grad_accum):
                 batch = self._to_device(next(batches))
                 labels = batch.pop("labels")
@@ -174,7 +191,8 @@ class Trainer:
                     loss = self._loss(self.model(**batch), labels) / cfg.grad_accum
                 loss.backward()
                 run_loss += loss.detach()
-            self.scores.step()
+            if self.learn_mask and self.step >= warm:
+                self.scores.step()
             self.head_opt.step()
             self.head_opt.zero_grad(set_to_none=True)
             self.step += 1
@@ -189,8 +207,13 @@ class Trainer:
         bar.close()
         return self._finish(time.time() - t0)
 
+    @property
+    def warmup_steps(self) -> int:
+        """Steps that train the head alone before the scores start moving."""
+        return int(self.cfg.warmup_fraction * self.cfg.max_steps)
+
     def _calibrate(self) -> None:
-        """Auto α from the gradient scale of the first batch (no update is applied)."""
+        """Auto α from the gradient scale of the next batch (no update is applied)."""
         fused = [(m, m.fused_update) for m in self.scores.fused_modules]
         for m, _ in fused:
             m.fused_update = None
@@ -216,14 +239,13 @@ class Trainer:
         sp = self.scores.sparsity()
         bar.set_postfix(loss=f"{loss:.4f}", sparsity=f"{sp:.3f}", gamma=f"{float(self.scores.gamma):.2e}")
         self._last_log = {"step": self.step, "loss": loss, "sparsity": sp}
-        if self.scores.scores or self.scores.fused:
-            if self.scores.done():
-                self.scores.freeze()
+        if self.learn_mask and not self.scores.frozen and self.scores.done():
+            self.scores.freeze()
 
     def _eval_point(self, bar) -> None:
         metrics = self.evaluate()
         sp = abp.sparsity(self.model)
-        pruned = sp >= self.cfg.target_sparsity
+        pruned = sp >= self.cfg.target_sparsity or not self.learn_mask
         entry = {"step": self.step, "sparsity": sp, "reached_target": pruned, **metrics,
                  "loss": getattr(self, "_last_log", {}).get("loss")}
         self.history.append(entry)
@@ -238,7 +260,7 @@ class Trainer:
     def _save_mask(self, path: Path) -> None:
         abp.save_mask(self.model.backbone, path, head=self.model.head, base_model=resolve_model(self.cfg.model)
                       if self.cfg.model else "all-MiniLM-L6-v2 (embedded)", task=self.cfg.task,
-                      metadata={"head": self.cfg.head, "num_labels": self.num_labels, "step": self.step,
+                      metadata={"head": self.cfg.head, "head_pool": self.head_pool, "num_labels": self.num_labels, "step": self.step,
                                 "config": self.cfg.to_dict()})
 
     def _finish(self, seconds: float) -> dict[str, Any]:
