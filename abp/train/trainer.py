@@ -57,6 +57,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.task = get_task(cfg.task) if cfg.train_file is None else None
         self.num_labels = self.task.num_labels if self.task else cfg.num_labels
+        train_set, dev_sets = self._load_data()  # before the model: bad data fails fast
         dtype = self._backbone_dtype()
         backbone, self.tokenizer = load_backbone(cfg.model, dtype=dtype)
         backbone.requires_grad_(False)
@@ -84,7 +85,6 @@ class Trainer:
             self.scores.freeze()
         opt = torch.optim.AdamW if cfg.head_optimizer == "adamw" else torch.optim.SGD
         self.head_opt = opt(self.model.head.parameters(), lr=cfg.head_lr)
-        train_set, dev_sets = self._load_data()
         self.train_batches = D.Batcher(train_set, self.tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
                                        shuffle=True, seed=cfg.seed)
         self.dev_batchers = dev_batchers(dev_sets, self.tokenizer, batch_size=max(64, cfg.batch_size),

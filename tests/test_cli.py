@@ -1,0 +1,57 @@
+"""The command line: bad input gets one clear line naming the problem (exit 2), info/eval on real files."""
+import json
+
+import pytest
+
+import abp
+from abp.cli import build_parser, main
+
+
+def test_every_config_field_is_an_option():
+    from dataclasses import fields
+    from abp.train.config import ABPConfig
+
+    help_text = build_parser()._subparsers._group_actions[0].choices["prune"].format_help()
+    for f in fields(ABPConfig):
+        assert "--" + f.name.replace("_", "-") in help_text
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["prune", "--task", "nosuchtask", "--output", "{tmp}/o"], "nosuchtask"),
+    (["prune", "--task", "sst2", "--glue-dir", "{tmp}/empty", "--output", "{tmp}/o"], "SST-2"),
+    (["prune", "--task", "sst2", "--sparsity", "1.5", "--output", "{tmp}/o"], "sparsity"),
+    (["info", "{tmp}/missing.safetensors"], "does not exist"),
+    (["info", "{tmp}/corrupt.safetensors"], "corrupt"),
+    (["prune", "--task", "sst2", "--glue-dir", "{glue}", "--model", "{tmp}/no-model-here", "--output", "{tmp}/o"],
+     "no-model-here"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, needle, minilm_path, glue_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x07" * 40)
+    code = main([a.replace("{tmp}", str(tmp_path)).replace("{glue}", glue_dir) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith("abp: error:") and needle in err, err
+    assert "Traceback" not in err
+
+
+def test_no_data_source_says_exactly_what_to_do(tmp_path, capsys, monkeypatch, minilm_path):
+    monkeypatch.delenv("ABP_GLUE_DIR", raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    code = main(["prune", "--task", "sst2", "--output", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "ABP_GLUE_DIR" in err and "--glue-dir" in err and "hub" in err
+
+
+def test_info_on_a_saved_mask(tmp_path, capsys):
+    import torch
+    import transformers as T
+
+    m = abp.mask_model(T.BertModel(T.BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=8)))
+    abp.save_mask(m, tmp_path / "m.safetensors", task="rte")
+    assert main(["info", str(tmp_path / "m.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "rte" in out and "sparsity" in out and "encoder.layer.0.intermediate.dense.weight" in out
