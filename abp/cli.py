@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task", default=None, help="task (default: the one recorded in the mask)")
     ev.add_argument("--glue-dir", default=None)
     ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--max-length", type=int, default=128)
+    ev.add_argument("--max-length", type=int, default=None, help="default: the one the mask was trained with")
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=_cmd_eval)
 

@@ -69,9 +69,12 @@ def _custom_metrics(preds: torch.Tensor, labels: torch.Tensor, num_labels: int) 
 
 
 def evaluate_mask_file(mask_path: str, *, model: Optional[str] = None, task: Optional[str] = None,
-                       glue_dir: Optional[str] = None, batch_size: int = 64, max_length: int = 128,
+                       glue_dir: Optional[str] = None, batch_size: int = 64, max_length: Optional[int] = None,
                        device: str = "auto") -> dict:
-    """Load a base model, apply a shipped task mask and its head, and evaluate on the task's dev set."""
+    """Load a base model, apply a shipped task mask and its head, and evaluate on the task's dev set.
+
+    ``model`` and ``max_length`` default to what the mask was trained with (recorded in the file).
+    """
     import abp
     from abp.models import load_backbone
     from abp.train.heads import Classifier, make_head
@@ -84,9 +87,10 @@ def evaluate_mask_file(mask_path: str, *, model: Optional[str] = None, task: Opt
     if not task:
         raise ValueError(f"{mask_path} records no task: pass --task")
     spec = get_task(task)
+    trained = extra.get("config", {})
     if model is None:
-        cfg_model = extra.get("config", {}).get("model")
-        model = cfg_model  # None = the embedded default
+        model = trained.get("model")  # None = the embedded default
+    max_length = max_length or trained.get("max_length", 128)
     backbone, tok = load_backbone(model)
     abp.load_mask(backbone, mask_path)
     c = backbone.config
