@@ -23,7 +23,7 @@ class ABPConfig:
     # the mask (paper: t_l = 1e5 forward temperature, t_s = 1 surrogate temperature, init mean 0.01)
     target_sparsity: float = 0.5  # s
     score_lr: Optional[float] = None  # α, plain SGD on the scores; None = calibrated on the first batch
-    score_lr_ratio: float = 4.0  # auto α: a steady gradient moves a score this many × its init over the pruning window
+    score_lr_ratio: float = 1.5  # auto α: a steady gradient moves a score this many × its init over the pruning window
     gamma: Optional[float] = None  # γ; None = automatic schedule reaching s after prune_fraction of the steps
     warmup_fraction: float = 0.2  # share of the steps that train the head alone first: early score
     #   gradients through a random head are noise, and plain SGD would prune on that noise
