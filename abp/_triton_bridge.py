@@ -35,4 +35,7 @@ def available(device: torch.device) -> tuple[bool, str]:
         k = kernels()
     except RuntimeError as e:
         return False, str(e)
-    return k.triton_available(device)
+    try:
+        return k.triton_available(device)
+    except Exception as e:  # a broken Triton install: say so instead of crashing the dispatch
+        return False, f"abp.kernels.triton_available failed ({type(e).__name__}: {e})"

@@ -32,9 +32,14 @@ _PREFERENCE: dict[str, tuple[str, ...]] = {
     "multi_score_update_": ("cuda", "cpp", "reference"),
     "pack_mask": ("cuda", "cpp", "reference"),
     "unpack_mask": ("cuda", "cpp", "reference"),
-    "bitmask_linear": ("cuda", "cpp", "reference"),
-    "multi_bitmask_linear": ("cuda", "cpp", "reference"),
+    # on CPU the cpp kernel decodes the bits per token: lean on memory but slower than materialising
+    # (bench/results/cpu), so auto takes the reference there; backend="cpp" asks for it.
+    "bitmask_linear": ("cuda", "reference", "cpp"),
+    "multi_bitmask_linear": ("cuda", "reference", "cpp"),
 }
+
+#: Every abp op that goes through the dispatch.
+OPS = tuple(_PREFERENCE)
 
 _override: list[str] = []
 _last: dict[str, str] = {}
@@ -63,6 +68,11 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _override.pop()
+
+
+def implementations(op: str) -> tuple[str, ...]:
+    """The backends that implement ``op``, fastest first."""
+    return _PREFERENCE[op]
 
 
 def available(backend: str, op: str, device: torch.device) -> tuple[bool, str]:

@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import os
 import sys
 import typing
 from typing import Optional, Sequence
@@ -43,12 +44,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
             kw["type"] = hint
         elif args and set(args) == {float, type(None)}:
             kw["type"] = _optional_float
+        elif args == (str, Ellipsis):  # tuple[str, ...]: before Optional[str], which `str in args` also matches
+            kw["type"], kw["nargs"] = str, "*"
         elif args and int in args:
             kw["type"] = lambda v: None if v.lower() == "none" else int(v)
         elif args and str in args:
             kw["type"] = lambda v: None if v.lower() == "none" else v
-        elif args and args[0] is str:  # tuple[str, ...]
-            kw["type"], kw["nargs"] = str, "*"
         kw["help"] = f"(default: {f.default!r})"
         p.add_argument(*flags, **kw)
     p.add_argument("--no-recovery", dest="recovery", action="store_false", default=argparse.SUPPRESS,
@@ -56,12 +57,17 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_prune(a: argparse.Namespace) -> int:
+    from abp.train import distributed
     from abp.train.trainer import run_abp
 
     fields = {f.name for f in dataclasses.fields(ABPConfig)}
-    cfg = ABPConfig(**{k: v for k, v in vars(a).items() if k in fields})
-    result = run_abp(cfg, a.output, resume=a.resume, progress=not a.quiet)
-    print(json.dumps({k: result[k] for k in ("task", "metric_name", "dev_metric", "sparsity", "mask_file")}, indent=1))
+    cfg = ABPConfig.from_dict({k: v for k, v in vars(a).items() if k in fields})  # lists → tuples, as in checkpoints
+    try:  # under torchrun every rank runs this; the trainer joins the process group
+        result = run_abp(cfg, a.output, resume=a.resume, progress=not a.quiet)
+    finally:
+        distributed.shutdown()
+    if distributed.env_rank() == 0:  # one summary, not one per rank
+        print(json.dumps({k: result[k] for k in ("task", "metric_name", "dev_metric", "sparsity", "mask_file")}, indent=1))
     return 0
 
 
@@ -75,10 +81,41 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _cmd_info(a: argparse.Namespace) -> int:
+    if a.mask is None:
+        print(_describe_install())
+        return 0
     from abp.maskio import describe_mask_file
 
     print(describe_mask_file(a.mask))
     return 0
+
+
+def _describe_install() -> str:
+    """abp, torch, Triton, the compiled extension, and which backend each op would take here."""
+    import torch
+
+    import abp
+    from abp import _ext, _triton_bridge, backends
+
+    lines = [f"abp {abp.__version__}, torch {torch.__version__}"]
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}")
+    except ImportError as e:
+        lines.append(f"triton: not importable ({e})")
+    lines.append(_ext.describe())
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for dev in devices:
+        ok, why = _triton_bridge.available(dev)
+        lines.append(f"triton kernels on {dev}: {'yes' if ok else 'no (' + why + ')'}")
+        for op in backends.OPS:
+            try:
+                choice = backends.select(op, dev, "auto")
+            except backends.BackendUnavailableError as e:
+                choice = f"none ({e})"
+            lines.append(f"  {dev} {op}: {choice}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=_cmd_eval)
 
-    info = sub.add_parser("info", help="what a task-mask file holds")
-    info.add_argument("mask")
+    info = sub.add_parser("info", help="what a task-mask file holds; without a file: the install and its backends")
+    info.add_argument("mask", nargs="?", default=None)
     info.set_defaults(func=_cmd_info)
 
     if importlib.util.find_spec("abp.experiments.cli") is not None:
@@ -116,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
+    rank = int(os.environ.get("RANK", "0"))  # torchrun: info lines from rank 0 only, warnings from all
+    logging.basicConfig(level=logging.INFO if a.verbose and rank == 0 else logging.WARNING,
+                        format="%(message)s" if rank == 0 else f"[rank {rank}] %(message)s")
     try:
         return a.func(a)
     except KeyboardInterrupt:

@@ -46,6 +46,8 @@ def masked_linear_fwd(
     t_hard: Optional[float] = None,
 ) -> Tensor:
     """``y = x·(W⊙M)ᵀ + b⊙m_b``."""
+    if bias_scores is not None and bias is None:
+        raise ValueError("bias_scores given without bias")
     w_eff = weight * mask_from_scores(scores, t_hard).to(weight.dtype)
     b_eff = None
     if bias is not None:

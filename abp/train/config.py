@@ -44,7 +44,7 @@ class ABPConfig:
     head_lr: float = 1e-3  # β
     head_optimizer: str = "adamw"  # adamw | sgd
     # the loop
-    batch_size: int = 32
+    batch_size: int = 32  # the global batch: under torchrun all ranks together (each takes its slice)
     max_length: int = 128
     max_steps: int = 1000
     grad_accum: int = 1
@@ -59,6 +59,7 @@ class ABPConfig:
     autocast: bool = True  # bf16 autocast on CUDA
     fused_update: str = "auto"  # auto | on | off: score step inside the backward epilogue
     backend: Optional[str] = None  # abp backend for the masked layers (None = ABP_BACKEND / auto)
+    distributed: str = "auto"  # under torchrun (WORLD_SIZE > 1): auto (= ddp) | ddp | fsdp (FULL_SHARD, FSDP2)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -90,9 +91,12 @@ class ABPConfig:
             raise ValueError(f"fused_update must be auto, on or off, got {self.fused_update!r}")
         if self.head_pool not in ("auto", "cls", "mean"):
             raise ValueError(f"head_pool must be auto, cls or mean, got {self.head_pool!r}")
+        if self.distributed not in ("auto", "ddp", "fsdp"):
+            raise ValueError(f"distributed must be auto, ddp or fsdp, got {self.distributed!r}")
         if self.head_optimizer not in ("adamw", "sgd"):
             raise ValueError(f"head_optimizer must be adamw or sgd, got {self.head_optimizer!r}")
 
 
 # Fields that may differ between a run and its resumption (they do not change the result).
-RESUMABLE_CHANGES = frozenset({"log_every", "device", "backend", "glue_dir"})
+# The world size is not in the config and the strategy may change too: checkpoints hold only global state.
+RESUMABLE_CHANGES = frozenset({"log_every", "device", "backend", "glue_dir", "distributed"})

@@ -3,6 +3,9 @@ the target sparsity, keep training the head, keep the best mask by dev metric, r
 
 Writes into ``output_dir``: ``mask.safetensors`` (packed mask + head), ``metrics.json``,
 ``history.json`` (every eval) and ``checkpoint.safetensors`` (for ``resume=True``).
+
+Under ``torchrun`` the same loop runs data-parallel; everything that differs lives in
+:mod:`abp.train.distributed` and is reached through ``self.dist`` (single process: no-ops).
 """
 from __future__ import annotations
 
@@ -25,9 +28,10 @@ from abp.patch import MaskConfig, mask_model, masked_modules, score_tensors
 from abp.train import data as D
 from abp.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from abp.train.config import RESUMABLE_CHANGES, ABPConfig
+from abp.train.distributed import Parallel
 from abp.train.heads import Classifier, make_head
-from abp.train.evaluate import dev_batchers, evaluate_model
-from abp.train.score_optim import FusedUpdateError, ScoreOptimizer, calibrate_score_lr
+from abp.train.evaluate import dev_batchers
+from abp.train.score_optim import FusedUpdateError
 from abp.train.tasks import get_task
 
 log = logging.getLogger("abp")
@@ -53,7 +57,9 @@ class Trainer:
                  mask_init: Optional[Callable[[nn.Module], None]] = None, learn_mask: bool = True):
         cfg.validate()
         self.cfg, self.out, self.progress = cfg, Path(output_dir), progress
-        self.device = pick_device(cfg.device)
+        # torchrun: join the process group; this rank's device (cuda:LOCAL_RANK)
+        self.dist = Parallel.setup(cfg.distributed, pick_device(cfg.device), grad_accum=cfg.grad_accum)
+        self.device = self.dist.device
         torch.manual_seed(cfg.seed)
         self.task = get_task(cfg.task) if cfg.train_file is None else None
         self.num_labels = self.task.num_labels if self.task else cfg.num_labels
@@ -75,14 +81,17 @@ class Trainer:
         c = backbone.config
         self.head_pool = native_pooling(cfg.model) if cfg.head_pool == "auto" else cfg.head_pool
         head = make_head(cfg.head, c.hidden_size, c.num_hidden_layers + 1, self.num_labels, pool=self.head_pool)
-        self.model = Classifier(backbone, head, self.num_labels).to(self.device)
+        self.model = self.dist.place(Classifier(backbone, head, self.num_labels))
         self.fused = self._want_fused() and learn_mask
+        log.info("abp: score update: %s", self.score_update_path)
         self.total_steps = cfg.max_steps
-        self.scores = ScoreOptimizer(self.model, lr=cfg.score_lr or 0.0, target_sparsity=cfg.target_sparsity,
-                                     prune_steps=max(1, int(cfg.prune_fraction * cfg.max_steps)), gamma=cfg.gamma,
-                                     recovery=cfg.recovery, fused=self.fused, schedule=cfg.schedule, backend=cfg.backend)
+        self.scores = self.dist.score_optimizer(self.model, lr=cfg.score_lr or 0.0, target_sparsity=cfg.target_sparsity,
+                                                prune_steps=max(1, int(cfg.prune_fraction * cfg.max_steps)), gamma=cfg.gamma,
+                                                recovery=cfg.recovery, fused=self.fused, schedule=cfg.schedule,
+                                                backend=self._score_update_backend())
         if not learn_mask:
             self.scores.freeze()
+        self.dist.prepare(self.model, self.scores)  # FSDP: shard now that the scores' state is built
         opt = torch.optim.AdamW if cfg.head_optimizer == "adamw" else torch.optim.SGD
         self.head_opt = opt(self.model.head.parameters(), lr=cfg.head_lr)
         self.train_batches = D.Batcher(train_set, self.tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
@@ -97,6 +106,18 @@ class Trainer:
         if want == "auto":
             return torch.bfloat16 if self.device.type == "cuda" else None
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[want]
+
+    def _score_update_backend(self) -> Optional[str]:
+        """``cfg.backend`` names the masked layers' backend; the multi-tensor score update takes it only where
+        that backend implements it (Triton has no multi-tensor update), else ``auto``. metrics.json records both."""
+        b = self.cfg.backend
+        return b if b and b in abp.backends.implementations("multi_score_update_") else None
+
+    @property
+    def score_update_path(self) -> str:
+        """Which score update runs (recorded in metrics.json)."""
+        return "fused (in the backward epilogue)" if self.fused else "multi-tensor (after the backward" + \
+            (f", {self.dist.kind.upper()} gradient reduction)" if self.dist.kind != "none" else ")")
 
     def _want_fused(self) -> bool:
         """The fused update is exact only without accumulation, all-reduce, clipping or shared weights."""
@@ -126,8 +147,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
         """Dev metrics with the *hard* mask 1[θ>0]: exactly what the saved mask file gives."""
-        return evaluate_model(self.model, self.dev_batchers, task=self.task.name if self.task else None,
-                              num_labels=self.num_labels, autocast=self.cfg.autocast)
+        return self.dist.evaluate(self.model, self.dev_batchers, task=self.task.name if self.task else None,
+                                  num_labels=self.num_labels, autocast=self.cfg.autocast)
 
     @property
     def metric_name(self) -> str:
@@ -148,6 +169,20 @@ class Trainer:
         if self.num_labels == 1:
             return nn.functional.mse_loss(logits.float(), labels.float())
         return nn.functional.cross_entropy(logits.float(), labels.long())
+
+    def _backward(self, batch: dict, divisor: int = 1, last: bool = True) -> torch.Tensor:
+        """Forward and backward of one global micro-batch; returns the (weighted) loss.
+
+        Distributed: this rank's rows, weighted so that the averaged gradient is the global batch's."""
+        batch, share = self.dist.shard(batch)
+        batch = self._to_device(batch)
+        labels = batch.pop("labels")
+        net = self.dist.module(self.model)
+        with self.dist.grad_sync(net, last):
+            with self._autocast():
+                loss = self._loss(net(**batch), labels) * share / divisor
+            loss.backward()
+        return loss.detach()
 
     def _batches(self):
         """Micro-batches from the current step on: a pure function of (seed, epoch, index) for exact resume."""
@@ -175,22 +210,18 @@ class Trainer:
         if self.learn_mask and not self.scores.done():
             self.scores.enable(self.step >= warm)
         run_loss = torch.zeros((), device=self.device)
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress, desc=f"abp {self.metric_label()}",
-                   dynamic_ncols=True)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.progress and self.dist.is_main),
+                   desc=f"abp {self.metric_label()}", dynamic_ncols=True)
         t0 = time.time()
         ckpt_every = cfg.checkpoint_every or cfg.eval_every
         while self.step < cfg.max_steps:
+            self.dist.seed_step(cfg.seed, self.step)  # distributed: per-rank dropout stream of this step
             if self.learn_mask and self.step == warm and not self.scores.frozen:  # head warmed up: pruning starts
                 self.scores.enable(True)
                 if cfg.score_lr is None:
                     self._calibrate()
-            for _ in range(cfg.grad_accum):
-                batch = self._to_device(next(batches))
-                labels = batch.pop("labels")
-                with self._autocast():
-                    loss = self._loss(self.model(**batch), labels) / cfg.grad_accum
-                loss.backward()
-                run_loss += loss.detach()
+            for i in range(cfg.grad_accum):
+                run_loss += self._backward(next(batches), cfg.grad_accum, last=i == cfg.grad_accum - 1)
             if self.learn_mask and self.step >= warm:
                 self.scores.step()
             self.head_opt.step()
@@ -217,11 +248,8 @@ class Trainer:
         fused = [(m, m.fused_update) for m in self.scores.fused_modules]
         for m, _ in fused:
             m.fused_update = None
-        batch = self._to_device(next(self._batches()))
-        labels = batch.pop("labels")
-        with self._autocast():
-            self._loss(self.model(**batch), labels).backward()
-        lr = calibrate_score_lr(self.model, prune_steps=self.scores.prune_steps, ratio=self.cfg.score_lr_ratio)
+        self._backward(next(self._batches()))
+        lr = self.dist.calibrate_score_lr(self.model, prune_steps=self.scores.prune_steps, ratio=self.cfg.score_lr_ratio)
         self.model.zero_grad(set_to_none=True)
         for m, sgd in fused:
             m.fused_update = sgd
@@ -233,7 +261,7 @@ class Trainer:
 
     def _log_point(self, run_loss: torch.Tensor, bar) -> None:
         n = (self.step - 1) % self.cfg.log_every + 1
-        loss = float(run_loss) / n
+        loss = float(self.dist.average(run_loss)) / n  # distributed: the global batch's mean loss
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {self.step}: lower --score-lr/--head-lr")
         sp = self.scores.sparsity()
@@ -244,34 +272,42 @@ class Trainer:
 
     def _eval_point(self, bar) -> None:
         metrics = self.evaluate()
-        sp = abp.sparsity(self.model)
+        sp = self.dist.sparsity(self.model)
         pruned = sp >= self.cfg.target_sparsity or not self.learn_mask
         entry = {"step": self.step, "sparsity": sp, "reached_target": pruned, **metrics,
                  "loss": getattr(self, "_last_log", {}).get("loss")}
         self.history.append(entry)
         value = metrics[self.metric_name]
-        bar.write(f"step {self.step}: sparsity {sp:.4f} dev {self.metric_name} {value:.4f}")
+        if self.dist.is_main:
+            bar.write(f"step {self.step}: sparsity {sp:.4f} dev {self.metric_name} {value:.4f}")
         better = self.best["step"] is None or value > self.best["metric"]
         if pruned and (better or not self.cfg.keep_best):
             self.best = {"metric": value, "step": self.step, "sparsity": sp, "metrics": metrics}
             self._save_mask(self.out / "mask.safetensors")
-        write_text(self.out / "history.json", json.dumps(self.history, indent=1))
+        if self.dist.is_main:
+            write_text(self.out / "history.json", json.dumps(self.history, indent=1))
 
     def _save_mask(self, path: Path) -> None:
-        abp.save_mask(self.model.backbone, path, head=self.model.head, base_model=resolve_model(self.cfg.model)
-                      if self.cfg.model else "all-MiniLM-L6-v2 (embedded)", task=self.cfg.task,
-                      metadata={"head": self.cfg.head, "head_pool": self.head_pool, "num_labels": self.num_labels, "step": self.step,
-                                "config": self.cfg.to_dict()})
+        full = self.dist.full_model(self.model)  # FSDP: gathers the scores (all ranks take part)
+        if self.dist.is_main:  # distributed: one writer (atomic), the others wait at the barrier
+            abp.save_mask(full.backbone, path, head=self.model.head, base_model=resolve_model(self.cfg.model)
+                          if self.cfg.model else "all-MiniLM-L6-v2 (embedded)", task=self.cfg.task,
+                          metadata={"head": self.cfg.head, "head_pool": self.head_pool, "num_labels": self.num_labels,
+                                    "step": self.step, "config": self.cfg.to_dict()})
+        self.dist.barrier()
 
     def _finish(self, seconds: float) -> dict[str, Any]:
         mask_path = self.out / "mask.safetensors"
         reached = self.best["step"] is not None
         if not reached:
+            sp = self.dist.sparsity(self.model)
             log.warning("abp: the target sparsity %.3f was not reached in %d steps (at %.3f); saving the final mask",
-                        self.cfg.target_sparsity, self.cfg.max_steps, abp.sparsity(self.model))
+                        self.cfg.target_sparsity, self.cfg.max_steps, sp)
             self._save_mask(mask_path)
             self.best = {"metric": self.history[-1][self.metric_name], "step": self.step,
-                         "sparsity": abp.sparsity(self.model), "metrics": {k: v for k, v in self.history[-1].items()}}
+                         "sparsity": sp, "metrics": {k: v for k, v in self.history[-1].items()}}
+        if not self.dist.is_main:  # distributed: rank 0 read the mask file and wrote metrics.json
+            return self.dist.broadcast(None)
         final_mask = abp.read_mask_file(mask_path)
         result = {
             "task": self.cfg.task if self.task else "custom",
@@ -288,18 +324,23 @@ class Trainer:
             "device": str(self.device),
             "backends": abp.last_backend(),
             "fused_update": self.fused,
+            "score_update": self.score_update_path,
+            "distributed": self.dist.describe(),
             "score_lr": self.scores.lr,
             "mask_file": str(mask_path),
             "config": self.cfg.to_dict(),
         }
         write_text(self.out / "metrics.json", json.dumps(result, indent=1))
-        return result
+        return self.dist.broadcast(result)
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, path: Path) -> None:
         info = {"step": self.step, "config": self.cfg.to_dict(), "history": self.history, "best": self.best}
-        save_checkpoint(path, scores=dict(score_tensors(self.model)), head=self.model.head, head_opt=self.head_opt,
-                        score_state=self.scores.state_dict(), info=info)
+        full = self.dist.full_model(self.model)  # FSDP: gathers the scores (all ranks take part)
+        if self.dist.is_main:  # global state only: any world size can resume from it
+            save_checkpoint(path, scores=dict(score_tensors(full)), head=self.model.head, head_opt=self.head_opt,
+                            score_state=self.scores.state_dict(), info=info)
+        self.dist.barrier()
 
     def _restore(self, path: Path) -> None:
         ck = load_checkpoint(path)
@@ -313,7 +354,7 @@ class Trainer:
             for name, s in score_tensors(self.model):
                 if name not in ck["scores"]:
                     raise CheckpointError(f"checkpoint {path} lacks scores for {name}")
-                s.copy_(ck["scores"][name])
+                self.dist.copy_scores_(s, ck["scores"][name])  # FSDP: this rank's shard
         self.model.head.load_state_dict(ck["head"])
         self.head_opt.load_state_dict(ck["head_opt"])
         self.scores.load_state_dict(ck["score_state"])

@@ -1,0 +1,358 @@
+"""Every method of the reproduction as one call: ``run_method(method, exp, task, sparsity, seed, out)``.
+
+Learnt masks (Algorithm 1 through :class:`~abp.train.trainer.Trainer`):
+  ``abp``; ablations ``abp_norecovery`` (``recovery=False``), ``abp_reinit`` (every masked weight
+  multiplied elementwise by ``N(1, σ)`` before ABP, σ = ``reinit_sigma``, default 0.5; its weights are
+  *meant* to differ from the pre-trained ones) and ``abp_shuffled`` (an ABP mask permuted within each tensor,
+  head retrained with the mask fixed). All three record connection-recovery statistics.
+Fixed masks on the *original* pre-trained weights, head trained by the Trainer with ``learn_mask=False``:
+  ``random`` (exact per-tensor count), ``mp`` (Zhu & Gupta gradual magnitude pruning during fine-tuning,
+  cubic schedule, per tensor; the mask moves to the original weights), ``imp`` (iterative magnitude pruning
+  with rewinding to the pre-trained weights, a constant rate ≤ ``imp_rate`` of the remaining weights per
+  round, per tensor), ``wanda`` (training-free ``|W|·‖X‖₂`` per output row, X from ``wanda_batches`` train
+  batches; embeddings by magnitude), ``feature_extraction`` (all weights kept: frozen backbone + head).
+Weights trained: ``finetune`` (no mask), through the shared loop of :mod:`abp.experiments.finetune`.
+
+Each run writes ``OUT/result.json`` last (its presence means "done"); a run folder without it resumes:
+the Trainer from its checkpoint, finished phases (``phase1_masks.safetensors``, IMP rounds) are reused.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+import abp
+from abp._atomic import write_text
+from abp.experiments import masks as MK
+from abp.experiments.finetune import FineTuner, FinetuneOptions, load_task_data
+from abp.experiments.trainers import ExperimentTrainer, TrackedTrainer
+from abp.models import DEFAULT_MODEL, load_backbone
+from abp.patch import masked_modules
+from abp.train.config import ABPConfig
+from abp.train.tasks import get_task
+
+METHODS = ("abp", "random", "mp", "imp", "wanda", "feature_extraction", "finetune",
+           "abp_shuffled", "abp_reinit", "abp_norecovery")
+DENSE_METHODS = ("feature_extraction", "finetune")  # no sparsity level: reported with sparsity null
+LEARNT_METHODS = ("abp", "abp_reinit", "abp_norecovery")  # run Algorithm 1 (recovery statistics)
+# Methods whose final model must hold the pre-trained weights exactly (checked on every run).
+KEEPS_WEIGHTS = tuple(m for m in METHODS if m not in ("finetune", "abp_reinit"))
+RESULT = "result.json"
+
+
+@dataclass
+class ExperimentConfig:
+    """The budget and settings shared by every run of a grid (recorded in each result)."""
+
+    model: Optional[str] = None  # None = the embedded all-MiniLM-L6-v2
+    glue_dir: Optional[str] = None
+    max_steps: int = 200
+    batch_size: int = 16
+    max_length: int = 64
+    train_subsample: Optional[int] = None
+    head_lr: float = 3e-3
+    eval_every: Optional[int] = None  # None: one dev evaluation, at the end (no selection on dev)
+    device: str = "auto"
+    # the fine-tuning loop (finetune, mp, imp)
+    backbone_lr: float = 2e-5
+    weight_decay: float = 0.01
+    finetune_warmup: float = 0.1
+    # mp: Zhu & Gupta, s_t = s·(1 − (1 − (t − t0)/(t1 − t0))³), pruning every mp_every steps in [t0, t1]
+    mp_begin: float = 0.1  # t0 as a share of max_steps
+    mp_end: float = 0.7  # t1: the last 30 % fine-tune the sparse network
+    mp_every: Optional[int] = None  # None: 12 pruning events over [t0, t1]
+    # imp
+    imp_rate: float = 0.2  # at most this share of the remaining weights pruned per round
+    imp_round_steps: Optional[int] = None  # fine-tuning steps per round (None: max_steps)
+    # wanda
+    wanda_batches: int = 8
+    # ablations
+    reinit_sigma: float = 0.5
+    recovery_every: int = 1  # sample the masks every k score steps for the recovery statistics
+
+    _COMMON = ("model", "max_steps", "batch_size", "max_length", "train_subsample", "head_lr", "eval_every")
+    _FINETUNE = ("backbone_lr", "weight_decay", "finetune_warmup")
+    _PER_METHOD = {"finetune": _FINETUNE, "mp": _FINETUNE + ("mp_begin", "mp_end", "mp_every"),
+                   "imp": _FINETUNE + ("imp_rate", "imp_round_steps"), "wanda": ("wanda_batches",),
+                   "abp_reinit": ("reinit_sigma", "recovery_every"), "abp": ("recovery_every",),
+                   "abp_norecovery": ("recovery_every",)}
+
+    def budget(self, method: str) -> dict:
+        """The settings a run of ``method`` depends on (a finished run is reused only if they match)."""
+        return {k: getattr(self, k) for k in self._COMMON + self._PER_METHOD.get(method, ())}
+
+    def abp_config(self, task: str, sparsity: Optional[float], seed: int, **over) -> ABPConfig:
+        n = self.max_steps
+        cfg = ABPConfig(model=self.model, task=task, glue_dir=self.glue_dir, train_subsample=self.train_subsample,
+                        target_sparsity=sparsity or 0.0, head_lr=self.head_lr, batch_size=self.batch_size,
+                        max_length=self.max_length, max_steps=n, eval_every=self.eval_every or n,
+                        log_every=min(10, n), checkpoint_every=max(1, math.ceil(n / 4)), seed=seed,
+                        device=self.device, **over)
+        cfg.validate()
+        return cfg
+
+    def finetune_options(self) -> FinetuneOptions:
+        return FinetuneOptions(backbone_lr=self.backbone_lr, weight_decay=self.weight_decay,
+                               warmup_fraction=self.finetune_warmup)
+
+    def validate(self) -> None:
+        for name in ("max_steps", "batch_size", "wanda_batches", "recovery_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.imp_rate < 1:
+            raise ValueError(f"imp_rate must be in (0, 1), got {self.imp_rate}")
+        if not 0 <= self.mp_begin <= self.mp_end <= 1:
+            raise ValueError(f"need 0 <= mp_begin <= mp_end <= 1, got {self.mp_begin}, {self.mp_end}")
+        if self.reinit_sigma < 0:
+            raise ValueError(f"reinit_sigma must be >= 0, got {self.reinit_sigma}")
+
+
+def model_label(model: Optional[str]) -> str:
+    """Short model name for file names and tables (``all-MiniLM-L6-v2`` for the embedded default)."""
+    from abp.models import _ALIASES
+
+    if model in _ALIASES:
+        return DEFAULT_MODEL.split(" ")[0]
+    name = str(model).rstrip("/")
+    if os.path.isdir(name):  # a local folder: its name
+        name = os.path.basename(name)
+    return name.replace("/", "_").replace(" ", "_")
+
+
+# ------------------------------------------------------------------------------------------ weights check
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 over every pre-trained parameter (names and bytes; mask scores excluded)."""
+    h = hashlib.sha256()
+    for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+        if name.rsplit(".", 1)[-1] in ("scores", "bias_scores"):
+            continue
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def pretrained_digest(model: Optional[str], dtype: torch.dtype) -> str:
+    """Digest of the pre-trained backbone as loaded from disk in ``dtype`` (what runs must end with)."""
+    backbone, _ = load_backbone(model, dtype=dtype)
+    return weights_digest(backbone)
+
+
+def _weights_check(method: str, model: Optional[str], backbone: nn.Module) -> dict:
+    dtype = next(backbone.parameters()).dtype
+    ref, final = pretrained_digest(model, dtype), weights_digest(backbone)
+    return {"weights_untouched": ref == final, "weights_must_be_untouched": method in KEEPS_WEIGHTS,
+            "pretrained_digest": ref[:16], "final_digest": final[:16]}
+
+
+# ------------------------------------------------------------------------------------------ schedules
+
+
+def cubic_sparsity(step: int, final: float, begin: int, end: int) -> float:
+    """Zhu & Gupta (2017): ``s_t = s_f·(1 − (1 − (t − t0)/(t1 − t0))³)`` clamped to ``[t0, t1]``."""
+    if end <= begin:
+        return final if step >= end else 0.0
+    frac = min(1.0, max(0.0, (step - begin) / (end - begin)))
+    return final * (1.0 - (1.0 - frac) ** 3)
+
+
+def mp_schedule(max_steps: int, exp: ExperimentConfig) -> tuple[int, int, int]:
+    """``(t0, t1, Δt)`` in steps for gradual magnitude pruning."""
+    t1 = min(max_steps, max(1, round(exp.mp_end * max_steps)))
+    t0 = min(round(exp.mp_begin * max_steps), t1)
+    every = exp.mp_every or max(1, (t1 - t0) // 12)
+    return t0, t1, every
+
+
+def imp_rounds(sparsity: float, max_rate: float) -> tuple[int, float]:
+    """``(rounds, rate)``: the fewest rounds reaching ``sparsity`` pruning at most ``max_rate`` of the
+    remaining weights per round, and the constant rate that lands on it exactly."""
+    if sparsity <= 0:
+        return 0, 0.0
+    rounds = max(1, math.ceil(math.log(1 - sparsity) / math.log(1 - max_rate) - 1e-9))
+    return rounds, 1 - (1 - sparsity) ** (1 / rounds)
+
+
+# ------------------------------------------------------------------------------------------ the phases
+
+
+def _resume(out: Path) -> bool:
+    return (out / "checkpoint.safetensors").is_file()
+
+
+def _head_only(cfg: ABPConfig, out: Path, mask_init: Optional[Callable[[nn.Module], None]], progress: bool):
+    """Phase 2 of fixed-mask methods: the Trainer with the mask set by ``mask_init`` and only the head learnt."""
+    t = ExperimentTrainer(cfg, out, progress=progress, mask_init=mask_init, learn_mask=False)
+    return t.run(resume=_resume(out)), t.model.backbone
+
+
+def _learnt(exp: ExperimentConfig, cfg: ABPConfig, out: Path, progress: bool,
+            mask_init: Optional[Callable[[nn.Module], None]] = None):
+    t = TrackedTrainer(cfg, out, progress=progress, mask_init=mask_init, recovery_every=exp.recovery_every)
+    res = t.run(resume=_resume(out))
+    return res, t.model.backbone, t.recovery_stats(res["mask_file"])
+
+
+def _phase1(path: Path, make: Callable[[], tuple[dict, dict]]) -> tuple[dict, dict]:
+    """Masks of a finished phase 1 from ``path``, else ``make()`` them and save them there."""
+    if path.is_file():
+        return MK.load_masks(path)
+    masks, meta = make()
+    MK.save_masks(path, masks, meta)
+    return masks, meta
+
+
+def _mp_masks(exp: ExperimentConfig, cfg: ABPConfig, sparsity: float, progress: bool):
+    t_start = time.time()
+    ft = FineTuner(cfg, exp.finetune_options())
+    t0, t1, every = mp_schedule(cfg.max_steps, exp)
+    ft.set_masks({k: torch.ones(w.shape, dtype=torch.bool) for k, w in ft.weights.items()})
+    events = []
+
+    def prune(step: int) -> None:
+        if t0 <= step <= t1 and ((step - t0) % every == 0 or step == t1):
+            s = cubic_sparsity(step, sparsity, t0, t1)
+            ft.set_masks(MK.magnitude_masks(ft.weights, s, previous=ft.masks))
+            events.append([step, round(s, 6)])
+
+    losses = ft.train(cfg.max_steps, on_step=prune, progress=progress, desc="mp fine-tune")
+    metrics = ft.evaluate()  # the fine-tuned sparse network itself (its weights are then thrown away)
+    return ft.masks, {"finetuned_metrics": metrics, "schedule": {"t0": t0, "t1": t1, "every": every, "events": events},
+                      "final_loss": losses[-1], "seconds": round(time.time() - t_start, 1)}
+
+
+def _imp_masks(exp: ExperimentConfig, cfg: ABPConfig, sparsity: float, out: Path, progress: bool):
+    t_start = time.time()
+    rounds, rate = imp_rounds(sparsity, exp.imp_rate)
+    steps = exp.imp_round_steps or cfg.max_steps
+    data = load_task_data(cfg)
+    masks = None
+    for r in range(rounds):
+        path = out / f"imp_round{r + 1}.safetensors"
+        if path.is_file():
+            masks, _ = MK.load_masks(path)
+            continue
+        ft = FineTuner(cfg, exp.finetune_options(), masks=masks, data=data)  # rewound to the pre-trained weights
+        ft.train(steps, progress=progress, desc=f"imp round {r + 1}/{rounds}")
+        target = sparsity if r == rounds - 1 else 1 - (1 - rate) ** (r + 1)
+        masks = {k: v.cpu() for k, v in MK.magnitude_masks(ft.weights, target, previous=ft.masks).items()}
+        MK.save_masks(path, masks, {"round": r + 1, "sparsity": target})
+        del ft
+    return masks, {"rounds": rounds, "rate": rate, "round_steps": steps, "seconds": round(time.time() - t_start, 1)}
+
+
+def _wanda_masks(exp: ExperimentConfig, cfg: ABPConfig, sparsity: float):
+    t_start = time.time()
+    ft = FineTuner(cfg, exp.finetune_options())
+    norms = ft.input_norms(exp.wanda_batches)
+    masks = MK.wanda_masks(ft.weights, norms, sparsity)
+    return masks, {"calibration_batches": exp.wanda_batches, "activation_weighted": sorted(norms),
+                   "seconds": round(time.time() - t_start, 1)}
+
+
+def reinit_weights_(sigma: float, seed: int) -> Callable[[nn.Module], None]:
+    """``mask_init`` for ``abp_reinit``: every masked weight ``w ← w·N(1, σ)`` elementwise (deterministic in
+    ``seed``, so a resumed run perturbs identically)."""
+    def init(backbone: nn.Module) -> None:
+        g = torch.Generator().manual_seed(10_007 + seed)
+        with torch.no_grad():
+            for _, m in masked_modules(backbone):
+                noise = torch.randn(m.weight.shape, generator=g, dtype=torch.float32)
+                m.weight.mul_((1 + sigma * noise).to(m.weight.device, m.weight.dtype))
+    return init
+
+
+# ------------------------------------------------------------------------------------------ entry point
+
+
+def run_method(method: str, exp: ExperimentConfig, task: str, sparsity: Optional[float], seed: int,
+               out: str | os.PathLike, *, abp_source: Optional[str | os.PathLike] = None,
+               progress: bool = False) -> dict:
+    """Run one method once and write ``out/result.json``; returns the result.
+
+    ``sparsity`` is ignored (None in the result) for :data:`DENSE_METHODS`. ``abp_source`` (``abp_shuffled``
+    only): a finished ``abp`` run folder of the same task, sparsity and seed whose mask is shuffled;
+    without it the ABP mask is learnt inside ``out/abp_source``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    exp.validate()
+    dense = method in DENSE_METHODS
+    if not dense and (sparsity is None or not 0 < sparsity < 1):
+        raise ValueError(f"method {method} needs a sparsity in (0, 1), got {sparsity}")
+    s = None if dense else float(sparsity)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    cfg = exp.abp_config(task, s, seed, **({"recovery": False} if method == "abp_norecovery" else {}))
+    recovery, phase1, res = None, {}, None
+    if method in ("abp", "abp_norecovery"):
+        res, backbone, recovery = _learnt(exp, cfg, out, progress)
+    elif method == "abp_reinit":
+        res, backbone, recovery = _learnt(exp, cfg, out, progress, mask_init=reinit_weights_(exp.reinit_sigma, seed))
+        phase1 = {"reinit_sigma": exp.reinit_sigma}
+    elif method == "random":
+        res, backbone = _head_only(cfg, out, lambda bb: MK.random_mask_(bb, s, seed=seed), progress)
+    elif method == "feature_extraction":
+        res, backbone = _head_only(cfg, out, None, progress)
+        if res["sparsity"] != 0:
+            raise RuntimeError(f"feature_extraction should keep every weight, its mask has sparsity {res['sparsity']}")
+    elif method in ("mp", "imp", "wanda"):
+        make = {"mp": lambda: _mp_masks(exp, cfg, s, progress), "imp": lambda: _imp_masks(exp, cfg, s, out, progress),
+                "wanda": lambda: _wanda_masks(exp, cfg, s)}[method]
+        masks, phase1 = _phase1(out / "phase1_masks.safetensors", make)
+        res, backbone = _head_only(cfg, out, lambda bb: MK.apply_masks_(bb, masks), progress)
+    elif method == "abp_shuffled":
+        src = Path(abp_source) if abp_source is not None else None
+        if src is None or not (src / RESULT).is_file():
+            src = out / "abp_source"
+            if not (src / "metrics.json").is_file():
+                ExperimentTrainer(cfg, src, progress=progress).run(resume=_resume(src))
+        src_mask = src / "mask.safetensors"
+        phase1 = {"source_mask": os.path.relpath(src_mask, out)}
+
+        def shuffled(bb: nn.Module) -> None:
+            abp.load_mask(bb, src_mask)
+            MK.shuffle_masks_(bb, seed=seed)
+        res, backbone = _head_only(cfg, out, shuffled, progress)
+    else:  # finetune
+        ft = FineTuner(cfg, exp.finetune_options())
+        ft.train(cfg.max_steps, progress=progress, desc="finetune")
+        metrics = ft.evaluate()
+        res = {"metric_name": ft.task.primary_metric, "dev_metrics": metrics, "sparsity": None, "mask_file": None}
+        backbone = ft.model.backbone
+    result = {
+        "task": task, "model": model_label(exp.model), "method": method, "sparsity": s, "seed": seed,
+        "metric_name": res["metric_name"], "metrics": {k: float(res["dev_metrics"][k]) for k in get_task(task).metric_keys()},
+        "sparsity_reached": res["sparsity"], "steps": exp.max_steps, "budget": exp.budget(method),
+        "seconds": round(time.time() - t_start, 1), "device": str(cfg.device if cfg.device != "auto" else
+                                                                   ("cuda" if torch.cuda.is_available() else "cpu")),
+        **_weights_check(method, exp.model, backbone),
+        "recovery": recovery, "phase1": phase1,
+        "mask_file": os.path.relpath(res["mask_file"], out) if res.get("mask_file") else None,
+    }
+    if result["weights_must_be_untouched"] and not result["weights_untouched"]:
+        raise RuntimeError(f"{method}: the final model's pre-trained weights differ from the pre-trained ones")
+    write_text(out / RESULT, json.dumps(result, indent=1))
+    for leftover in ("checkpoint.safetensors", "recovery.safetensors"):  # 91 MB each for MiniLM: not kept
+        (out / leftover).unlink(missing_ok=True)
+    return result
+
+
+def read_result(out: str | os.PathLike) -> Optional[dict]:
+    p = Path(out) / RESULT
+    return json.loads(p.read_text()) if p.is_file() else None
+
+

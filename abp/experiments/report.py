@@ -1,0 +1,279 @@
+"""The grid's report, rebuilt from the finished runs on disk: per-(task, model) JSON rows, mask analysis,
+Fig. 2 / Fig. 3 plots and a Markdown table (mean ± std over seeds). ``notes.md`` beside it (hand-written
+discussion) is appended to ``results.md`` as is."""
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+from collections import defaultdict
+from datetime import date
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from abp._atomic import write_text
+from abp.experiments.analysis import COMPONENTS, load_keep_masks, mask_overlap, sparsity_breakdown
+from abp.experiments.methods import DENSE_METHODS, LEARNT_METHODS, METHODS
+from abp.experiments.runner import collect_results, rows_of
+from abp.train.tasks import get_task
+
+
+def _stats(values: Sequence[float]) -> Optional[tuple[float, float, int]]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan")), len(values)
+
+
+def _fmt(values: Sequence[float], digits: int = 4) -> str:
+    st = _stats(values)
+    if st is None:
+        return "—"
+    m, s, n = st
+    return f"{m:.{digits}f} ± {s:.{digits}f} ({n})" if n > 1 else f"{m:.{digits}f} (1)"
+
+
+def _mask_path(r: dict) -> Optional[Path]:
+    if not r.get("mask_file"):
+        return None
+    p = Path(r["run_dir"]) / r["mask_file"]
+    return p if p.is_file() else None
+
+
+def _compact(b: dict) -> dict:
+    return {"overall": b["overall"]["sparsity"], "components": {c: v["sparsity"] for c, v in b["components"].items()},
+            "layers": {l: v["sparsity"] for l, v in b["layers"].items()}}
+
+
+def _order(method: str) -> int:
+    return METHODS.index(method) if method in METHODS else 99
+
+
+def analyze_group(results: Sequence[dict]) -> dict:
+    """Sparsity breakdown of every sparse run's mask, overlaps between methods (same sparsity and seed)
+    and between seeds (same method and sparsity)."""
+    sparse = [r for r in results if r["method"] not in DENSE_METHODS and _mask_path(r) is not None]
+    per_run, overlaps, seed_overlaps = {}, [], []
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    for r in sparse:
+        cells[(r["sparsity"], r["seed"])].append(r)
+    for (s, seed), rs in sorted(cells.items()):
+        rs = sorted(rs, key=lambda r: _order(r["method"]))
+        masks = {r["method"]: load_keep_masks(_mask_path(r)) for r in rs}
+        for r in rs:
+            per_run[Path(r["run_dir"]).name] = _compact(sparsity_breakdown(masks[r["method"]]))
+        for a, b in itertools.combinations([r["method"] for r in rs], 2):
+            overlaps.append({"a": a, "b": b, "sparsity": s, "seed": seed, **mask_overlap(masks[a], masks[b])})
+        del masks
+    by_method: dict[tuple, list[dict]] = defaultdict(list)
+    for r in sparse:
+        by_method[(r["method"], r["sparsity"])].append(r)
+    for (method, s), rs in sorted(by_method.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1])):
+        if method not in LEARNT_METHODS or len(rs) < 2:
+            continue
+        for ra, rb in itertools.combinations(sorted(rs, key=lambda r: r["seed"]), 2):
+            seed_overlaps.append({"method": method, "sparsity": s, "seeds": [ra["seed"], rb["seed"]],
+                                  **mask_overlap(_mask_path(ra), _mask_path(rb))})
+    profiles: dict[str, dict] = {}
+    for (method, s), rs in by_method.items():
+        got = [per_run[Path(r["run_dir"]).name] for r in rs]
+        profiles.setdefault(method, {})[f"{s:g}"] = {
+            "n": len(got),
+            "overall": statistics.fmean(g["overall"] for g in got),
+            "components": {c: statistics.fmean(g["components"][c] for g in got) for c in got[0]["components"]},
+            "layers": {l: statistics.fmean(g["layers"][l] for g in got) for l in got[0]["layers"]},
+        }
+    return {"per_run": per_run, "profiles": profiles, "overlaps": overlaps, "seed_overlaps": seed_overlaps}
+
+
+def cross_task_overlaps(groups: dict) -> list[dict]:
+    """ABP masks of different tasks (same model, sparsity, seed): how task-specific the learnt masks are."""
+    out = []
+    by_key: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for (task, model), rs in groups.items():
+        for r in rs:
+            if r["method"] == "abp" and _mask_path(r) is not None:
+                by_key[(model, r["sparsity"], r["seed"])][task] = r
+    for (model, s, seed), tasks in sorted(by_key.items()):
+        for ta, tb in itertools.combinations(sorted(tasks), 2):
+            out.append({"model": model, "method": "abp", "sparsity": s, "seed": seed, "tasks": [ta, tb],
+                        **mask_overlap(_mask_path(tasks[ta]), _mask_path(tasks[tb]))})
+    return out
+
+
+def _run_details(r: dict) -> dict:
+    keep = ("method", "sparsity", "seed", "metric_name", "metrics", "sparsity_reached", "seconds", "weights_untouched",
+            "weights_must_be_untouched", "recovery", "phase1", "device")
+    d = {k: r.get(k) for k in keep}
+    d["run"] = str(Path(r["run_dir"]).name)
+    return d
+
+
+def _budget_text(results: Sequence[dict]) -> str:
+    budgets = {}
+    for r in results:
+        for k, v in r["budget"].items():
+            budgets.setdefault(k, set()).add(json.dumps(v))
+    return ", ".join(f"{k}={'/'.join(sorted(v))}" for k, v in budgets.items())
+
+
+def write_report(output: str | Path, *, plots: bool = True) -> list[Path]:
+    """Rebuild every report file from the finished runs under ``output/runs``; returns the files written."""
+    output = Path(output)
+    groups = collect_results(output)
+    written: list[Path] = []
+    if not groups:
+        return written
+    analysis = {f"{t}-{m}": analyze_group(rs) for (t, m), rs in groups.items()}
+    analysis["cross_task"] = cross_task_overlaps(groups)
+    p = output / "analysis.json"
+    write_text(p, json.dumps(analysis, indent=1))
+    written.append(p)
+    for (task, model), rs in groups.items():
+        doc = {"task": task, "model": model, "budget": {k: sorted({json.dumps(r["budget"].get(k)) for r in rs})
+                                                        for k in sorted({k for r in rs for k in r["budget"]})},
+               "rows": rows_of(rs), "runs": [_run_details(r) for r in rs]}
+        p = output / f"{task}-{model}.json"
+        write_text(p, json.dumps(doc, indent=1))
+        written.append(p)
+        if plots:
+            from abp.experiments.plots import plot_metric_vs_sparsity, plot_sparsity_profile
+
+            metric = get_task(task).primary_metric
+            p = output / f"fig2-{task}-{model}.png"
+            plot_metric_vs_sparsity(doc["rows"], metric, p, title=f"{task} / {model}: dev {metric} vs sparsity\n"
+                                    f"(mean ± std over seeds; {rs[0]['steps']} steps)")
+            written.append(p)
+            prof = analysis[f"{task}-{model}"]["profiles"]
+            learnt = {f"{m} s={s}": v for m in LEARNT_METHODS for s, v in sorted(prof.get(m, {}).items())}
+            if learnt:
+                p = output / f"fig3-{task}-{model}.png"
+                plot_sparsity_profile(learnt, p, title=f"{task} / {model}: where the learnt masks prune "
+                                      "(mean over seeds)")
+                written.append(p)
+    p = output / "results.md"
+    write_text(p, render_markdown(output, groups, analysis))
+    written.append(p)
+    return written
+
+
+# ------------------------------------------------------------------------------------------ markdown
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def render_markdown(output: Path, groups: dict, analysis: dict) -> str:
+    everything = [r for rs in groups.values() for r in rs]
+    lines = ["# Adapting by Pruning (Gao et al. 2021): reproduction with abp", "",
+             f"Generated by `abp experiment` on {date.today().isoformat()} from the finished runs under `runs/` "
+             "(the tables are rebuilt on every call; the discussion at the end is `notes.md`, written by hand).", "",
+             f"- **Budget (every run)**: {_budget_text(everything)}; dev sets in full, evaluated once at the end of "
+             "each run (no selection on dev).",
+             f"- **Device**: {', '.join(sorted({r['device'] for r in everything}))}; seeds "
+             f"{', '.join(map(str, sorted({r['seed'] for r in everything})))}.",
+             "- **Cells**: mean ± sample std over seeds (n runs). `dense` = no mask (fine-tuning changes every weight; "
+             "feature extraction keeps every weight frozen). Sparsity = share of the masked weights (all linear layers "
+             "and embedding tables of the encoder, pooler excluded) that are pruned.",
+             "- **Weights**: every method except `finetune` and `abp_reinit` ends with the pre-trained weights exactly as "
+             "loaded (SHA-256 of all backbone parameters checked on every run: "
+             f"{sum(bool(r['weights_untouched']) for r in everything if r['weights_must_be_untouched'])}/"
+             f"{sum(bool(r['weights_must_be_untouched']) for r in everything)} runs pass).", ""]
+    for (task, model), rs in groups.items():
+        spec = get_task(task)
+        sparsities = sorted({r["sparsity"] for r in rs if r["sparsity"] is not None})
+        methods = sorted({r["method"] for r in rs}, key=_order)
+        for metric in spec.metric_keys():
+            lines += [f"## {task} / {model}: dev {metric}", ""]
+            body = []
+            for m in methods:
+                mine = [r for r in rs if r["method"] == m]
+                if m in DENSE_METHODS:
+                    body.append([m, _fmt([r["metrics"][metric] for r in mine])] + ["" for _ in sparsities])
+                else:
+                    body.append([m, ""] + [_fmt([r["metrics"][metric] for r in mine if r["sparsity"] == s])
+                                           for s in sparsities])
+            mp_ft = [r for r in rs if r["method"] == "mp" and (r.get("phase1") or {}).get("finetuned_metrics")]
+            if mp_ft:
+                body.append(["mp, its fine-tuned weights (not kept: reference only)", ""] + [
+                    _fmt([r["phase1"]["finetuned_metrics"][metric] for r in mp_ft if r["sparsity"] == s]) for s in sparsities])
+            lines += _table(["method", "dense"] + [f"s={s:g}" for s in sparsities], body) + [""]
+        lines += [f"### {task} / {model}: sparsity reached (mean over seeds)", ""]
+        body = []
+        for m in methods:
+            if m in DENSE_METHODS:
+                continue
+            body.append([m] + [_fmt([r["sparsity_reached"] for r in rs if r["method"] == m and r["sparsity"] == s])
+                               for s in sparsities])
+        lines += _table(["method"] + [f"s={s:g}" for s in sparsities], body) + [""]
+        rec = [r for r in rs if r.get("recovery")]
+        if rec:
+            lines += [f"### {task} / {model}: connection recovery", "",
+                      "Share of the finally kept weights that were pruned (θ ≤ 0) at some sampled step; masks sampled "
+                      "after every score step until the stop rule froze them (exact at step granularity). "
+                      "`ever pruned` = share of all masked weights pruned at some step.", ""]
+            body = []
+            for m in sorted({r["method"] for r in rec}, key=_order):
+                for s in sparsities:
+                    mine = [r["recovery"] for r in rec if r["method"] == m and r["sparsity"] == s]
+                    if mine:
+                        body.append([m, f"{s:g}", _fmt([x["share_recovered"] for x in mine]),
+                                     _fmt([x["ever_pruned_share"] for x in mine]),
+                                     "yes" if all(x["complete"] for x in mine) else "no (resumed without tracker state)"])
+            lines += _table(["method", "s", "kept weights that were pruned before", "ever pruned", "complete"], body) + [""]
+        prof = analysis[f"{task}-{model}"]["profiles"]
+        learnt = [(m, s) for m in LEARNT_METHODS for s in sorted(prof.get(m, {}))]
+        if learnt:
+            comps = [c for c in COMPONENTS if any(c in prof[m][s]["components"] for m, s in learnt)]
+            lines += [f"### {task} / {model}: where the learnt masks prune (sparsity per component, mean over seeds)", ""]
+            lines += _table(["method", "s"] + comps, [[m, s] + [f"{prof[m][s]['components'].get(c, float('nan')):.3f}"
+                                                                  for c in comps] for m, s in learnt]) + [""]
+            layers = list(prof[learnt[0][0]][learnt[0][1]]["layers"])
+            lines += [f"### {task} / {model}: sparsity per layer (mean over seeds)", ""]
+            lines += _table(["method", "s"] + layers, [[m, s] + [f"{prof[m][s]['layers'].get(l, float('nan')):.3f}"
+                                                                   for l in layers] for m, s in learnt]) + [""]
+        ov = analysis[f"{task}-{model}"]["overlaps"]
+        baselines = ("random", "mp", "imp", "wanda")
+        pairs = sorted({(o["a"], o["b"]) for o in ov if (o["a"] == "abp" and o["b"] != "abp_shuffled")
+                        or (o["a"] in baselines and o["b"] in baselines and "random" not in (o["a"], o["b"]))},
+                       key=lambda ab: (_order(ab[0]), _order(ab[1])))
+        if pairs:
+            lines += [f"### {task} / {model}: mask overlap (Jaccard of the pruned sets; chance level for independent "
+                      "random masks of the same sparsities in brackets)", ""]
+            body = []
+            for a, b in pairs:
+                row = [f"{a} vs {b}"]
+                for s in sparsities:
+                    mine = [o for o in ov if (o["a"], o["b"]) == (a, b) and o["sparsity"] == s]
+                    row.append(f"{_fmt([o['jaccard_pruned'] for o in mine], 3)} [{statistics.fmean(o['jaccard_random'] for o in mine):.3f}]"
+                               if mine else "—")
+                body.append(row)
+            for o_m in sorted({o["method"] for o in analysis[f"{task}-{model}"]["seed_overlaps"]}, key=_order):
+                row = [f"{o_m}, seed vs seed"]
+                for s in sparsities:
+                    mine = [o for o in analysis[f"{task}-{model}"]["seed_overlaps"] if o["method"] == o_m and o["sparsity"] == s]
+                    row.append(f"{_fmt([o['jaccard_pruned'] for o in mine], 3)} [{statistics.fmean(o['jaccard_random'] for o in mine):.3f}]"
+                               if mine else "—")
+                body.append(row)
+            lines += _table(["pair"] + [f"s={s:g}" for s in sparsities], body) + [""]
+        lines += [f"### {task} / {model}: wall-clock per run (seconds, mean over seeds and sparsities)", ""]
+        lines += _table(["method", "seconds", "runs"], [[m, f"{statistics.fmean(r['seconds'] for r in rs if r['method'] == m):.0f}",
+                                                         str(sum(r["method"] == m for r in rs))] for m in methods]) + [""]
+        lines += [f"Figures: `fig2-{task}-{model}.png` (metric vs sparsity), `fig3-{task}-{model}.png` (learnt-mask sparsity "
+                  "profile). Rows: `" + f"{task}-{model}.json`.", ""]
+    ct = analysis.get("cross_task", [])
+    if ct:
+        lines += ["## ABP masks across tasks (Jaccard of the pruned sets, same sparsity and seed)", ""]
+        body = []
+        for (ta, tb), s in sorted({(tuple(o["tasks"]), o["sparsity"]) for o in ct}):
+            mine = [o for o in ct if tuple(o["tasks"]) == (ta, tb) and o["sparsity"] == s]
+            body.append([f"{ta} vs {tb}", f"{s:g}", _fmt([o["jaccard_pruned"] for o in mine], 3),
+                         f"{statistics.fmean(o['jaccard_random'] for o in mine):.3f}"])
+        lines += _table(["tasks", "s", "Jaccard", "chance"], body) + [""]
+    notes = output / "notes.md"
+    if notes.is_file():
+        lines += [notes.read_text().rstrip(), ""]
+    return "\n".join(lines)

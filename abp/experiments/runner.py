@@ -1,0 +1,161 @@
+"""The grid: tasks × methods × sparsities × seeds, one folder per run, finished runs skipped, then the report.
+
+Layout under ``output``::
+
+    runs/<task>-<model>/<method>-s<sparsity>-seed<seed>/   (dense methods: <method>-seed<seed>)
+        budget.json      written when the run starts: a later grid with another budget refuses to mix in
+        result.json      written last: its presence means "done" (the run is skipped next time)
+        mask.safetensors the final mask + head (abp eval/info read it); checkpoints are deleted when done
+    <task>-<model>.json  rows {task, model, method, sparsity, seed, metric, value} + per-run details
+    analysis.json        sparsity by layer/component of every mask, overlaps between masks
+    fig2-<task>-<model>.png, fig3-<task>-<model>.png, results.md
+
+Order: seed-major (all methods of seed 0, then seed 1 …), so a grid stopped early still has every method
+for the seeds it finished; within a seed ``abp`` runs before ``abp_shuffled`` (which shuffles its mask).
+A run interrupted mid-way resumes from its checkpoint (Trainer ``resume``) or finished phase files.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from abp._atomic import write_text
+from abp.experiments.methods import DENSE_METHODS, METHODS, RESULT, ExperimentConfig, model_label, read_result, run_method
+from abp.train.tasks import get_task
+
+log = logging.getLogger("abp")
+
+
+class BudgetMismatchError(ValueError):
+    """A run folder holds a run made with other settings than the grid's."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    task: str
+    method: str
+    sparsity: Optional[float]
+    seed: int
+
+    @property
+    def name(self) -> str:
+        if self.sparsity is None:
+            return f"{self.method}-seed{self.seed}"
+        return f"{self.method}-s{self.sparsity:g}-seed{self.seed}"
+
+
+def plan(tasks: Sequence[str], methods: Sequence[str], sparsities: Sequence[float], seeds: Sequence[int]) -> list[RunSpec]:
+    """The runs of a grid, seed-major; methods in :data:`METHODS` order (abp before abp_shuffled)."""
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    bad_s = [s for s in sparsities if not 0 < s < 1]
+    if bad_s:
+        raise ValueError(f"sparsities must be in (0, 1), got {bad_s}")
+    if any(m not in DENSE_METHODS for m in methods) and not sparsities:
+        raise ValueError("sparse methods need at least one --sparsities value")
+    tasks = [get_task(t).name for t in tasks]
+    runs = []
+    for seed in seeds:
+        for task in tasks:
+            for method in (m for m in METHODS if m in methods):
+                for s in ([None] if method in DENSE_METHODS else sparsities):
+                    runs.append(RunSpec(task, method, None if s is None else float(s), int(seed)))
+    return runs
+
+
+def run_dir(output: str | os.PathLike, exp: ExperimentConfig, spec: RunSpec) -> Path:
+    return Path(output) / "runs" / f"{spec.task}-{model_label(exp.model)}" / spec.name
+
+
+def _check_budget(d: Path, spec: RunSpec, exp: ExperimentConfig) -> None:
+    want = json.loads(json.dumps(exp.budget(spec.method)))
+    for name in (RESULT, "budget.json"):
+        p = d / name
+        if p.is_file():
+            have = json.loads(p.read_text())
+            have = have.get("budget", have)
+            if have != want:
+                diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+                raise BudgetMismatchError(
+                    f"{d} holds a run with other settings ({', '.join(f'{k}: {have.get(k)!r} there, {want.get(k)!r} now' for k in diff)}); "
+                    f"use another --output or delete that folder")
+
+
+def run_grid(exp: ExperimentConfig, tasks: Sequence[str], methods: Sequence[str], sparsities: Sequence[float],
+             seeds: Sequence[int], output: str | os.PathLike, *, time_limit: Optional[float] = None,
+             progress: bool = True, run_progress: bool = False, report: bool = True, plots: bool = True) -> dict:
+    """Run every missing run of the grid (skipping finished ones), then write the report.
+
+    ``time_limit`` (seconds): no new run starts after it (the one in flight finishes); the rest is listed
+    as ``left`` and a later call picks it up. Returns ``{"ran", "skipped", "left", "seconds"}``.
+    """
+    from tqdm.auto import tqdm
+
+    exp.validate()
+    runs = plan(tasks, methods, sparsities, seeds)
+    output = Path(output)
+    for spec in runs:  # refuse a mixed budget before spending any time
+        _check_budget(run_dir(output, exp, spec), spec, exp)
+    t0 = time.time()
+    ran, skipped, left = [], [], []
+    bar = tqdm(runs, desc="abp experiment", disable=not progress, dynamic_ncols=True)
+    for spec in bar:
+        d = run_dir(output, exp, spec)
+        if read_result(d) is not None:
+            skipped.append(f"{spec.task}/{spec.name}")
+            continue
+        if time_limit is not None and time.time() - t0 > time_limit:
+            left.append(f"{spec.task}/{spec.name}")
+            continue
+        bar.set_postfix_str(f"{spec.task} {spec.name}")
+        d.mkdir(parents=True, exist_ok=True)
+        write_text(d / "budget.json", json.dumps(exp.budget(spec.method), indent=1))
+        source = None
+        if spec.method == "abp_shuffled":  # reuse the grid's own ABP run when it was made with this budget
+            src = run_dir(output, exp, RunSpec(spec.task, "abp", spec.sparsity, spec.seed))
+            done = read_result(src)
+            source = src if done is not None and done["budget"] == json.loads(json.dumps(exp.budget("abp"))) else None
+        r = run_method(spec.method, exp, spec.task, spec.sparsity, spec.seed, d, abp_source=source, progress=run_progress)
+        ran.append(f"{spec.task}/{spec.name}")
+        msg = (f"{spec.task} {spec.name}: {r['metric_name']} {r['metrics'][r['metric_name']]:.4f}"
+               + (f", sparsity {r['sparsity_reached']:.4f}" if r["sparsity_reached"] is not None else "")
+               + f", {r['seconds']:.0f} s")
+        if progress:
+            bar.write(msg)
+        else:
+            log.info(msg)
+    bar.close()
+    summary = {"ran": ran, "skipped": skipped, "left": left, "seconds": round(time.time() - t0, 1)}
+    if report:
+        from abp.experiments.report import write_report
+
+        summary["report"] = [str(p) for p in write_report(output, plots=plots)]
+    return summary
+
+
+def collect_results(output: str | os.PathLike) -> dict[tuple[str, str], list[dict]]:
+    """Every finished run under ``output/runs``, grouped by ``(task, model)``, in a stable order."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    root = Path(output) / "runs"
+    if not root.is_dir():
+        return groups
+    for p in sorted(root.glob(f"*/*/{RESULT}")):
+        r = json.loads(p.read_text())
+        r["run_dir"] = str(p.parent)
+        groups.setdefault((r["task"], r["model"]), []).append(r)
+    for rs in groups.values():
+        rs.sort(key=lambda r: (METHODS.index(r["method"]) if r["method"] in METHODS else 99,
+                               -1 if r["sparsity"] is None else r["sparsity"], r["seed"]))
+    return groups
+
+
+def rows_of(results: Sequence[dict]) -> list[dict]:
+    """Flat rows ``{task, model, method, sparsity, seed, metric, value}``, one per dev metric of each run."""
+    return [{"task": r["task"], "model": r["model"], "method": r["method"], "sparsity": r["sparsity"],
+             "seed": r["seed"], "metric": k, "value": v} for r in results for k, v in r["metrics"].items()]

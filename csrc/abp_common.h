@@ -1,0 +1,169 @@
+// Shared by the CPU (abp_ops.cpp) and CUDA (*.cu) implementations of the abp_C ops:
+// argument checks (one definition, so both devices reject the same inputs with the same message)
+// and the element-wise formulas that must agree bit for bit with abp/reference.py.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace abp {
+
+// Bytes of a packed mask of `numel` elements (1 bit each, zero-padded to a whole byte).
+inline int64_t packed_bytes(int64_t numel) { return (numel + 7) / 8; }
+
+// One SGD step of a score, exactly as reference.score_update_ computes it in fp32:
+//   step = lr·g (rounded), + γ (rounded); new = θ − active·step (each product rounded);
+//   without recovery a score that was ≤ 0 stays ≤ 0 (NaN stays NaN, like torch.clamp).
+// The CUDA side uses the _rn intrinsics so that nvcc cannot fuse the products into FMAs
+// (which would round once instead of twice and differ from torch in the last bit); the
+// host side is compiled with -ffp-contract=off for the same reason (see setup.py).
+C10_HOST_DEVICE inline float score_step(float s, float g, float lr, float gamma, float active, bool recovery) {
+#ifdef __CUDA_ARCH__
+  const float step = __fadd_rn(__fmul_rn(lr, g), gamma);
+  float nv = __fsub_rn(s, __fmul_rn(active, step));
+#else
+  const float step = lr * g + gamma;
+  float nv = s - active * step;
+#endif
+  if (!recovery && s <= 0.f && nv > 0.f) nv = 0.f;
+  return nv;
+}
+
+// Population count of the low 8 bits (portable; the CUDA kernels use __popc instead).
+inline int popcount8(uint32_t v) {
+  v &= 0xFFu;
+  v = v - ((v >> 1) & 0x55u);
+  v = (v & 0x33u) + ((v >> 2) & 0x33u);
+  return static_cast<int>((v + (v >> 4)) & 0x0Fu);
+}
+
+// Calls f(T{}) with T = float, at::Half or at::BFloat16 for the three dtypes the serving and update
+// kernels support (narrower than AT_DISPATCH_FLOATING_TYPES_AND2: no double instances to compile).
+template <typename F>
+void dispatch_serving_dtype(c10::ScalarType t, const char* op, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", t, " (float32, float16 or bfloat16)");
+  }
+}
+
+// ----------------------------------------------------------------------------- argument checks
+
+inline bool is_serving_dtype(c10::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_pack_mask(const at::Tensor& mask) {
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "abp_C::pack_mask: `mask` must be a bool tensor, got ",
+              mask.scalar_type());
+}
+
+inline void check_packed(const char* op, const at::Tensor& packed, int64_t numel) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte, op, ": `packed` must be uint8, got ", packed.scalar_type());
+  TORCH_CHECK(packed.numel() == packed_bytes(numel), op, ": `packed` must hold ceil(", numel, "/8) = ",
+              packed_bytes(numel), " bytes, got ", packed.numel());
+}
+
+inline void check_unpack_mask(const at::Tensor& packed, int64_t numel) {
+  TORCH_CHECK(numel >= 0, "abp_C::unpack_mask: `numel` must be >= 0, got ", numel);
+  check_packed("abp_C::unpack_mask", packed, numel);
+}
+
+inline void check_row_kept_counts(const at::Tensor& packed, int64_t rows, int64_t cols) {
+  TORCH_CHECK(rows >= 0 && cols >= 0, "abp_C::row_kept_counts: `rows` and `cols` must be >= 0, got ", rows, " and ",
+              cols);
+  check_packed("abp_C::row_kept_counts", packed, rows * cols);
+}
+
+inline void check_scores_kept_counts(const at::Tensor& scores) {
+  TORCH_CHECK(scores.dim() == 2, "abp_C::scores_kept_counts: `scores` must be 2-D, got shape ", scores.sizes());
+  TORCH_CHECK(at::isFloatingType(scores.scalar_type()),
+              "abp_C::scores_kept_counts: `scores` must be a floating tensor, got ", scores.scalar_type());
+}
+
+inline void check_multi_score_update(at::TensorList scores, at::TensorList grads, const at::Tensor& gamma,
+                                     const at::Tensor& active, const at::Tensor& counts) {
+  constexpr const char* op = "abp_C::multi_score_update_";
+  TORCH_CHECK(scores.size() == grads.size(), op, ": got ", scores.size(), " `scores` but ", grads.size(), " `grads`");
+  const c10::Device dev = counts.device();
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.dim() == 1 &&
+                  counts.numel() == static_cast<int64_t>(scores.size()) && counts.is_contiguous(),
+              op, ": `counts` must be a contiguous int64 tensor of shape [", scores.size(), "], got ",
+              counts.scalar_type(), " of shape ", counts.sizes());
+  auto check_scalar = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.dim() == 0 && t.scalar_type() == at::kFloat, op, ": `", name,
+                "` must be a 0-d float32 tensor, got ", t.scalar_type(), " of shape ", t.sizes());
+    TORCH_CHECK(t.device() == dev, op, ": `", name, "` is on ", t.device(), " but `counts` is on ", dev);
+  };
+  check_scalar(gamma, "gamma");
+  check_scalar(active, "active");
+  for (size_t i = 0; i < scores.size(); ++i) {
+    const at::Tensor& s = scores[i];
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(s.scalar_type() == at::kFloat, op, ": `scores[", i, "]` must be float32, got ", s.scalar_type());
+    TORCH_CHECK(s.is_contiguous(), op, ": `scores[", i, "]` must be contiguous (it is updated in place)");
+    TORCH_CHECK(s.device() == dev, op, ": `scores[", i, "]` is on ", s.device(), " but `counts` is on ", dev);
+    TORCH_CHECK(g.device() == dev, op, ": `grads[", i, "]` is on ", g.device(), " but `counts` is on ", dev);
+    TORCH_CHECK(g.sizes() == s.sizes(), op, ": `grads[", i, "]` has shape ", g.sizes(), " but `scores[", i,
+                "]` has shape ", s.sizes());
+    TORCH_CHECK(is_serving_dtype(g.scalar_type()), op, ": `grads[", i,
+                "]` must be float32, float16 or bfloat16, got ", g.scalar_type());
+    TORCH_CHECK(g.scalar_type() == grads[0].scalar_type(), op, ": all `grads` must share one dtype; grads[0] is ",
+                grads[0].scalar_type(), ", grads[", i, "] is ", g.scalar_type());
+  }
+}
+
+// Checks of bitmask_linear (task_ids == nullptr) and multi_bitmask_linear; returns the number of tasks.
+inline int64_t check_bitmask_linear(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                    const at::Tensor& packed, const at::Tensor* task_ids,
+                                    const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2, op, ": `x` must be 2-D [M, K], got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2, op, ": `weight` must be 2-D [N, K], got shape ", weight.sizes());
+  TORCH_CHECK(x.size(1) == weight.size(1), op, ": `x` is [", x.size(0), ", ", x.size(1), "] but `weight` is [",
+              weight.size(0), ", ", weight.size(1), "]: K differs");
+  TORCH_CHECK(is_serving_dtype(weight.scalar_type()), op, ": `weight` must be float32, float16 or bfloat16, got ",
+              weight.scalar_type());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), op, ": `x` is ", x.scalar_type(), " but `weight` is ",
+              weight.scalar_type());
+  TORCH_CHECK(x.device() == weight.device(), op, ": `x` is on ", x.device(), " but `weight` is on ", weight.device());
+  TORCH_CHECK(packed.device() == weight.device(), op, ": `packed` is on ", packed.device(), " but `weight` is on ",
+              weight.device());
+  TORCH_CHECK(packed.scalar_type() == at::kByte, op, ": `packed` must be uint8, got ", packed.scalar_type());
+  const int64_t nbytes = packed_bytes(weight.numel());
+  int64_t tasks = 1;
+  if (task_ids == nullptr) {
+    TORCH_CHECK(packed.dim() == 1 && packed.numel() == nbytes, op, ": `packed` must be 1-D with ceil(N*K/8) = ",
+                nbytes, " bytes, got shape ", packed.sizes());
+  } else {
+    TORCH_CHECK(packed.dim() == 2 && packed.size(1) == nbytes, op, ": `packed` must be [T, ceil(N*K/8) = ", nbytes,
+                "], got shape ", packed.sizes());
+    tasks = packed.size(0);
+    TORCH_CHECK(tasks > 0 || x.size(0) == 0, op, ": `packed` holds no task mask (T = 0)");
+    TORCH_CHECK(task_ids->scalar_type() == at::kLong, op, ": `task_ids` must be int64, got ",
+                task_ids->scalar_type());
+    TORCH_CHECK(task_ids->dim() == 1 && task_ids->size(0) == x.size(0), op, ": `task_ids` must be [M = ", x.size(0),
+                "], got shape ", task_ids->sizes());
+    TORCH_CHECK(task_ids->device() == x.device(), op, ": `task_ids` is on ", task_ids->device(), " but `x` is on ",
+                x.device());
+  }
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == weight.size(0), op, ": `bias` must be [N = ", weight.size(0),
+                "], got shape ", b.sizes());
+    TORCH_CHECK(b.scalar_type() == weight.scalar_type(), op, ": `bias` is ", b.scalar_type(), " but `weight` is ",
+                weight.scalar_type());
+    TORCH_CHECK(b.device() == weight.device(), op, ": `bias` is on ", b.device(), " but `weight` is on ",
+                weight.device());
+  }
+  return tasks;
+}
+
+}  // namespace abp

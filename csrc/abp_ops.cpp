@@ -1,0 +1,263 @@
+// abp._C: the schemas of the abp_C:: operators, their CPU implementations, and the Python module
+// that loading them needs. The CUDA implementations live in the *.cu files beside this one and
+// register themselves for the CUDA dispatch key; fake (meta) kernels are in abp/_ext.py.
+//
+// Conventions (weight [N, K], x [M, K], packed-mask bit order, the score step) are those of
+// abp/reference.py, the oracle every op here is tested against.
+
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "abp_common.h"
+
+#define ABP_STR2(x) #x
+#define ABP_STR(x) ABP_STR2(x)
+
+namespace abp {
+namespace {
+
+void check_cpu(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": `", name, "` must be on the CPU here, got ", t.device());
+}
+
+// ----------------------------------------------------------------------------- packed masks
+
+at::Tensor pack_mask_cpu(const at::Tensor& mask) {
+  check_pack_mask(mask);
+  const at::Tensor m = mask.contiguous();
+  const int64_t n = m.numel();
+  const int64_t nb = packed_bytes(n);
+  at::Tensor out = at::empty({nb}, m.options().dtype(at::kByte));
+  const bool* src = m.data_ptr<bool>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, nb, 1 << 14, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      uint32_t v = 0;
+      for (int j = 0; j < 8; ++j) {
+        const int64_t i = b * 8 + j;
+        if (i < n && src[i]) v |= 1u << j;
+      }
+      dst[b] = static_cast<uint8_t>(v);
+    }
+  });
+  return out;
+}
+
+at::Tensor unpack_mask_cpu(const at::Tensor& packed, int64_t numel) {
+  check_unpack_mask(packed, numel);
+  const at::Tensor p = packed.contiguous();
+  at::Tensor out = at::empty({numel}, p.options().dtype(at::kBool));
+  const uint8_t* src = p.data_ptr<uint8_t>();
+  bool* dst = out.data_ptr<bool>();
+  at::parallel_for(0, numel, 1 << 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) dst[i] = (src[i >> 3] >> (i & 7)) & 1;
+  });
+  return out;
+}
+
+// Set bits among bits [start, start + len) of a packed mask.
+int64_t count_bits_range(const uint8_t* p, int64_t start, int64_t len) {
+  if (len <= 0) return 0;
+  const int64_t last = start + len - 1;
+  const int64_t b0 = start >> 3, b1 = last >> 3;
+  const int lo = static_cast<int>(start & 7), hi = static_cast<int>(last & 7);
+  if (b0 == b1) return popcount8((p[b0] >> lo) & ((1u << (hi - lo + 1)) - 1u));
+  int64_t c = popcount8(p[b0] >> lo);
+  for (int64_t b = b0 + 1; b < b1; ++b) c += popcount8(p[b]);
+  return c + popcount8(p[b1] & ((1u << (hi + 1)) - 1u));
+}
+
+at::Tensor row_kept_counts_cpu(const at::Tensor& packed, int64_t rows, int64_t cols) {
+  check_row_kept_counts(packed, rows, cols);
+  const at::Tensor p = packed.contiguous();
+  at::Tensor out = at::empty({rows}, p.options().dtype(at::kLong));
+  const uint8_t* src = p.data_ptr<uint8_t>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) dst[r] = count_bits_range(src, r * cols, cols);
+  });
+  return out;
+}
+
+at::Tensor scores_kept_counts_cpu(const at::Tensor& scores) {
+  check_scores_kept_counts(scores);
+  const at::Tensor s = scores.contiguous();
+  const int64_t rows = s.size(0), cols = s.size(1);
+  at::Tensor out = at::empty({rows}, s.options().dtype(at::kLong));
+  int64_t* dst = out.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "scores_kept_counts_cpu", [&] {
+    const scalar_t* src = s.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        int64_t c = 0;
+        for (int64_t k = 0; k < cols; ++k) c += static_cast<float>(src[r * cols + k]) > 0.f;
+        dst[r] = c;
+      }
+    });
+  });
+  return out;
+}
+
+// ----------------------------------------------------------------------------- score update
+
+void multi_score_update_cpu(at::TensorList scores, at::TensorList grads, double lr, const at::Tensor& gamma,
+                            const at::Tensor& active, bool recovery, const at::Tensor& counts) {
+  check_multi_score_update(scores, grads, gamma, active, counts);
+  check_cpu("abp_C::multi_score_update_", counts, "counts");
+  const float lr_f = static_cast<float>(lr);  // torch multiplies an fp32 tensor by a Python float in fp32
+  const float gamma_f = gamma.item<float>();
+  const float active_f = active.item<float>();
+  int64_t* cnt = counts.data_ptr<int64_t>();
+  for (size_t i = 0; i < scores.size(); ++i) {
+    const at::Tensor g = grads[i].contiguous();
+    float* s = scores[i].data_ptr<float>();
+    const int64_t n = scores[i].numel();
+    std::atomic<int64_t> nonpos{0};
+    dispatch_serving_dtype(g.scalar_type(), "abp_C::multi_score_update_", [&](auto tag) {
+      using scalar_t = decltype(tag);
+      const scalar_t* gp = g.data_ptr<scalar_t>();
+      at::parallel_for(0, n, 1 << 15, [&](int64_t j0, int64_t j1) {
+        int64_t local = 0;
+        for (int64_t j = j0; j < j1; ++j) {
+          const float nv = score_step(s[j], static_cast<float>(gp[j]), lr_f, gamma_f, active_f, recovery);
+          s[j] = nv;
+          local += nv <= 0.f;
+        }
+        nonpos += local;
+      });
+    });
+    cnt[i] = nonpos.load();
+  }
+}
+
+// ----------------------------------------------------------------------------- 1-bit-mask serving
+
+// y = x·(W⊙M)ᵀ + b for one packed mask, fp32 accumulation, one rounding to the output dtype.
+// The CPU path favours simplicity and BLAS speed: W⊙M is built one block of rows at a time (about
+// 1 MiB of fp32, never the whole matrix) and multiplied with at::mm; the bandwidth-bound
+// one-bit-per-weight kernel is the CUDA one.
+at::Tensor masked_mm_cpu(const at::Tensor& xf, const at::Tensor& w, const uint8_t* bits,
+                         const std::optional<at::Tensor>& bias) {
+  const int64_t M = xf.size(0), K = xf.size(1), N = w.size(0);
+  at::Tensor yf = at::empty({M, N}, xf.options());
+  const int64_t block = std::max<int64_t>(16, (int64_t{1} << 18) / std::max<int64_t>(K, 1));
+  at::Tensor wblk = at::empty({std::min(block, N), K}, xf.options());
+  dispatch_serving_dtype(w.scalar_type(), "abp_C::bitmask_linear", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    for (int64_t n0 = 0; n0 < N; n0 += block) {
+      const int64_t nb = std::min(block, N - n0);
+      float* dst = wblk.data_ptr<float>();
+      at::parallel_for(0, nb, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t bit = (n0 + r) * K + k;
+            dst[r * K + k] = ((bits[bit >> 3] >> (bit & 7)) & 1) ? static_cast<float>(wp[bit]) : 0.f;
+          }
+        }
+      });
+      yf.narrow(1, n0, nb).copy_(at::mm(xf, wblk.narrow(0, 0, nb).t()));
+    }
+  });
+  if (bias.has_value()) yf.add_(bias->to(at::kFloat));
+  return yf;
+}
+
+// bitmask_linear (task_ids == nullptr) and multi_bitmask_linear: the rows of x that share a task
+// go through masked_mm_cpu together with that task's mask.
+at::Tensor bitmask_linear_cpu_impl(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                   const at::Tensor& packed, const at::Tensor* task_ids,
+                                   const std::optional<at::Tensor>& bias) {
+  const int64_t tasks = check_bitmask_linear(op, x, weight, packed, task_ids, bias);
+  check_cpu(op, x, "x");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor p = packed.contiguous();
+  const uint8_t* bits = p.data_ptr<uint8_t>();
+  if (task_ids == nullptr) return masked_mm_cpu(xf, w, bits, bias).to(x.scalar_type());
+
+  const at::Tensor t = task_ids->contiguous();
+  const int64_t* tp = t.data_ptr<int64_t>();
+  std::vector<std::vector<int64_t>> rows_of(static_cast<size_t>(tasks));
+  for (int64_t m = 0; m < M; ++m) {
+    TORCH_CHECK(tp[m] >= 0 && tp[m] < tasks, op, ": `task_ids[", m, "]` = ", tp[m], " is out of range [0, ", tasks,
+                ")");
+    rows_of[tp[m]].push_back(m);
+  }
+  at::Tensor yf = at::empty({M, N}, xf.options());
+  const int64_t task_stride = packed_bytes(N * K);
+  for (int64_t task = 0; task < tasks; ++task) {
+    if (rows_of[task].empty()) continue;
+    const at::Tensor idx = at::tensor(rows_of[task], t.options());
+    yf.index_copy_(0, idx, masked_mm_cpu(xf.index_select(0, idx), w, bits + task * task_stride, bias));
+  }
+  return yf.to(x.scalar_type());
+}
+
+at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed,
+                              const std::optional<at::Tensor>& bias) {
+  return bitmask_linear_cpu_impl("abp_C::bitmask_linear", x, weight, packed, nullptr, bias);
+}
+
+at::Tensor multi_bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed,
+                                    const at::Tensor& task_ids, const std::optional<at::Tensor>& bias) {
+  return bitmask_linear_cpu_impl("abp_C::multi_bitmask_linear", x, weight, packed, &task_ids, bias);
+}
+
+}  // namespace
+}  // namespace abp
+
+// One schema per op. The public abp:: ops (abp/_ops.py) call these as their cpp/cuda backend.
+TORCH_LIBRARY(abp_C, m) {
+  m.def("pack_mask(Tensor mask) -> Tensor");
+  m.def("unpack_mask(Tensor packed, int numel) -> Tensor");
+  m.def("row_kept_counts(Tensor packed, int rows, int cols) -> Tensor");
+  m.def("scores_kept_counts(Tensor scores) -> Tensor");
+  m.def(
+      "multi_score_update_(Tensor(a!)[] scores, Tensor[] grads, float lr, Tensor gamma, Tensor active, "
+      "bool recovery, Tensor(b!) counts) -> ()");
+  m.def("bitmask_linear(Tensor x, Tensor weight, Tensor packed, Tensor? bias) -> Tensor");
+  m.def("multi_bitmask_linear(Tensor x, Tensor weight, Tensor packed, Tensor task_ids, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(abp_C, CPU, m) {
+  m.impl("pack_mask", &abp::pack_mask_cpu);
+  m.impl("unpack_mask", &abp::unpack_mask_cpu);
+  m.impl("row_kept_counts", &abp::row_kept_counts_cpu);
+  m.impl("scores_kept_counts", &abp::scores_kept_counts_cpu);
+  m.impl("multi_score_update_", &abp::multi_score_update_cpu);
+  m.impl("bitmask_linear", &abp::bitmask_linear_cpu);
+  m.impl("multi_bitmask_linear", &abp::multi_bitmask_linear_cpu);
+}
+
+// The Python module itself holds no functions (the ops live in torch.ops.abp_C, registered above
+// when the library is loaded); it only tells abp/_ext.py what this build contains.
+// No pybind11: it keeps the compile short.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "abp compiled ops (torch.ops.abp_C)", -1, nullptr};
+  PyObject* mod = PyModule_Create(&def);
+  if (mod == nullptr) return nullptr;
+#ifdef ABP_WITH_CUDA
+  PyModule_AddIntConstant(mod, "WITH_CUDA", 1);
+  PyModule_AddStringConstant(mod, "CUDA_ARCHS", ABP_STR(ABP_CUDA_ARCHS));
+  PyModule_AddStringConstant(mod, "CUDA_VERSION", ABP_STR(ABP_CUDA_VERSION));
+#else
+  PyModule_AddIntConstant(mod, "WITH_CUDA", 0);
+  PyModule_AddStringConstant(mod, "CUDA_ARCHS", "");
+  PyModule_AddStringConstant(mod, "CUDA_VERSION", "");
+#endif
+  PyModule_AddStringConstant(mod, "TORCH_VERSION", ABP_STR(ABP_TORCH_VERSION));
+  return mod;
+}

@@ -1,0 +1,267 @@
+// CUDA implementations of the packed-mask utilities and of the multi-tensor score update.
+// Everything runs on the current stream and never synchronises with the host.
+
+// Narrow ATen includes (not ATen/ATen.h): the host pass of nvcc is a large part of the build time.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "abp_common.h"
+#include "cuda_utils.cuh"
+
+namespace abp {
+namespace {
+
+// ----------------------------------------------------------------------------- packed masks
+
+// One thread per output byte.
+__global__ void pack_mask_kernel(const bool* __restrict__ src, uint8_t* __restrict__ dst, int64_t n, int64_t nb) {
+  for (int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; b < nb; b += (int64_t)gridDim.x * blockDim.x) {
+    uint32_t v = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int64_t i = b * 8 + j;
+      if (i < n && src[i]) v |= 1u << j;
+    }
+    dst[b] = static_cast<uint8_t>(v);
+  }
+}
+
+// One thread per input byte, writing its (up to) 8 elements.
+__global__ void unpack_mask_kernel(const uint8_t* __restrict__ src, bool* __restrict__ dst, int64_t n, int64_t nb) {
+  for (int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; b < nb; b += (int64_t)gridDim.x * blockDim.x) {
+    const uint32_t v = src[b];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int64_t i = b * 8 + j;
+      if (i < n) dst[i] = (v >> j) & 1u;
+    }
+  }
+}
+
+// One warp per row: lanes stride the bytes that hold bits [r·cols, (r+1)·cols).
+__global__ void row_kept_counts_kernel(const uint8_t* __restrict__ p, int64_t* __restrict__ out, int64_t rows,
+                                       int64_t cols) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps = (int64_t)gridDim.x * (blockDim.x / kWarpSize);
+  for (int64_t r = blockIdx.x * (int64_t)(blockDim.x / kWarpSize) + threadIdx.x / kWarpSize; r < rows; r += warps) {
+    int64_t c = 0;
+    if (cols > 0) {
+      const int64_t start = r * cols, last = start + cols - 1;
+      const int64_t b0 = start >> 3, b1 = last >> 3;
+      for (int64_t b = b0 + lane; b <= b1; b += kWarpSize) {
+        const int lo = b == b0 ? static_cast<int>(start & 7) : 0;
+        const int hi = b == b1 ? static_cast<int>(last & 7) : 7;
+        c += __popc((static_cast<uint32_t>(p[b]) >> lo) & ((1u << (hi - lo + 1)) - 1u));
+      }
+    }
+    c = warp_sum(c);
+    if (lane == 0) out[r] = c;
+  }
+}
+
+template <typename scalar_t>
+__global__ void scores_kept_counts_kernel(const scalar_t* __restrict__ s, int64_t* __restrict__ out, int64_t rows,
+                                          int64_t cols) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps = (int64_t)gridDim.x * (blockDim.x / kWarpSize);
+  for (int64_t r = blockIdx.x * (int64_t)(blockDim.x / kWarpSize) + threadIdx.x / kWarpSize; r < rows; r += warps) {
+    int64_t c = 0;
+    for (int64_t k = lane; k < cols; k += kWarpSize) c += static_cast<float>(s[r * cols + k]) > 0.f;
+    c = warp_sum(c);
+    if (lane == 0) out[r] = c;
+  }
+}
+
+constexpr int kThreads = 256;
+
+int grid_for(int64_t work, int64_t per_block) {
+  const int64_t blocks = std::max<int64_t>(1, (work + per_block - 1) / per_block);
+  const int64_t cap = static_cast<int64_t>(sm_count()) * 32;
+  return static_cast<int>(std::min(blocks, cap));
+}
+
+at::Tensor pack_mask_cuda(const at::Tensor& mask) {
+  check_pack_mask(mask);
+  const c10::cuda::CUDAGuard guard(mask.device());
+  const at::Tensor m = mask.contiguous();
+  const int64_t n = m.numel(), nb = packed_bytes(n);
+  at::Tensor out = at::empty({nb}, m.options().dtype(at::kByte));
+  if (nb == 0) return out;
+  pack_mask_kernel<<<grid_for(nb, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      m.data_ptr<bool>(), out.data_ptr<uint8_t>(), n, nb);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor unpack_mask_cuda(const at::Tensor& packed, int64_t numel) {
+  check_unpack_mask(packed, numel);
+  const c10::cuda::CUDAGuard guard(packed.device());
+  const at::Tensor p = packed.contiguous();
+  const int64_t nb = p.numel();
+  at::Tensor out = at::empty({numel}, p.options().dtype(at::kBool));
+  if (nb == 0) return out;
+  unpack_mask_kernel<<<grid_for(nb, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      p.data_ptr<uint8_t>(), out.data_ptr<bool>(), numel, nb);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor row_kept_counts_cuda(const at::Tensor& packed, int64_t rows, int64_t cols) {
+  check_row_kept_counts(packed, rows, cols);
+  const c10::cuda::CUDAGuard guard(packed.device());
+  const at::Tensor p = packed.contiguous();
+  at::Tensor out = at::empty({rows}, p.options().dtype(at::kLong));
+  if (rows == 0) return out;
+  row_kept_counts_kernel<<<grid_for(rows, kThreads / kWarpSize), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      p.data_ptr<uint8_t>(), out.data_ptr<int64_t>(), rows, cols);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor scores_kept_counts_cuda(const at::Tensor& scores) {
+  check_scores_kept_counts(scores);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  const at::Tensor s = scores.contiguous();
+  const int64_t rows = s.size(0), cols = s.size(1);
+  at::Tensor out = at::empty({rows}, s.options().dtype(at::kLong));
+  if (rows == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "scores_kept_counts_cuda", [&] {
+    scores_kept_counts_kernel<scalar_t>
+        <<<grid_for(rows, kThreads / kWarpSize), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            s.data_ptr<scalar_t>(), out.data_ptr<int64_t>(), rows, cols);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// ----------------------------------------------------------------------------- multi-tensor score update
+
+// Multi-tensor apply: one launch covers every score tensor. The host writes a table of
+// {scores ptr, grads ptr, numel, first chunk} per tensor (plus the total chunk count) into pinned
+// memory and copies it to the device asynchronously; each block walks chunks c = blockIdx.x,
+// blockIdx.x + gridDim.x, ..., finds the tensor owning chunk c by binary search over the first-chunk
+// column (so the table stays O(#tensors) whatever the sizes), updates it, and adds its count of
+// θ ≤ 0 to counts[tensor] with one atomic. counts is zeroed on the stream first: no host sync.
+constexpr int64_t kChunk = 16384;  // elements per chunk: 64 KiB of fp32 scores, 16 vector steps of a block
+constexpr int kTableCols = 4;
+
+template <typename grad_t, bool VEC>
+__global__ void __launch_bounds__(kThreads) multi_score_update_kernel(
+    const int64_t* __restrict__ table, int ntensors, int64_t total_chunks, float lr, const float* __restrict__ gamma_p,
+    const float* __restrict__ active_p, bool recovery, int64_t* __restrict__ counts) {
+  __shared__ int64_t partial[kThreads / kWarpSize];
+  const float gamma = *gamma_p, active = *active_p;
+  const int64_t* starts = table + 3 * ntensors;  // first chunk of each tensor
+  for (int64_t c = blockIdx.x; c < total_chunks; c += gridDim.x) {
+    // Largest i with starts[i] <= c: empty tensors share their successor's start and are skipped.
+    int lo = 0, hi = ntensors - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (starts[mid] <= c) lo = mid; else hi = mid - 1;
+    }
+    const int i = lo;
+    float* s = reinterpret_cast<float*>(table[i]);
+    const grad_t* g = reinterpret_cast<const grad_t*>(table[ntensors + i]);
+    const int64_t numel = table[2 * ntensors + i];
+    const int64_t begin = (c - starts[i]) * kChunk;
+    const int64_t end = begin + kChunk < numel ? begin + kChunk : numel;
+    int64_t nonpos = 0;
+    int64_t j = begin + threadIdx.x;
+    if constexpr (VEC) {  // 4 scores (16 B) and 4 grads per thread and step; begin is a multiple of 4
+      const int64_t vend = begin + ((end - begin) & ~int64_t(3));
+      for (int64_t v = begin + 4 * threadIdx.x; v < vend; v += 4 * kThreads) {
+        float4 sv = *reinterpret_cast<const float4*>(s + v);
+        const Pack<grad_t, 4> gv = *reinterpret_cast<const Pack<grad_t, 4>*>(g + v);
+        sv.x = score_step(sv.x, static_cast<float>(gv.v[0]), lr, gamma, active, recovery);
+        sv.y = score_step(sv.y, static_cast<float>(gv.v[1]), lr, gamma, active, recovery);
+        sv.z = score_step(sv.z, static_cast<float>(gv.v[2]), lr, gamma, active, recovery);
+        sv.w = score_step(sv.w, static_cast<float>(gv.v[3]), lr, gamma, active, recovery);
+        *reinterpret_cast<float4*>(s + v) = sv;
+        nonpos += (sv.x <= 0.f) + (sv.y <= 0.f) + (sv.z <= 0.f) + (sv.w <= 0.f);
+      }
+      j = vend + threadIdx.x;
+    }
+    for (; j < end; j += kThreads) {
+      const float nv = score_step(s[j], static_cast<float>(g[j]), lr, gamma, active, recovery);
+      s[j] = nv;
+      nonpos += nv <= 0.f;
+    }
+    // Block reduction, then one atomic per chunk.
+    nonpos = warp_sum(nonpos);
+    if (threadIdx.x % kWarpSize == 0) partial[threadIdx.x / kWarpSize] = nonpos;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int64_t total = 0;
+#pragma unroll
+      for (int w = 0; w < kThreads / kWarpSize; ++w) total += partial[w];
+      atomicAdd(reinterpret_cast<unsigned long long*>(counts + i), static_cast<unsigned long long>(total));
+    }
+    __syncthreads();  // `partial` is reused by the next chunk
+  }
+}
+
+void multi_score_update_cuda(at::TensorList scores, at::TensorList grads, double lr, const at::Tensor& gamma,
+                             const at::Tensor& active, bool recovery, const at::Tensor& counts) {
+  check_multi_score_update(scores, grads, gamma, active, counts);
+  TORCH_CHECK(counts.is_cuda(), "abp_C::multi_score_update_: `counts` must be a CUDA tensor here, got ",
+              counts.device());
+  const c10::cuda::CUDAGuard guard(counts.device());
+  const int n = static_cast<int>(scores.size());
+  counts.zero_();
+  if (n == 0) return;
+
+  std::vector<at::Tensor> gs;  // contiguous grads, alive until the launch is queued (the allocator is stream-ordered)
+  gs.reserve(n);
+  at::Tensor table = at::empty({kTableCols * n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* t = table.data_ptr<int64_t>();
+  int64_t chunks = 0;
+  bool aligned = true;
+  const int64_t gsize = static_cast<int64_t>(c10::elementSize(grads[0].scalar_type()));
+  for (int i = 0; i < n; ++i) {
+    gs.push_back(grads[i].contiguous());
+    const int64_t numel = scores[i].numel();
+    t[i] = reinterpret_cast<int64_t>(scores[i].data_ptr<float>());
+    t[n + i] = reinterpret_cast<int64_t>(gs[i].data_ptr());
+    t[2 * n + i] = numel;
+    t[3 * n + i] = chunks;
+    chunks += (numel + kChunk - 1) / kChunk;
+    aligned = aligned && t[i] % 16 == 0 && t[n + i] % (4 * gsize) == 0;
+  }
+  if (chunks == 0) return;
+  const at::Tensor dtable = table.to(counts.device(), /*non_blocking=*/true);
+  const int blocks = static_cast<int>(
+      std::min<int64_t>(chunks, static_cast<int64_t>(sm_count()) * 8));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_serving_dtype(gs[0].scalar_type(), "abp_C::multi_score_update_", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    if (aligned) {
+      multi_score_update_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(
+          dtable.data_ptr<int64_t>(), n, chunks, static_cast<float>(lr), gamma.data_ptr<float>(),
+          active.data_ptr<float>(), recovery, counts.data_ptr<int64_t>());
+    } else {
+      multi_score_update_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(
+          dtable.data_ptr<int64_t>(), n, chunks, static_cast<float>(lr), gamma.data_ptr<float>(),
+          active.data_ptr<float>(), recovery, counts.data_ptr<int64_t>());
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace abp
+
+TORCH_LIBRARY_IMPL(abp_C, CUDA, m) {
+  m.impl("pack_mask", &abp::pack_mask_cuda);
+  m.impl("unpack_mask", &abp::unpack_mask_cuda);
+  m.impl("row_kept_counts", &abp::row_kept_counts_cuda);
+  m.impl("scores_kept_counts", &abp::scores_kept_counts_cuda);
+  m.impl("multi_score_update_", &abp::multi_score_update_cuda);
+}

@@ -1,0 +1,390 @@
+"""The compiled ops of abp._C (torch.ops.abp_C.*) against abp.reference, on CPU and (marked gpu) CUDA.
+
+Bit-exact ops (pack/unpack/counts, the score update) must equal the reference exactly; the serving
+matmuls are judged flash-attention style: their error against a float64 oracle must stay within
+twice torch's own error in the same dtype (plus a small floor).
+"""
+import pytest
+import torch
+
+from abp import _ext, reference
+
+if not _ext.available():
+    pytest.skip(f"abp._C is not built: {_ext.LOAD_ERROR}", allow_module_level=True)
+
+C = torch.ops.abp_C
+DENSITIES = (0.0, 0.5, 1.0)
+SERVING_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Floor of the allowed error: fp32, relative to max Σ|x||w| (accumulation); halves, relative to the
+# largest output (one rounding of the result).
+FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
+
+
+def random_mask(shape, density, gen, device="cpu"):
+    return torch.rand(shape, generator=gen).lt(density).to(device)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- packed masks
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (8,), (9,), (13, 37), (3, 5, 7), (2, 1025)])
+@pytest.mark.parametrize("density", DENSITIES)
+def test_pack_unpack_match_reference(shape, density):
+    m = random_mask(shape, density, gen(len(shape) + int(10 * density)))
+    packed = C.pack_mask(m)
+    assert packed.dtype == torch.uint8 and packed.shape == ((m.numel() + 7) // 8,)
+    assert torch.equal(packed, reference.pack_mask(m))
+    flat = C.unpack_mask(packed, m.numel())
+    assert flat.dtype == torch.bool and torch.equal(flat, reference.unpack_mask(packed, m.numel()))
+    assert torch.equal(flat, m.reshape(-1))
+
+
+def test_pack_noncontiguous_mask():
+    m = random_mask((9, 14), 0.5, gen(3)).t()
+    assert torch.equal(C.pack_mask(m), reference.pack_mask(m.contiguous()))
+
+
+@pytest.mark.parametrize("rows,cols", [(0, 5), (3, 0), (1, 1), (13, 37), (7, 8), (5, 1025), (4, 3)])
+@pytest.mark.parametrize("density", DENSITIES)
+def test_row_kept_counts(rows, cols, density):
+    m = random_mask((rows, cols), density, gen(rows * 31 + cols))
+    got = C.row_kept_counts(reference.pack_mask(m), rows, cols)
+    assert got.dtype == torch.int64 and torch.equal(got, m.sum(1))
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (1, 1), (13, 37), (5, 1025)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_scores_kept_counts(shape, dtype):
+    s = torch.randn(shape, generator=gen(5)).to(dtype)
+    if s.numel():
+        s.view(-1)[::3] = 0.0  # exact zeros are not kept
+    got = C.scores_kept_counts(s)
+    assert got.dtype == torch.int64 and torch.equal(got, (s > 0).sum(1))
+    assert torch.equal(C.scores_kept_counts(s.t().contiguous().t()), got)  # non-contiguous input
+
+
+def test_mask_op_errors():
+    with pytest.raises(RuntimeError, match="`mask` must be a bool"):
+        C.pack_mask(torch.ones(8))
+    with pytest.raises(RuntimeError, match=r"`packed` must hold ceil\(9/8\) = 2 bytes"):
+        C.unpack_mask(torch.zeros(1, dtype=torch.uint8), 9)
+    with pytest.raises(RuntimeError, match="`packed` must be uint8"):
+        C.unpack_mask(torch.zeros(2), 9)
+    with pytest.raises(RuntimeError, match="`rows` and `cols` must be >= 0"):
+        C.row_kept_counts(torch.zeros(1, dtype=torch.uint8), -1, 3)
+    with pytest.raises(RuntimeError, match="`scores` must be 2-D"):
+        C.scores_kept_counts(torch.zeros(3))
+
+
+# --------------------------------------------------------------------------- score update
+
+SCORE_SHAPES = [(13, 37), (0,), (5,), (1, 1), (3, 1025), (33, 7)]
+
+
+def make_update_args(grad_dtype, seed, device="cpu", shapes=SCORE_SHAPES):
+    g = gen(seed)
+    scores, grads = [], []
+    for shape in shapes:
+        s = torch.randn(shape, generator=g) * 0.01
+        if s.numel():
+            s.view(-1)[::5] = 0.0
+        scores.append(s.to(device))
+        grads.append((torch.randn(shape, generator=g) * 0.02).to(grad_dtype).to(device))
+    return scores, grads
+
+
+@pytest.mark.parametrize("recovery", [True, False])
+@pytest.mark.parametrize("active", [0.0, 1.0])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_multi_score_update_matches_reference(recovery, active, grad_dtype):
+    scores, grads = make_update_args(grad_dtype, seed=int(recovery) + 2 * int(active))
+    expect = [s.clone() for s in scores]
+    gamma, act = torch.tensor(3e-4), torch.tensor(active)
+    counts = torch.full((len(scores),), 12345, dtype=torch.int64)  # poisoned: must be overwritten
+    want_counts = torch.zeros_like(counts)
+    reference.multi_score_update_(expect, grads, 0.5, gamma, act, recovery, want_counts)
+    C.multi_score_update_(scores, grads, 0.5, gamma, act, recovery, counts)
+    for got, want in zip(scores, expect):
+        assert torch.equal(got, want)
+    assert torch.equal(counts, want_counts)
+    if active == 0.0:
+        assert torch.equal(counts, torch.tensor([int((s <= 0).sum()) for s in scores]))
+
+
+def test_multi_score_update_no_recovery_keeps_pruned():
+    s = torch.tensor([-0.1, 0.0, 0.2, -0.3])
+    g = torch.tensor([-10.0, -10.0, -10.0, 0.0])  # pushes every score up
+    counts = torch.zeros(1, dtype=torch.int64)
+    C.multi_score_update_([s], [g], 0.1, torch.tensor(0.0), torch.tensor(1.0), False, counts)
+    assert s.tolist() == pytest.approx([0.0, 0.0, 1.2, -0.3]) and s[0] <= 0 and s[1] <= 0
+    assert counts.tolist() == [3]
+
+
+def test_multi_score_update_errors():
+    s, g = [torch.zeros(4)], [torch.zeros(4)]
+    gamma, act, counts = torch.tensor(0.0), torch.tensor(1.0), torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match=r"`scores\[0\]` must be float32"):
+        C.multi_score_update_([torch.zeros(4, dtype=torch.float16)], g, 0.1, gamma, act, True, counts)
+    with pytest.raises(RuntimeError, match=r"`grads\[0\]` has shape \[5\]"):
+        C.multi_score_update_(s, [torch.zeros(5)], 0.1, gamma, act, True, counts)
+    with pytest.raises(RuntimeError, match="`gamma` must be a 0-d float32"):
+        C.multi_score_update_(s, g, 0.1, torch.tensor([0.0]), act, True, counts)
+    with pytest.raises(RuntimeError, match="`counts` must be a contiguous int64 tensor of shape"):
+        C.multi_score_update_(s, g, 0.1, gamma, act, True, torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="got 1 `scores` but 2 `grads`"):
+        C.multi_score_update_(s, g * 2, 0.1, gamma, act, True, counts)
+
+
+# --------------------------------------------------------------------------- 1-bit-mask serving
+
+def check_close(got, want64, torch_out, x, w, name):
+    """got vs the fp64 oracle: within 2× torch's own error in the same dtype, plus a dtype floor."""
+    assert got.dtype == torch_out.dtype and got.shape == want64.shape, name
+    if got.dtype == torch.float32:
+        scale = (x.double().abs() @ w.double().abs().t()).amax().clamp_min(1.0).item()
+    else:
+        scale = want64.abs().amax().clamp_min(1.0).item() if want64.numel() else 1.0
+    err = (got.double() - want64).abs().max().item() if got.numel() else 0.0
+    torch_err = (torch_out.double() - want64).abs().max().item() if got.numel() else 0.0
+    bound = 2 * torch_err + FLOOR[got.dtype] * scale
+    assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g} (torch's own error {torch_err:.3g})"
+
+
+def serving_case(M, N, K, dtype, density, seed, device="cpu", bias=True):
+    g = gen(seed)
+    x = torch.randn(M, K, generator=g).to(dtype).to(device)
+    w = torch.randn(N, K, generator=g).to(dtype).to(device)
+    mask = random_mask((N, K), density, g, device)
+    b = torch.randn(N, generator=g).to(dtype).to(device) if bias else None
+    return x, w, mask, b
+
+
+SERVING_SHAPES = [(1, 1, 1), (3, 11, 7), (17, 33, 37), (5, 9, 64), (2, 4, 0)]
+
+
+@pytest.mark.parametrize("M,N,K", SERVING_SHAPES)
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("dtype", SERVING_DTYPES)
+def test_bitmask_linear(M, N, K, density, dtype):
+    x, w, mask, b = serving_case(M, N, K, dtype, density, seed=M + N + K)
+    packed = reference.pack_mask(mask)
+    for bias in (b, None):
+        got = C.bitmask_linear(x, w, packed, bias)
+        want64 = reference.bitmask_linear(x.double(), w.double(), packed, None if bias is None else bias.double())
+        check_close(got, want64, reference.bitmask_linear(x, w, packed, bias), x, w, f"{dtype} bias={bias is not None}")
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 5, 7), (9, 13, 37), (6, 4, 64)])
+@pytest.mark.parametrize("dtype", SERVING_DTYPES)
+def test_multi_bitmask_linear(M, N, K, dtype):
+    x, w, _, b = serving_case(M, N, K, dtype, 0.5, seed=7 * M + K)
+    g = gen(M)
+    packed = torch.stack([reference.pack_mask(random_mask((N, K), d, g)) for d in (0.0, 0.5, 1.0, 0.3)])
+    task_ids = torch.randint(0, 3, (M,), generator=g)  # task 3 unused
+    got = C.multi_bitmask_linear(x, w, packed, task_ids, b)
+    want64 = reference.multi_bitmask_linear(x.double(), w.double(), packed, task_ids, b.double())
+    check_close(got, want64, reference.multi_bitmask_linear(x, w, packed, task_ids, b), x, w, str(dtype))
+    one = C.bitmask_linear(x, w, packed[int(task_ids[0])], b)[0]
+    assert torch.equal(got[0], one)  # the same kernel arithmetic whichever way the mask is given
+
+
+def test_bitmask_linear_noncontiguous_inputs():
+    x, w, mask, b = serving_case(6, 10, 12, torch.float32, 0.5, seed=11)
+    packed = reference.pack_mask(mask)
+    want = C.bitmask_linear(x, w, packed, b)
+    xt, wt = x.t().contiguous().t(), w.t().contiguous().t()
+    assert not xt.is_contiguous() and torch.equal(C.bitmask_linear(xt, wt, packed, b), want)
+
+
+def test_bitmask_linear_errors():
+    x, w, mask, b = serving_case(2, 3, 9, torch.float32, 0.5, seed=1)
+    packed = reference.pack_mask(mask)
+    with pytest.raises(RuntimeError, match="`x` is Double but `weight` is Float"):
+        C.bitmask_linear(x.double(), w, packed, b)
+    with pytest.raises(RuntimeError, match="`weight` must be float32, float16 or bfloat16"):
+        C.bitmask_linear(x.double(), w.double(), packed, None)
+    with pytest.raises(RuntimeError, match="K differs"):
+        C.bitmask_linear(x[:, :8], w, packed, b)
+    with pytest.raises(RuntimeError, match=r"`packed` must be 1-D with ceil\(N\*K/8\) = 4 bytes"):
+        C.bitmask_linear(x, w, packed[:3], b)
+    with pytest.raises(RuntimeError, match=r"`bias` must be \[N = 3\]"):
+        C.bitmask_linear(x, w, packed, b[:2])
+    multi = packed.unsqueeze(0)
+    with pytest.raises(RuntimeError, match=r"`task_ids\[1\]` = 1 is out of range \[0, 1\)"):
+        C.multi_bitmask_linear(x, w, multi, torch.tensor([0, 1]), b)
+    with pytest.raises(RuntimeError, match="`task_ids` must be int64"):
+        C.multi_bitmask_linear(x, w, multi, torch.tensor([0, 0], dtype=torch.int32), b)
+    with pytest.raises(RuntimeError, match=r"`packed` must be \[T, ceil\(N\*K/8\) = 4\]"):
+        C.multi_bitmask_linear(x, w, packed, torch.tensor([0, 0]), b)
+
+
+# --------------------------------------------------------------------------- opcheck (schemas, fakes, dispatch)
+
+def opcheck_cases(device):
+    x, w, mask, b = serving_case(3, 5, 16, torch.float32, 0.5, seed=2, device=device)
+    packed = reference.pack_mask(mask)
+    scores, grads = make_update_args(torch.float32, seed=3, device=device, shapes=[(4, 6), (9,)])
+    f32 = dict(device=device, dtype=torch.float32)
+    return [
+        (C.pack_mask.default, (mask,)),
+        (C.unpack_mask.default, (packed, mask.numel())),
+        (C.row_kept_counts.default, (packed, 5, 16)),
+        (C.scores_kept_counts.default, (torch.randn(4, 7, device=device),)),
+        (C.multi_score_update_.default, (scores, grads, 0.1, torch.tensor(1e-3, **f32), torch.tensor(1.0, **f32),
+                                         False, torch.zeros(2, dtype=torch.int64, device=device))),
+        (C.bitmask_linear.default, (x, w, packed, b)),
+        (C.bitmask_linear.default, (x, w, packed, None)),
+        (C.multi_bitmask_linear.default, (x, w, torch.stack([packed, packed.flip(0)]),
+                                          torch.tensor([1, 0, 1], device=device), b)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_opcheck_cpu(case):
+    op, args = opcheck_cases("cpu")[case]
+    torch.library.opcheck(op, args)
+
+
+def test_ext_reports_what_it_has():
+    assert _ext.has_op("bitmask_linear", torch.device("cpu")) == (True, "")
+    assert _ext.has_op("no_such_op", torch.device("cpu"))[0] is False
+    ok, why = _ext.has_op("pack_mask", torch.device("cuda"))
+    assert ok == _ext.has_cuda() and (ok or "CUDA" in why)
+    assert _ext.describe().startswith("abp._C: CPU ops")
+
+
+# --------------------------------------------------------------------------- CUDA (full sizes)
+
+LAYER_SHAPES = [(3072, 768), (768, 3072), (11008, 4096), (4096, 11008)]  # [N, K]: BERT-base and LLaMA MLPs
+
+
+def needs_cuda_ops():
+    if not _ext.has_cuda():
+        pytest.skip("abp._C was built without its CUDA ops")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,K", LAYER_SHAPES)
+@pytest.mark.parametrize("M", [1, 4, 16, 64])
+def test_cuda_bitmask_linear_full_size(N, K, M):
+    needs_cuda_ops()
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x, w, mask, b = serving_case(M, N, K, dtype, 0.5, seed=M, device="cuda")
+        packed = C.pack_mask(mask)
+        got = C.bitmask_linear(x, w, packed, b)
+        want64 = reference.bitmask_linear(x.double(), w.double(), packed, b.double())
+        check_close(got, want64, reference.bitmask_linear(x, w, packed, b), x, w, f"{dtype} M={M}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,K", [(768, 3072), (4096, 11008)])
+@pytest.mark.parametrize("M", [1, 4, 16, 64])
+def test_cuda_multi_bitmask_linear_full_size(N, K, M):
+    needs_cuda_ops()
+    x, w, _, b = serving_case(M, N, K, torch.bfloat16, 0.5, seed=M, device="cuda")
+    g = gen(M)
+    packed = torch.stack([C.pack_mask(random_mask((N, K), d, g, "cuda")) for d in (0.3, 0.5, 0.9)])
+    task_ids = torch.randint(0, 3, (M,), generator=g).cuda()
+    got = C.multi_bitmask_linear(x, w, packed, task_ids, b)
+    want64 = reference.multi_bitmask_linear(x.double(), w.double(), packed, task_ids, b.double())
+    check_close(got, want64, reference.multi_bitmask_linear(x, w, packed, task_ids, b), x, w, f"M={M}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K", [(1, 33, 37), (5, 17, 1001), (20, 9, 7), (70, 31, 64)])
+@pytest.mark.parametrize("dtype", SERVING_DTYPES)
+def test_cuda_bitmask_linear_odd_shapes(M, N, K, dtype):
+    """K not a multiple of the vector width, and a misaligned weight: the scalar path."""
+    needs_cuda_ops()
+    x, w, mask, b = serving_case(M, N, K, dtype, 0.5, seed=K, device="cuda")
+    packed = C.pack_mask(mask)
+    w_off = torch.empty(N * K + 1, dtype=dtype, device="cuda")[1:].view(N, K).copy_(w)  # data_ptr not 16-B aligned
+    for weight in (w, w_off):
+        got = C.bitmask_linear(x, weight, packed, b)
+        want64 = reference.bitmask_linear(x.double(), w.double(), packed, b.double())
+        check_close(got, want64, reference.bitmask_linear(x, w, packed, b), x, w, f"{dtype} {tuple(x.shape)}")
+    ids = torch.arange(M, device="cuda") % 2
+    two = torch.stack([packed, C.pack_mask(~mask)])
+    got = C.multi_bitmask_linear(x, w, two, ids, b)
+    want64 = reference.multi_bitmask_linear(x.double(), w.double(), two, ids, b.double())
+    check_close(got, want64, reference.multi_bitmask_linear(x, w, two, ids, b), x, w, f"multi {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("density", DENSITIES)
+def test_cuda_mask_ops(density):
+    needs_cuda_ops()
+    for shape in [(1,), (9,), (13, 37), (4096, 11008)]:
+        m = random_mask(shape, density, gen(1), "cuda")
+        packed = C.pack_mask(m)
+        assert torch.equal(packed, reference.pack_mask(m))
+        assert torch.equal(C.unpack_mask(packed, m.numel()), m.reshape(-1))
+        if len(shape) == 2:
+            assert torch.equal(C.row_kept_counts(packed, *shape), m.sum(1))
+            s = torch.randn(shape, device="cuda")
+            assert torch.equal(C.scores_kept_counts(s), (s > 0).sum(1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recovery", [True, False])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_cuda_multi_score_update(recovery, grad_dtype):
+    needs_cuda_ops()
+    shapes = SCORE_SHAPES + [(768, 3072), (4096, 11008), (3, 16385)]  # many chunks, odd tails
+    scores, grads = make_update_args(grad_dtype, seed=4, device="cuda", shapes=shapes)
+    for active in (1.0, 0.0):
+        expect = [s.clone() for s in scores]
+        gamma, act = torch.tensor(3e-4, device="cuda"), torch.tensor(active, device="cuda")
+        counts = torch.full((len(scores),), 777, dtype=torch.int64, device="cuda")
+        want = torch.zeros_like(counts)
+        reference.multi_score_update_(expect, grads, 0.5, gamma, act, recovery, want)
+        C.multi_score_update_(scores, grads, 0.5, gamma, act, recovery, counts)
+        for got, exp in zip(scores, expect):
+            assert torch.equal(got, exp)
+        assert torch.equal(counts, want)
+    # a misaligned score tensor (offset view): the scalar path of the kernel
+    buf = torch.randn(1001, device="cuda") * 0.01
+    s, s_ref = buf[1:], buf[1:].clone()
+    g = torch.randn(1000, device="cuda", dtype=grad_dtype)
+    counts, want = torch.zeros(1, dtype=torch.int64, device="cuda"), torch.zeros(1, dtype=torch.int64, device="cuda")
+    one, gam = torch.tensor(1.0, device="cuda"), torch.tensor(1e-3, device="cuda")
+    reference.multi_score_update_([s_ref], [g], 0.1, gam, one, recovery, want)
+    C.multi_score_update_([s], [g], 0.1, gam, one, recovery, counts)
+    assert torch.equal(s, s_ref) and torch.equal(counts, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", range(8))
+def test_opcheck_cuda(case):
+    needs_cuda_ops()
+    op, args = opcheck_cases("cuda")[case]
+    torch.library.opcheck(op, args)
+
+
+def test_missing_extension_is_a_message_not_an_error():
+    """Without abp._C, importing abp._ext warns with the reason and has_op says no (no exception)."""
+    import subprocess
+    import sys
+
+    code = """
+import importlib.abc, sys, warnings
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "abp._C":
+            raise ModuleNotFoundError("No module named 'abp._C'", name="abp._C")
+sys.meta_path.insert(0, Hide())
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch
+    from abp import _ext
+assert not _ext.available() and not _ext.has_cuda()
+ok, why = _ext.has_op("pack_mask", torch.device("cpu"))
+assert not ok and "not built" in why, why
+assert any(issubclass(w.category, _ext.ExtensionWarning) and "not built" in str(w.message) for w in caught)
+print("OK")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]

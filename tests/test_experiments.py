@@ -1,0 +1,422 @@
+"""The reproduction's methods, runner and analysis on a tiny random BERT and tiny GLUE-layout data (CPU, fast).
+
+Every method runs end to end and ends at its sparsity with the pre-trained weights as they were (where it
+must); the runner skips finished runs, refuses a mixed budget, resumes a killed run to the same result and
+writes well-formed JSON; mask surgery and the analysis are checked against hand-built masks and formulas.
+"""
+import json
+import math
+
+import pytest
+import torch
+import transformers as T
+
+import abp
+from abp.experiments import analysis as A
+from abp.experiments import masks as MK
+from abp.experiments import runner as R
+from abp.experiments.finetune import FineTuner, maskable_weights, trainer_mask_config
+from abp.experiments.methods import (DENSE_METHODS, KEEPS_WEIGHTS, LEARNT_METHODS, METHODS, ExperimentConfig,
+                                     cubic_sparsity, imp_rounds, model_label, weights_digest)
+from abp.experiments.recovery import RecoveryTracker
+from abp.train.score_optim import ScoreOptimizer
+
+S = 0.5
+SEED = 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is ~8x faster than two fighting for it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, minilm_path):
+    """A tiny random BERT with the embedded model's real tokenizer (fast to train on CPU)."""
+    d = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=48, max_position_embeddings=64)
+    T.BertModel(cfg).save_pretrained(d)
+    T.AutoTokenizer.from_pretrained(minilm_path).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def tiny_glue(tmp_path_factory):
+    """SST-2 and STS-B in the official GLUE layout (headers by name), made of a few words."""
+    d = tmp_path_factory.mktemp("glue")
+    g = torch.Generator().manual_seed(0)
+    words = ["good", "bad", "fine", "awful", "great", "poor", "movie", "plot", "the", "a"]
+
+    def sentence():
+        return " ".join(words[i] for i in torch.randint(0, len(words), (6,), generator=g).tolist())
+
+    def polarity(s):
+        return sum(w in ("good", "fine", "great") for w in s.split()) - sum(w in ("bad", "awful", "poor") for w in s.split())
+
+    (d / "SST-2").mkdir()
+    (d / "STS-B").mkdir()
+    for split, n in (("train", 96), ("dev", 40)):
+        rows = ["sentence\tlabel"] + [f"{s}\t{int(polarity(s) > 0)}" for s in (sentence() for _ in range(n))]
+        (d / "SST-2" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+        pairs = [(sentence(), sentence()) for _ in range(n)]
+        rows = ["sentence1\tsentence2\tscore"] + [f"{a}\t{b}\t{2.5 + 0.4 * (polarity(a) - polarity(b)):.2f}" for a, b in pairs]
+        (d / "STS-B" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return str(d)
+
+
+def _exp(model_dir, glue, **kw):
+    base = dict(model=model_dir, glue_dir=glue, max_steps=12, batch_size=8, max_length=16, head_lr=3e-3,
+                imp_round_steps=3, wanda_batches=2, device="cpu")
+    base.update(kw)
+    return ExperimentConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def grid(tiny_model_dir, tiny_glue, tmp_path_factory):
+    """Every method once on SST-2 (s = 0.5, seed 0), and a regression subset on STS-B."""
+    out = tmp_path_factory.mktemp("paper")
+    exp = _exp(tiny_model_dir, tiny_glue)
+    summary = R.run_grid(exp, ["sst2"], list(METHODS), [S], [SEED], out, progress=False)
+    summary_b = R.run_grid(exp, ["stsb"], ["abp", "mp", "wanda", "finetune"], [S], [SEED], out, progress=False)
+    results = {r["method"]: r for r in R.collect_results(out)[("sst2", model_label(tiny_model_dir))]}
+    return {"out": out, "exp": exp, "summary": summary, "summary_b": summary_b, "results": results}
+
+
+def _tiny_masked_backbone(model_dir, glue=None):
+    """Masked exactly as the Trainer masks it (pooler excluded)."""
+    backbone, _ = abp.models.load_backbone(model_dir)
+    return abp.mask_model(backbone, trainer_mask_config(_exp(model_dir, glue).abp_config("sst2", S, 0)))
+
+
+# ------------------------------------------------------------------------------------------ methods end to end
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_runs_and_ends_at_its_sparsity(grid, method):
+    r = grid["results"][method]
+    assert r["metric_name"] == "accuracy" and 0.0 <= r["metrics"]["accuracy"] <= 1.0
+    if method in DENSE_METHODS:
+        assert r["sparsity"] is None
+        assert r["sparsity_reached"] in (None, 0.0)
+        return
+    assert r["sparsity"] == S
+    masks = A.load_keep_masks(A.find_mask_file(R.run_dir(grid["out"], grid["exp"], R.RunSpec("sst2", method, S, SEED))))
+    total = sum(m.numel() for m in masks.values())
+    pruned = sum(int((~m).sum()) for m in masks.values())
+    assert r["sparsity_reached"] == pytest.approx(pruned / total, abs=1e-6)
+    if method in LEARNT_METHODS:  # the stop rule: at or just past the target, within one step's pruning
+        assert S <= r["sparsity_reached"] < S + 0.1
+    elif method == "abp_shuffled":  # exactly the ABP mask's count in every tensor
+        src = A.load_keep_masks(A.find_mask_file(R.run_dir(grid["out"], grid["exp"], R.RunSpec("sst2", "abp", S, SEED))))
+        for k, m in masks.items():
+            assert int(m.sum()) == int(src[k].sum()), k
+        assert any(not torch.equal(m, src[k]) for k, m in masks.items())
+    else:  # exact methods: every tensor holds round(s·n) pruned entries (±1/n in sparsity)
+        for k, m in masks.items():
+            assert abs(int((~m).sum()) - S * m.numel()) <= 0.5, k
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pretrained_weights_kept_where_they_must_be(grid, tiny_model_dir, method):
+    r = grid["results"][method]
+    assert r["weights_untouched"] == (method in KEEPS_WEIGHTS)
+    path = A.find_mask_file(R.run_dir(grid["out"], grid["exp"], R.RunSpec("sst2", method, None if method in DENSE_METHODS else S, SEED)))
+    if path is None:
+        assert method == "finetune"
+        return
+    fresh, _ = abp.models.load_backbone(tiny_model_dir)
+    if method == "abp_reinit":  # the mask was learnt on perturbed weights: the fingerprint refuses the originals
+        with pytest.raises(abp.MaskFileError, match="other base weights"):
+            abp.load_mask(fresh, path)
+    else:
+        abp.load_mask(fresh, path)
+
+
+def test_weights_digest_sees_one_ulp(tiny_model_dir):
+    backbone, _ = abp.models.load_backbone(tiny_model_dir)
+    before = weights_digest(backbone)
+    with torch.no_grad():
+        w = backbone.encoder.layer[1].output.dense.weight
+        w[3, 5] = torch.nextafter(w[3, 5], torch.tensor(math.inf))
+    assert weights_digest(backbone) != before
+
+
+def test_regression_task_runs(grid):
+    rs = {r["method"]: r for r in R.collect_results(grid["out"])[("stsb", model_label(grid["exp"].model))]}
+    assert set(rs) == {"abp", "mp", "wanda", "finetune"}
+    for r in rs.values():
+        assert r["metric_name"] == "pearson" and set(r["metrics"]) == {"pearson", "spearman"}
+        assert all(math.isfinite(v) for v in r["metrics"].values())
+
+
+def test_recovery_stats(grid):
+    off = grid["results"]["abp_norecovery"]["recovery"]
+    on = grid["results"]["abp"]["recovery"]
+    assert off["complete"] and on["complete"] and off["samples"] > 1
+    assert off["recovered"] == 0 and off["share_recovered"] == 0.0
+    assert off["ever_pruned_share"] >= S  # everything pruned stayed pruned, and the mask is at the target
+    assert 0.0 <= on["share_recovered"] <= 1.0
+
+
+def test_recovery_tracker_counts_by_hand():
+    lin = abp.mask_model(torch.nn.Sequential(torch.nn.Linear(3, 2)))
+    s = lin[0].scores
+    tr = RecoveryTracker(lin, every=2)
+    with torch.no_grad():
+        s.copy_(torch.tensor([[1.0, -1.0, 1.0], [1.0, 1.0, -1.0]]))
+        tr.observe(1)  # not a sampling step (every=2): missed on purpose
+        s.copy_(torch.tensor([[-1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]))
+        tr.observe(2)
+        s.copy_(torch.tensor([[1.0, 1.0, -1.0], [1.0, -1.0, 1.0]]))
+        tr.observe(4)
+    final = A.load_keep_masks(lin)
+    st = tr.stats(final)
+    # ever pruned (sampled): (0,0) at step 2, (0,2) and (1,1) at step 4; finally kept: 4 weights, of which (0,0) was pruned
+    assert st["kept"] == 4 and st["recovered"] == 1 and st["share_recovered"] == 0.25
+    assert st["ever_pruned_share"] == pytest.approx(3 / 6) and st["samples"] == 3
+
+
+# ------------------------------------------------------------------------------------------ the runner
+
+
+def test_runner_skips_finished_runs_and_writes_json(grid, monkeypatch):
+    out, exp = grid["out"], grid["exp"]
+    assert len(grid["summary"]["ran"]) == len(METHODS) and not grid["summary"]["skipped"]
+
+    def boom(*a, **k):
+        raise AssertionError("a finished run was run again")
+
+    monkeypatch.setattr(R, "run_method", boom)
+    again = R.run_grid(exp, ["sst2"], list(METHODS), [S], [SEED], out, progress=False, plots=False)
+    assert not again["ran"] and len(again["skipped"]) == len(METHODS)
+    doc = json.loads((out / f"sst2-{model_label(exp.model)}.json").read_text())
+    assert doc["task"] == "sst2" and doc["rows"]
+    for row in doc["rows"]:
+        assert set(row) == {"task", "model", "method", "sparsity", "seed", "metric", "value"}
+        assert row["sparsity"] is None if row["method"] in DENSE_METHODS else row["sparsity"] == S
+        assert row["metric"] == "accuracy" and 0 <= row["value"] <= 1 and row["seed"] == SEED
+    assert sorted(r["method"] for r in doc["rows"]) == sorted(METHODS)
+    for f in ("results.md", "analysis.json", f"fig2-sst2-{model_label(exp.model)}.png", f"fig3-sst2-{model_label(exp.model)}.png"):
+        assert (out / f).is_file(), f
+    md = (out / "results.md").read_text()
+    assert "## sst2" in md and "## stsb" in md and "max_steps=12" in md
+    # no 91 MB checkpoints left behind once a run is done
+    assert not list(out.glob("runs/*/*/checkpoint.safetensors"))
+
+
+def test_runner_refuses_another_budget(grid):
+    with pytest.raises(R.BudgetMismatchError, match="max_steps"):
+        R.run_grid(_exp(grid["exp"].model, grid["exp"].glue_dir, max_steps=13), ["sst2"], ["abp"], [S], [SEED],
+                   grid["out"], progress=False)
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_model_dir, tiny_glue, tmp_path, monkeypatch):
+    exp = _exp(tiny_model_dir, tiny_glue)
+    ref = R.run_grid(exp, ["sst2"], ["abp"], [S], [1], tmp_path / "a", progress=False, report=False)
+    calls = {"n": 0}
+    real_step = ScoreOptimizer.step
+
+    def dying_step(self):
+        calls["n"] += 1
+        if calls["n"] == 5:  # after the step-3 checkpoint (checkpoints every 3 of 12 steps)
+            raise KeyboardInterrupt
+        real_step(self)
+
+    monkeypatch.setattr(ScoreOptimizer, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        R.run_grid(exp, ["sst2"], ["abp"], [S], [1], tmp_path / "b", progress=False, report=False)
+    monkeypatch.setattr(ScoreOptimizer, "step", real_step)
+    d = R.run_dir(tmp_path / "b", exp, R.RunSpec("sst2", "abp", S, 1))
+    assert (d / "checkpoint.safetensors").is_file() and not (d / "result.json").is_file()
+    again = R.run_grid(exp, ["sst2"], ["abp"], [S], [1], tmp_path / "b", progress=False, report=False)
+    assert again["ran"] == ref["ran"] == ["sst2/abp-s0.5-seed1"]
+    a = json.loads((R.run_dir(tmp_path / "a", exp, R.RunSpec("sst2", "abp", S, 1)) / "result.json").read_text())
+    b = json.loads((d / "result.json").read_text())
+    assert a["metrics"] == b["metrics"] and a["sparsity_reached"] == b["sparsity_reached"]
+    assert a["recovery"] == b["recovery"] and b["recovery"]["complete"]
+
+
+def test_cli_runs_and_reports(tiny_model_dir, tiny_glue, tmp_path, capsys):
+    from abp.cli import main
+
+    argv = ["experiment", "--tasks", "sst2", "--methods", "feature_extraction", "--seeds", "0", "--max-steps", "4",
+            "--batch-size", "8", "--max-length", "16", "--model", tiny_model_dir, "--glue-dir", tiny_glue,
+            "--device", "cpu", "--quiet", "--output", str(tmp_path)]
+    def summary():  # the Trainer prints its eval line to stdout too: the summary is the last JSON object
+        out = capsys.readouterr().out
+        return json.loads(out[out.index("{\n"):])
+
+    assert main(argv) == 0
+    assert summary()["ran"] == 1
+    assert main(argv) == 0
+    assert summary()["skipped"] == 1
+    assert main(["experiment", "--report-only", "--output", str(tmp_path)]) == 0
+    assert (tmp_path / "results.md").is_file()
+    assert main(["experiment", "--methods", "abp", "--sparsities", "1.5", "--output", str(tmp_path)]) == 2
+    assert "sparsities" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ mask surgery
+
+
+def _ref_prune(score, k):
+    """float64 reference: the k lowest entries (ties by position) pruned."""
+    flat = score.reshape(-1).double()
+    order = sorted(range(flat.numel()), key=lambda i: (flat[i].item(), i))
+    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    keep[order[:k]] = False
+    return keep.view(score.shape)
+
+
+@pytest.mark.parametrize("shape,sparsity", [((7, 13), 0.5), ((5, 9), 0.9), ((1, 31), 0.33), ((11,), 0.0)])
+def test_prune_lowest_matches_reference_with_ties(shape, sparsity):
+    g = torch.Generator().manual_seed(1)
+    score = torch.randint(0, 6, shape, generator=g).float()  # many ties
+    got = MK.prune_lowest(score, sparsity)
+    assert torch.equal(got, _ref_prune(score, round(sparsity * score.numel())))
+
+
+def test_prune_lowest_per_row_and_wanda_match_formula():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(5, 7, generator=g)
+    x = torch.rand(7, generator=g) + 0.1
+    masks = MK.wanda_masks({"lin.weight": w, "emb.weight": w.clone()}, {"lin.weight": x}, 0.6)
+    total = round(0.6 * 35)  # 21 pruned: 4 per row, and one more in the first row
+    per_row = [5, 4, 4, 4, 4]
+    score = (w.double().abs() * x.double()[None, :])
+    for i in range(5):
+        assert torch.equal(masks["lin.weight"][i], _ref_prune(score[i], per_row[i])), i
+    assert int((~masks["lin.weight"]).sum()) == total
+    assert torch.equal(masks["emb.weight"], _ref_prune(w.abs(), total))  # no activations: magnitude
+
+
+def test_magnitude_masks_keep_pruned_weights_pruned():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 10, generator=g)
+    first = MK.magnitude_masks({"a.weight": w}, 0.3)["a.weight"]
+    w2 = w.clone()
+    w2[~first] = 100.0  # a pruned weight growing large must not come back
+    second = MK.magnitude_masks({"a.weight": w2}, 0.6, previous={"a.weight": first})["a.weight"]
+    assert not (second & ~first).any() and int((~second).sum()) == 36
+
+
+def test_shuffle_keeps_per_tensor_sparsity(tiny_model_dir):
+    bb = _tiny_masked_backbone(tiny_model_dir)
+    g = torch.Generator().manual_seed(4)
+    names = [k for k, _ in abp.patch.score_tensors(bb)]
+    want = {k: torch.rand(s.shape, generator=g) > (0.1 + 0.8 * i / len(names))
+            for i, (k, s) in enumerate(abp.patch.score_tensors(bb))}
+    MK.apply_masks_(bb, want)
+    MK.shuffle_masks_(bb, seed=5)
+    got = A.load_keep_masks(bb)
+    for k in names:
+        assert int(got[k].sum()) == int(want[k].sum()), k
+        p = float(want[k].float().mean())
+        if want[k].numel() >= 500:  # a random permutation changes about 2p(1-p) of the entries
+            assert float((got[k] != want[k]).float().mean()) > 0.5 * 2 * p * (1 - p), k
+
+
+def test_apply_masks_refuses_other_tensors(tiny_model_dir):
+    bb = _tiny_masked_backbone(tiny_model_dir)
+    masks = A.load_keep_masks(bb)
+    masks.pop(next(iter(masks)))
+    with pytest.raises(ValueError, match="only in model"):
+        MK.apply_masks_(bb, masks)
+
+
+def test_save_load_masks_roundtrip(tmp_path):
+    g = torch.Generator().manual_seed(6)
+    masks = {"a.weight": torch.rand(3, 11, generator=g) > 0.5, "b.weight": torch.rand(17, generator=g) > 0.2}
+    MK.save_masks(tmp_path / "m.safetensors", masks, {"x": 1})
+    back, meta = MK.load_masks(tmp_path / "m.safetensors")
+    assert meta == {"x": 1} and all(torch.equal(back[k], masks[k]) for k in masks)
+
+
+def test_schedules():
+    assert cubic_sparsity(10, 0.9, 10, 50) == 0.0 and cubic_sparsity(50, 0.9, 10, 50) == 0.9
+    assert cubic_sparsity(30, 0.8, 10, 50) == pytest.approx(0.8 * (1 - 0.5 ** 3))
+    assert cubic_sparsity(99, 0.8, 10, 50) == 0.8
+    for s in (0.5, 0.9, 0.97):
+        rounds, rate = imp_rounds(s, 0.2)
+        assert rate <= 0.2 + 1e-12 and (1 - rate) ** rounds == pytest.approx(1 - s)
+        assert (1 - 0.2) ** (rounds - 1) > 1 - s  # one round fewer would not reach s
+    assert imp_rounds(0.5, 0.2)[0] == 4 and imp_rounds(0.9, 0.2)[0] == 11
+
+
+def test_wanda_input_norms_match_hidden_states(tiny_model_dir, tiny_glue):
+    exp = _exp(tiny_model_dir, tiny_glue)
+    ft = FineTuner(exp.abp_config("sst2", S, 0))
+    norms = ft.input_norms(2)
+    assert set(norms) == {k for k in ft.weights if "embeddings" not in k}
+    ft.model.eval()
+    sq = 0
+    with torch.no_grad():
+        for i, batch in enumerate(ft.train_batches.iter_batches(0)):
+            if i == 2:
+                break
+            batch.pop("labels")
+            hs = ft.model.backbone(**batch, output_hidden_states=True).hidden_states
+            real = batch["attention_mask"].bool()
+            sq = sq + hs[1][real].double().pow(2).sum(0)  # the input of layer 1's query is layer 0's output
+    torch.testing.assert_close(norms["encoder.layer.1.attention.self.query.weight"].double(), sq.sqrt(), rtol=1e-5, atol=1e-6)
+
+
+def test_maskable_weights_are_the_trainers_masked_tensors(tiny_model_dir, tiny_glue):
+    exp = _exp(tiny_model_dir, tiny_glue)
+    cfg = exp.abp_config("sst2", S, 0)
+    backbone, _ = abp.models.load_backbone(tiny_model_dir)
+    names = set(maskable_weights(backbone, cfg))
+    assert names == set(A.load_keep_masks(_tiny_masked_backbone(tiny_model_dir)))
+    assert not any("pooler" in n for n in names)
+
+
+# ------------------------------------------------------------------------------------------ analysis
+
+
+def _hand_masks():
+    def m(shape, pruned):
+        keep = torch.ones(shape, dtype=torch.bool).reshape(-1)
+        keep[:pruned] = False
+        return keep.view(shape)
+    return {
+        "embeddings.word_embeddings.weight": m((4, 5), 7),
+        "embeddings.position_embeddings.weight": m((2, 5), 1),
+        "encoder.layer.0.attention.self.query.weight": m((3, 3), 3),
+        "encoder.layer.0.attention.self.key.weight": m((3, 3), 0),
+        "encoder.layer.0.attention.output.dense.weight": m((3, 3), 9),
+        "encoder.layer.1.attention.self.value.weight": m((3, 3), 6),
+        "encoder.layer.1.intermediate.dense.weight": m((6, 3), 9),
+        "encoder.layer.1.output.dense.weight": m((3, 6), 2),
+        "pooler.dense.weight": m((3, 3), 1),
+    }
+
+
+def test_sparsity_breakdown_by_hand():
+    b = A.sparsity_breakdown(_hand_masks())
+    comp = {c: (v["pruned"], v["total"]) for c, v in b["components"].items()}
+    assert comp == {"embeddings": (8, 30), "query": (3, 9), "key": (0, 9), "value": (6, 9), "attention_output": (9, 9),
+                    "intermediate": (9, 18), "output": (2, 18), "other": (1, 9)}
+    layers = {l: (v["pruned"], v["total"]) for l, v in b["layers"].items()}
+    assert layers == {"embeddings": (8, 30), "0": (12, 27), "1": (17, 45), "other": (1, 9)}
+    assert list(b["layers"]) == ["embeddings", "0", "1", "other"]
+    assert b["overall"]["pruned"] == 38 and b["overall"]["total"] == 111
+    assert b["overall"]["sparsity"] == pytest.approx(38 / 111)
+    assert b["layer_components"]["1"]["intermediate"]["sparsity"] == pytest.approx(0.5)
+
+
+def test_mask_overlap_by_hand():
+    a = {"x.weight": torch.tensor([False, False, True, True, False, True])}  # pruned {0, 1, 4}
+    b = {"x.weight": torch.tensor([False, True, False, True, True, True])}   # pruned {0, 2}
+    o = A.mask_overlap(a, b)
+    assert o["intersection"] == 1 and o["union"] == 4 and o["jaccard_pruned"] == 0.25
+    assert o["agreement"] == pytest.approx(3 / 6)
+    p, q = 0.5, 2 / 6
+    assert o["jaccard_random"] == pytest.approx(p * q / (p + q - p * q))
+    with pytest.raises(ValueError, match="different tensors"):
+        A.mask_overlap(a, {"y.weight": b["x.weight"]})

@@ -1,0 +1,410 @@
+"""abp.kernels (Triton) against float64 references built with abp.reference, on random data.
+
+Without CUDA the kernels run in the Triton interpreter. Triton picks interpreter or compiler when
+a function is decorated, i.e. at import, so ``TRITON_INTERPRET=1`` is set below *before*
+abp.kernels (and so triton) is imported; it stays set for the rest of the pytest session. If
+triton was already imported earlier in this process without it (by another test module or a
+conftest), the interpreter cannot work in this process: the kernel tests then skip with that
+reason and ``test_interpreter_in_fresh_process`` re-runs this file in a new Python process with
+the variable set from the start, so the checks still run and can still fail.
+
+Accuracy rule (flash-attention style): the kernel's max error against the fp64 reference may be
+at most twice torch's own error in the same dtype plus two ulps (of the output dtype) of the
+output's scale. Outputs are poisoned: every ``torch.empty`` returns NaNs during a test, so an
+element a kernel fails to write shows up as non-finite.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import abp.kernels as K  # noqa: E402
+from abp import reference as R  # noqa: E402
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+KERNELS_OK, WHY = K.triton_available(DEVICE)
+needs_kernels = pytest.mark.skipif(not KERNELS_OK, reason=WHY)
+
+# bf16 only on GPU: the interpreter has no bf16 arithmetic.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+# (M, N, K): sizes 1, 7, 33, 97, 130 in every role; tails against the interpreter's 32-tiles
+# and several tile groups for the swizzle.
+SHAPES = [(1, 7, 33), (7, 33, 1), (33, 1, 7), (97, 130, 33), (130, 97, 130)]
+EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+# ----------------------------------------------------------------------------------------------
+# fixtures and helpers
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def allocations(monkeypatch):
+    """Poison every ``torch.empty`` (floats filled with NaN) and record the shapes allocated."""
+    made: list[tuple[int, ...]] = []
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        made.append(tuple(t.shape))
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    return made
+
+
+@pytest.fixture(autouse=True)
+def one_config_for_small_shapes(request, monkeypatch):
+    """On a GPU, the many small-shape tests use one fixed tile (no autotuning per shape)."""
+    if CUDA and request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("ABP_TRITON_AUTOTUNE", "0")
+
+
+def _gen(*key) -> torch.Generator:
+    """A generator seeded from the test's parameters: random data, reproducible failures."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def randn(shape, dtype, gen) -> torch.Tensor:
+    return torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
+
+
+def scores_with_density(shape, density: float, gen) -> torch.Tensor:
+    """fp32 scores, a fraction ``density`` of them > 0, the rest ≤ 0 with about 1/8 exactly 0."""
+    mag = torch.rand(shape, generator=gen) * 2.0 + 0.05
+    pos = torch.rand(shape, generator=gen) < density
+    zero = torch.rand(shape, generator=gen) < 0.125
+    return torch.where(pos, mag, torch.where(zero, torch.zeros(()), -mag)).to(DEVICE)
+
+
+def f64(*ts):
+    return [None if t is None else t.double() for t in ts]
+
+
+def score_grad_f64(dy, x, w, s, b=None, bs=None, t_soft=1.0):
+    """float64 oracle of :func:`abp.reference.score_grad`.
+
+    The reference computes in fp32 on purpose (its contract returns fp32), so on float64 copies
+    it would still round like fp32; this restates its formula, ``(dYᵀX) ⊙ W ⊙ t·σ(tθ)(1−σ(tθ))``
+    and ``Σ_m dY ⊙ b ⊙ σ'``, with every operand in float64.
+    """
+    def surrogate(theta):
+        sig = torch.sigmoid(theta.double() * t_soft)
+        return t_soft * sig * (1.0 - sig)
+
+    dy, x, w = dy.double(), x.double(), w.double()
+    ds = (dy.t() @ x) * w * surrogate(s)
+    dbs = None if bs is None else dy.sum(0) * b.double() * surrogate(bs)
+    return ds, dbs
+
+
+def assert_accurate(out: torch.Tensor, ref: torch.Tensor, torch_out: torch.Tensor, what: str) -> None:
+    """``|out − ref| ≤ 2·|torch_out − ref| + 2 ulps(out.dtype)·max|ref|`` (max over elements)."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite values (an output element left unwritten?)"
+    if out.numel() == 0:
+        return
+    err = (out.double() - ref).abs().max().item()
+    torch_err = (torch_out.double() - ref).abs().max().item()
+    tol = 2 * torch_err + 2 * EPS[out.dtype] * ref.abs().max().item()
+    assert err <= tol, f"{what}: max error {err:.3g} > tol {tol:.3g} (torch's own error {torch_err:.3g})"
+
+
+def make_problem(shape, dtype, density, bias_mode, seed_key):
+    M, N, Kd = shape
+    gen = _gen(*seed_key)
+    x, w, dy = randn((M, Kd), dtype, gen), randn((N, Kd), dtype, gen), randn((M, N), dtype, gen)
+    s = scores_with_density((N, Kd), density, gen)
+    b = randn((N,), dtype, gen) if bias_mode in ("bias", "bias+scores") else None
+    bs = scores_with_density((N,), density, gen) if bias_mode == "bias+scores" else None
+    return x, w, dy, s, b, bs
+
+
+# ----------------------------------------------------------------------------------------------
+# forward and dX
+# ----------------------------------------------------------------------------------------------
+FWD_CASES = [  # (mask density, t_hard, bias)
+    (0.5, None, "bias+scores"),
+    (0.5, 2.5, "bias+scores"),
+    (0.0, None, "bias"),
+    (0.0, 3.0, "none"),
+    (1.0, None, "none"),
+    (1.0, 0.7, "bias"),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", FWD_CASES, ids=lambda c: f"d{c[0]}-t{c[1]}-{c[2]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_masked_matmul(shape, dtype, case):
+    density, t_hard, bias_mode = case
+    x, w, _, s, b, bs = make_problem(shape, dtype, density, bias_mode, ("fwd", shape, str(dtype), case))
+    out = K.masked_matmul(x, w, s, b, bs, t_hard)
+    assert out.dtype == dtype
+    ref = R.masked_linear_fwd(*f64(x, w, s, b, bs), t_hard)
+    assert_accurate(out, ref, R.masked_linear_fwd(x, w, s, b, bs, t_hard), "y")
+
+
+DX_CASES = [(0.0, None), (0.5, None), (0.5, 2.5), (1.0, 2.5)]  # (mask density, t_hard)
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", DX_CASES, ids=lambda c: f"d{c[0]}-t{c[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_masked_matmul_dx(shape, dtype, case):
+    density, t_hard = case
+    _, w, dy, s, _, _ = make_problem(shape, dtype, density, "none", ("dx", shape, str(dtype), case))
+    dx = K.masked_matmul_dx(dy, w, s, t_hard)
+    assert dx.dtype == dtype
+    ref = R.masked_linear_dx(*f64(dy, w, s), t_hard)
+    assert_accurate(dx, ref, R.masked_linear_dx(dy, w, s, t_hard), "dx")
+
+
+# ----------------------------------------------------------------------------------------------
+# score gradient
+# ----------------------------------------------------------------------------------------------
+GRAD_CASES = [("none", 1.0), ("bias", 0.5), ("bias+scores", 1.0), ("bias+scores", 3.0)]  # (bias, t_soft)
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"{c[0]}-ts{c[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_score_grad(shape, dtype, case):
+    bias_mode, t_soft = case
+    x, w, dy, s, b, bs = make_problem(shape, dtype, 0.5, bias_mode, ("grad", shape, str(dtype), case))
+    ds, dbs = K.score_grad(dy, x, w, s, b, bs, t_soft)
+    assert ds.dtype == torch.float32
+    ref, ref_b = score_grad_f64(dy, x, w, s, b, bs, t_soft)
+    own, own_b = R.score_grad(dy, x, w, s, b, bs, t_soft)
+    assert_accurate(ds, ref, own, "dscores")
+    if bs is None:
+        assert dbs is None
+    else:
+        assert dbs.dtype == torch.float32
+        assert_accurate(dbs, ref_b, own_b, "dbias_scores")
+
+
+# ----------------------------------------------------------------------------------------------
+# fused score update
+# ----------------------------------------------------------------------------------------------
+def _reference_update(dy, x, w, s, b, bs, lr, gamma, active, recovery, t_soft):
+    """fp64 reference of the step, fp32-computed grads (torch's own), and the grad tolerances."""
+    g64, gb64 = score_grad_f64(dy, x, w, s, b, bs, t_soft)
+    g32, gb32 = R.score_grad(dy, x, w, s, b, bs, t_soft)
+    out = []
+    for theta, g, g_own in ((s, g64, g32), (bs, gb64, gb32)):
+        if theta is None:
+            out.append(None)
+            continue
+        new = theta.double().clone()
+        R.score_update_(new, g, lr, gamma.double(), active.double(), recovery)
+        grad_tol = 2 * (g_own.double() - g).abs().max().item() + 2 * EPS[torch.float32] * g.abs().max().item()
+        scale = theta.abs().max().item() + lr * g.abs().max().item() + abs(gamma.item())
+        tol = lr * grad_tol + 4 * EPS[torch.float32] * scale
+        unclamped = theta.double() - active.double() * (lr * g + gamma.double())
+        out.append((new, tol, unclamped))
+    return out
+
+
+def _check_step(name, theta_old, theta_new, ref, count, count_before, recovery):
+    new_ref, tol, unclamped = ref
+    assert torch.isfinite(theta_new).all(), f"{name}: non-finite scores after the step"
+    err = (theta_new.double() - new_ref).abs().max().item()
+    assert err <= tol, f"{name}: max error {err:.3g} > tol {tol:.3g}"
+    # counts: exactly the θ ≤ 0 of what the kernel wrote, added to what was there.
+    assert count - count_before == int((theta_new <= 0).sum()), f"{name}: count of θ ≤ 0"
+    ambiguous = int((new_ref.abs() <= tol).sum())
+    assert abs((count - count_before) - int((new_ref <= 0).sum())) <= ambiguous
+    if not recovery:
+        was_off = theta_old <= 0
+        assert (theta_new[was_off] <= 0).all(), f"{name}: a pruned score recovered with recovery=False"
+        if theta_old.numel() >= 200:  # the clamp must actually have had work to do
+            assert (was_off & (unclamped > 0)).any(), "test precondition: the clamp never binds"
+
+
+UPDATE_CASES = [(True, "none"), (True, "bias+scores"), (False, "bias+scores"), (False, "bias")]
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", UPDATE_CASES, ids=lambda c: f"recovery{c[0]}-{c[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_score_grad_update(shape, dtype, case, allocations):
+    recovery, bias_mode = case
+    x, w, dy, s, b, bs = make_problem(shape, dtype, 0.5, bias_mode, ("upd", shape, str(dtype), case))
+    lr, t_soft = 0.1, 1.5
+    # With recovery=False, γ < 0 pushes scores up, so that the no-recovery clamp has to act.
+    gamma = torch.tensor(0.01 if recovery else -0.05, device=DEVICE)
+    active = torch.tensor(1.0, device=DEVICE)
+    ref = _reference_update(dy, x, w, s, b, bs, lr, gamma, active, recovery, t_soft)
+    s_new, bs_new = s.clone(), (bs.clone() if bs is not None else None)
+    counts = torch.tensor([3, 4], dtype=torch.int64, device=DEVICE)  # the kernel adds to these
+
+    allocations.clear()
+    K.score_grad_update_(dy, x, w, s_new, lr=lr, gamma=gamma, active=active, recovery=recovery,
+                         counts=counts, bias=b, bias_scores=bs_new, t_soft=t_soft)
+    assert allocations == [], f"the fused update allocated {allocations} (no dW/dθ expected)"
+
+    c = counts.tolist()
+    _check_step("scores", s, s_new, ref[0], c[0], 3, recovery)
+    if bs is None:
+        assert c[1] == 4, "counts[1] changed without bias scores"
+    else:
+        _check_step("bias_scores", bs, bs_new, ref[1], c[1], 4, recovery)
+
+
+@needs_kernels
+@pytest.mark.parametrize("recovery", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_inactive_step_moves_nothing(dtype, recovery):
+    x, w, dy, s, b, bs = make_problem((97, 130, 33), dtype, 0.5, "bias+scores", ("inactive", str(dtype)))
+    s_new, bs_new = s.clone(), bs.clone()
+    counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    K.score_grad_update_(dy, x, w, s_new, lr=0.5, gamma=torch.tensor(0.3, device=DEVICE),
+                         active=torch.tensor(0.0, device=DEVICE), recovery=recovery, counts=counts,
+                         bias=b, bias_scores=bs_new)
+    assert torch.equal(s_new, s) and torch.equal(bs_new, bs)
+    assert counts.tolist() == [int((s <= 0).sum()), int((bs <= 0).sum())]
+
+
+# ----------------------------------------------------------------------------------------------
+# layouts, errors, availability
+# ----------------------------------------------------------------------------------------------
+@needs_kernels
+def test_non_contiguous_inputs():
+    M, N, Kd = 33, 97, 130
+    gen = _gen("noncontig")
+    x = randn((Kd, M), torch.float32, gen).t()
+    w = randn((Kd, N), torch.float32, gen).t()
+    dy = randn((N, M), torch.float32, gen).t()
+    s = scores_with_density((Kd, N), 0.5, gen).t()
+    assert not (x.is_contiguous() or w.is_contiguous() or dy.is_contiguous() or s.is_contiguous())
+    assert_accurate(K.masked_matmul(x, w, s), R.masked_linear_fwd(*f64(x, w, s)),
+                    R.masked_linear_fwd(x, w, s), "y")
+    assert_accurate(K.masked_matmul_dx(dy, w, s), R.masked_linear_dx(*f64(dy, w, s)),
+                    R.masked_linear_dx(dy, w, s), "dx")
+    assert_accurate(K.score_grad(dy, x, w, s)[0], score_grad_f64(dy, x, w, s)[0],
+                    R.score_grad(dy, x, w, s)[0], "dscores")
+
+
+def _bad_calls():
+    f32, f16 = torch.float32, torch.float16
+    x, w, s, dy = torch.ones(4, 8), torch.ones(5, 8), torch.ones(5, 8), torch.ones(4, 5)
+    b, bs = torch.ones(5), torch.ones(5)
+    g, a, c = torch.tensor(0.1), torch.tensor(1.0), torch.zeros(2, dtype=torch.int64)
+
+    def upd(scores=s, **kw):
+        args = dict(lr=0.1, gamma=g, active=a, recovery=True, counts=c)
+        args.update(kw)
+        return lambda: K.score_grad_update_(dy, x, w, scores, **args)
+
+    return [
+        ("scores fp16", lambda: K.masked_matmul(x, w, s.to(f16)), "scores must have dtype float32"),
+        ("weight dtype", lambda: K.masked_matmul(x, w.to(f16), s), "weight must have dtype float32"),
+        ("x int", lambda: K.masked_matmul(x.long(), w, s), "x2d must have dtype"),
+        ("K mismatch", lambda: K.masked_matmul(torch.ones(4, 7), w, s), "expected \\[N, 7\\]"),
+        ("scores shape", lambda: K.masked_matmul(x, w, s[:4]), "scores must have shape"),
+        ("x 3-D", lambda: K.masked_matmul(x[None], w, s), "x2d must be 2-D"),
+        ("bias_scores alone", lambda: K.masked_matmul(x, w, s, None, bs), "bias_scores given without bias"),
+        ("bias shape", lambda: K.masked_matmul(x, w, s, torch.ones(4)), "bias must have shape"),
+        ("t_hard inf", lambda: K.masked_matmul(x, w, s, t_hard=float("inf")), "t_hard must be"),
+        ("dx N mismatch", lambda: K.masked_matmul_dx(torch.ones(4, 6), w, s), "expected \\[6, K\\]"),
+        ("grad dy rows", lambda: K.score_grad(torch.ones(3, 5), x, w, s), "dy2d has 3 rows"),
+        ("grad dy dtype", lambda: K.score_grad(dy.to(f16), x, w, s), "dy2d must have dtype float32"),
+        ("grad t_soft", lambda: K.score_grad(dy, x, w, s, t_soft=None), "t_soft must be a finite float"),
+        ("gamma float", upd(gamma=0.1), "gamma must be a 0-d"),
+        ("active fp16", upd(active=a.to(f16)), "active must be a 0-d"),
+        ("counts int32", upd(counts=c.int()), "counts must have dtype int64"),
+        ("counts shape", upd(counts=torch.zeros(3, dtype=torch.int64)), "counts must have shape"),
+        ("lr tensor", upd(lr=torch.tensor(0.1)), "lr must be a Python float"),
+        ("scores strided", upd(scores=torch.ones(8, 5).t()), "scores must be contiguous"),
+    ]
+
+
+@needs_kernels
+@pytest.mark.parametrize("call,match", [c[1:] for c in _bad_calls()], ids=[c[0] for c in _bad_calls()])
+def test_bad_inputs_raise(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@needs_kernels
+def test_devices_and_interpreter_limits():
+    ok, why = K.triton_available(DEVICE)
+    assert ok and why
+    assert K.triton_available("meta")[0] is False
+    if K.INTERPRET:
+        x, w = torch.ones(4, 8, dtype=torch.bfloat16), torch.ones(5, 8, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match="bfloat16 is not supported under the Triton interpreter"):
+            K.masked_matmul(x, w, torch.ones(5, 8))
+
+
+@pytest.mark.skipif(KERNELS_OK or CUDA, reason="the kernels run in this process")
+def test_interpreter_in_fresh_process():
+    """triton was imported before TRITON_INTERPRET=1 here: run this file where it is set first."""
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--import-mode=importlib", "-q", "-p", "no:cacheprovider",
+         str(Path(__file__).resolve())],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout, proc.stdout[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# full size, GPU only (autotuned)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mnk", [(4096, 768, 3072), (4096, 3072, 768)], ids=["768x3072", "3072x768"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_full_size_gpu(dtype, mnk):
+    M, N, Kd = mnk
+    x, w, dy, s, b, bs = make_problem(mnk, dtype, 0.5, "bias+scores", ("full", mnk, str(dtype)))
+    for t_hard in (None, 2.0):
+        assert_accurate(K.masked_matmul(x, w, s, b, bs, t_hard), R.masked_linear_fwd(*f64(x, w, s, b, bs), t_hard),
+                        R.masked_linear_fwd(x, w, s, b, bs, t_hard), f"y t_hard={t_hard}")
+        assert_accurate(K.masked_matmul_dx(dy, w, s, t_hard), R.masked_linear_dx(*f64(dy, w, s), t_hard),
+                        R.masked_linear_dx(dy, w, s, t_hard), f"dx t_hard={t_hard}")
+    ds, dbs = K.score_grad(dy, x, w, s, b, bs, 1.0)
+    ref, ref_b = score_grad_f64(dy, x, w, s, b, bs, 1.0)
+    own, own_b = R.score_grad(dy, x, w, s, b, bs, 1.0)
+    assert_accurate(ds, ref, own, "dscores")
+    assert_accurate(dbs, ref_b, own_b, "dbias_scores")
+
+    gamma, active = torch.tensor(-0.01, device=DEVICE), torch.tensor(1.0, device=DEVICE)
+    refs = _reference_update(dy, x, w, s, b, bs, 1e-3, gamma, active, False, 1.0)
+    counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    warm_s, warm_bs = s.clone(), bs.clone()  # the first call autotunes (and clones θ to restore it)
+    K.score_grad_update_(dy, x, w, warm_s, lr=1e-3, gamma=gamma, active=active, recovery=False,
+                         counts=counts, bias=b, bias_scores=warm_bs)
+    s_new, bs_new = s.clone(), bs.clone()
+    counts.zero_()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    K.score_grad_update_(dy, x, w, s_new, lr=1e-3, gamma=gamma, active=active, recovery=False,
+                         counts=counts, bias=b, bias_scores=bs_new)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < N * Kd, f"the fused update allocated {extra} bytes (a dθ would be {4 * N * Kd})"
+    assert torch.equal(warm_s, s_new) and torch.equal(warm_bs, bs_new), "update not deterministic"
+    c = counts.tolist()
+    _check_step("scores", s, s_new, refs[0], c[0], 0, False)
+    _check_step("bias_scores", bs, bs_new, refs[1], c[1], 0, False)
