@@ -107,11 +107,12 @@ class Trainer:
             return torch.bfloat16 if self.device.type == "cuda" else None
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[want]
 
-    def _score_update_backend(self) -> Optional[str]:
-        """``cfg.backend`` names the masked layers' backend; the multi-tensor score update takes it only where
-        that backend implements it (Triton has no multi-tensor update), else ``auto``. metrics.json records both."""
-        b = self.cfg.backend
-        return b if b and b in abp.backends.implementations("multi_score_update_") else None
+    def _score_update_backend(self) -> str:
+        """The backend asked for (``cfg.backend``, else ``ABP_BACKEND``) names the masked layers' kernels; the
+        multi-tensor score update takes it where that backend implements it (Triton has no multi-tensor update),
+        else ``auto``. metrics.json records which backend ran each op."""
+        b = abp.backends.requested(self.cfg.backend)
+        return b if b in abp.backends.implementations("multi_score_update_") else "auto"
 
     @property
     def score_update_path(self) -> str:
