@@ -189,8 +189,9 @@ setup(
         "numpy",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "datasets", "accelerate"],
-        "test": ["pytest", "pytest-benchmark", "datasets", "accelerate"],
+        # scipy: the independent oracle for the GLUE metrics in tests/test_metrics.py
+        "dev": ["pytest", "pytest-benchmark", "datasets", "accelerate", "scipy"],
+        "test": ["pytest", "pytest-benchmark", "datasets", "accelerate", "scipy"],
         "hub": ["datasets"],
     },
     entry_points={"console_scripts": ["abp = abp.cli:main"]},

@@ -161,7 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("abp: interrupted (a checkpoint, if any, is intact: rerun with --resume)", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError, OSError, FileNotFoundError) as e:
+    except (ValueError, RuntimeError, OSError, ArithmeticError) as e:  # bad input or a diverged run: one line
         if a.verbose:
             raise
         print(f"abp: error: {e}", file=sys.stderr)

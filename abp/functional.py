@@ -182,3 +182,64 @@ class _MaskedParam(torch.autograd.Function):
 def masked_param(weight: Tensor, scores: Tensor, *, t_soft: float = 1.0, t_hard: Optional[float] = None) -> Tensor:
     """A small parameter seen through its mask (materialised: meant for norms and biases)."""
     return _MaskedParam.apply(weight, scores, t_hard, t_soft)
+
+
+# --------------------------------------------------------------------------- serving from 1-bit masks
+
+def _check_serving(name: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"{name}: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{name}: input's last dim {tuple(x.shape)[-1:]} does not match weight [out={weight.shape[0]}, in={weight.shape[1]}]")
+    if x.dtype not in _FLOATS[:3] or x.dtype != weight.dtype:
+        raise TypeError(f"{name}: input and weight must share one of float32/float16/bfloat16, got {x.dtype}/{weight.dtype}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype):
+        raise ValueError(f"{name}: bias must be {weight.dtype} of shape ({weight.shape[0]},), got {bias.dtype} {tuple(bias.shape)}")
+    devices = {t.device for t in (x, weight, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"{name}: tensors are on different devices: {sorted(map(str, devices))}")
+
+
+def _check_packed(name: str, packed: Tensor, weight: Tensor, ndim: int) -> None:
+    nbytes = (weight.numel() + 7) // 8
+    want = "[ceil(out·in/8)]" if ndim == 1 else "[tasks, ceil(out·in/8)]"
+    if packed.dtype != torch.uint8 or packed.dim() != ndim or packed.shape[-1] != nbytes:
+        raise ValueError(f"{name}: packed mask must be uint8 {want} = {nbytes} bytes per mask for weight "
+                         f"{tuple(weight.shape)} (abp.pack_mask), got {packed.dtype} {tuple(packed.shape)}")
+    if packed.device != weight.device:
+        raise ValueError(f"{name}: packed mask is on {packed.device} but weight is on {weight.device}")
+
+
+def bitmask_linear(input: Tensor, weight: Tensor, packed_mask: Tensor, bias: Optional[Tensor] = None, *,
+                   backend: Optional[str] = None) -> Tensor:
+    """Serving: ``input @ (weight ⊙ unpack(packed_mask)).T + bias``, reading one bit per weight.
+
+    ``packed_mask`` is :func:`abp.pack_mask` of the ``[out, in]`` bool mask. Any leading dims; no autograd
+    (inference). On CUDA a GEMV/skinny-GEMM kernel reads the bits directly: for few tokens the weight read
+    dominates, and a materialised ``W⊙M`` would double it.
+    """
+    _check_serving("bitmask_linear", input, weight, bias)
+    _check_packed("bitmask_linear", packed_mask, weight, 1)
+    x2d = input.reshape(-1, input.shape[-1])
+    y = _ops.bitmask_linear(x2d, weight, packed_mask, bias, backend or "")
+    return y.reshape(*input.shape[:-1], weight.shape[0])
+
+
+def multi_bitmask_linear(input: Tensor, weight: Tensor, packed_masks: Tensor, task_ids: Tensor,
+                         bias: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
+    """Serving many tasks over one frozen weight: row ``i`` of ``input`` (2-D ``[M, in]``) uses mask
+    ``packed_masks[task_ids[i]]`` (``packed_masks``: ``[tasks, ceil(out·in/8)]`` uint8)."""
+    _check_serving("multi_bitmask_linear", input, weight, bias)
+    _check_packed("multi_bitmask_linear", packed_masks, weight, 2)
+    if input.dim() != 2:
+        raise ValueError(f"multi_bitmask_linear: input must be 2-D [tokens, in] (one task id per row), got {tuple(input.shape)}")
+    if task_ids.dtype not in (torch.int32, torch.int64) or task_ids.shape != (input.shape[0],):
+        raise ValueError(f"multi_bitmask_linear: task_ids must be int32/int64 of shape ({input.shape[0]},), "
+                         f"got {task_ids.dtype} {tuple(task_ids.shape)}")
+    if task_ids.device != weight.device:
+        raise ValueError(f"multi_bitmask_linear: task_ids are on {task_ids.device} but weight is on {weight.device}")
+    if task_ids.numel():  # one host sync: a bad id would otherwise trip a device assert that kills the CUDA context
+        lo, hi = int(task_ids.min()), int(task_ids.max())
+        if lo < 0 or hi >= packed_masks.shape[0]:
+            raise ValueError(f"multi_bitmask_linear: task ids must be in [0, {packed_masks.shape[0]}), got [{lo}, {hi}]")
+    return _ops.multi_bitmask_linear(input, weight, packed_masks, task_ids, bias, backend or "")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -26,8 +27,8 @@ from abp.patch import MaskConfig, mask_model, masked_modules, sparsity
 FORMAT = "abp-mask"
 FORMAT_VERSION = "1"
 _PROBES = 64
-# Largest relative difference between probes of the same weights stored in different dtypes.
-_DTYPE_RTOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# Unit roundoff of each weight dtype: probes of the same weights agree once rounded to the coarser dtype.
+_EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 
 class MaskFileError(ValueError):
@@ -54,9 +55,11 @@ def unpack_mask(packed: torch.Tensor, shape, *, backend: Optional[str] = None) -
 
 
 def _probe(weight: torch.Tensor) -> torch.Tensor:
+    """``_PROBES`` values at evenly spaced flat positions (integer arithmetic: exact at any size)."""
     flat = weight.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, _PROBES, device=flat.device).long()
-    return flat[idx].float().cpu()
+    n = flat.numel()
+    idx = torch.arange(_PROBES, dtype=torch.int64) * (n - 1) // (_PROBES - 1)
+    return flat[idx.to(flat.device)].float().cpu()
 
 
 def _base_weight(module: nn.Module) -> torch.Tensor:
@@ -98,7 +101,7 @@ def save_mask(
             key = f"{name}.{which}"
             if not torch.isfinite(scores).all():
                 raise FloatingPointError(f"save_mask: scores of {key} hold NaN/inf; refusing to save a broken mask")
-            tensors[f"mask/{key}"] = pack_mask(scores.detach() > 0).cpu()
+            tensors[f"mask/{key}"] = pack_mask(scores.detach() > 0, backend="auto").cpu()
             shapes[key] = list(scores.shape)
         probes[name] = _probe(m.weight)
         tensors[f"probe/{name}"] = probes[name]
@@ -188,14 +191,29 @@ def read_mask_file(path: str | os.PathLike) -> MaskFile:
     )
 
 
+def _same_weights(got: torch.Tensor, expected: torch.Tensor, file_dtype: torch.dtype, dtype: torch.dtype) -> bool:
+    """Probes of the same base weights, possibly stored in another dtype (an fp16 copy of fp32 weights, say)?
+
+    Both sides are rounded to the coarser of the two dtypes and must then agree: exactly for fp32, within
+    one ulp for fp16/bf16 (a bf16 copy of an fp16 copy may round once more than a bf16 copy of fp32).
+    Fine-tuning drift moves the small probes by many ulps, so it is refused.
+    """
+    eps = {d: _EPS.get(d, _EPS[torch.bfloat16]) for d in (file_dtype, dtype)}
+    coarse = max(eps, key=eps.get)
+    target = coarse if coarse in _EPS else torch.bfloat16
+    a, b = got.to(target).float(), expected.to(target).float()
+    if eps[coarse] == _EPS[torch.float32]:
+        return torch.equal(a, b)
+    return bool(((a - b).abs() <= 2 * eps[coarse] * torch.maximum(a.abs(), b.abs())).all())
+
+
 def _check_fingerprint(mf: MaskFile, name: str, weight: torch.Tensor) -> None:
     expected = mf.probes.get(name)
     if expected is None:
         raise MaskFileError(f"mask file {mf.path} has no fingerprint for {name}")
     got = _probe(weight)
     file_dtype = getattr(torch, mf.metadata.get("weight_dtype", "float32"), torch.float32)
-    rtol = max(_DTYPE_RTOL.get(file_dtype, 1e-2), _DTYPE_RTOL.get(weight.dtype, 1e-2))
-    if not torch.allclose(got, expected, rtol=rtol, atol=rtol * float(expected.abs().mean()) + 1e-12):
+    if not _same_weights(got, expected, file_dtype, weight.dtype):
         raise MaskFileError(
             f"mask file {mf.path} was made for other base weights: module {name} differs "
             f"(file base model {mf.metadata.get('base_model')!r}, fingerprint {mf.metadata.get('fingerprint')}); "
@@ -219,7 +237,7 @@ def load_mask(model: nn.Module, path: str | os.PathLike, *, head: Optional[nn.Mo
                                 f"model lacks: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         for n in modules:
             _check_fingerprint(mf, n, _base_weight(names[n]))
-        mask_model(model, MaskConfig(include=[f"^{n}$" for n in modules], exclude=[], layernorm=True,
+        mask_model(model, MaskConfig(include=[f"^{re.escape(n)}$" for n in modules], mask_heads=True, layernorm=True,
                                      mask_bias=any(k.endswith(".bias") for k in mf.masks)))
         present = dict(masked_modules(model))
     missing = [n for n in modules if n not in present]
@@ -234,14 +252,19 @@ def load_mask(model: nn.Module, path: str | os.PathLike, *, head: Optional[nn.Mo
             key = f"{n}.{which}"
             if key not in mf.masks or list(scores.shape) != mf.shapes[key]:
                 raise MaskFileError(f"mask file {mf.path}: {key} has shape {mf.shapes.get(key)}, the model's is {list(scores.shape)}")
-    for n in modules:
-        m = present[n]
-        masks = [unpack_mask(mf.masks[f"{n}.{w}"], mf.shapes[f"{n}.{w}"]) for w, _, _ in m.score_pairs()]
-        m.set_mask(*masks)
-    if head is not None:
+    if head is not None:  # the head first, restored if it does not fit: a refused file changes nothing
         if not mf.head:
             raise MaskFileError(f"mask file {mf.path} holds no task head")
-        head.load_state_dict(mf.head)
+        before = {k: v.detach().clone() for k, v in head.state_dict().items()}
+        try:
+            head.load_state_dict(mf.head)
+        except RuntimeError as e:
+            head.load_state_dict(before)
+            raise MaskFileError(f"mask file {mf.path}: its task head does not fit the head given ({e})") from e
+    for n in modules:
+        m = present[n]
+        masks = [unpack_mask(mf.masks[f"{n}.{w}"], mf.shapes[f"{n}.{w}"], backend="auto") for w, _, _ in m.score_pairs()]
+        m.set_mask(*masks)
     return mf
 
 
@@ -258,6 +281,6 @@ def describe_mask_file(path: str | os.PathLike) -> str:
              "  modules    :"]
     for key, shape in mf.shapes.items():
         n = torch.Size(shape).numel()
-        kept = int(unpack_mask(mf.masks[key], shape).sum())
+        kept = int(unpack_mask(mf.masks[key], shape, backend="auto").sum())
         lines.append(f"    {key:<60} {str(tuple(shape)):>14}  kept {kept / n:6.1%}")
     return "\n".join(lines)

@@ -29,6 +29,12 @@ def _scores_like(t: Tensor, init: float, spread: float) -> nn.Parameter:
     return nn.Parameter(s)
 
 
+# Inference through the 1-bit serving kernel up to this many tokens (auto, CUDA). The issue's regime is
+# 1-16 tokens; the crossover against a tensor-core GEMM on W⊙M is for the GPU bench to pin down.
+SERVE_MAX_TOKENS = 16
+_BITMASK_BACKENDS = ("cuda", "reference", "cpp")
+
+
 class MaskedModule(nn.Module):
     """Base of every masked module: a frozen ``weight`` (and optional ``bias``), fp32 ``scores``.
 
@@ -111,11 +117,16 @@ class MaskedLinear(MaskedModule):
         self.backend: Optional[str] = None  # None: ABP_BACKEND / auto
         self.fused_update: Optional[AF.ScoreSGD] = None  # set by the trainer for the fused-update path
         self.fused_uses = 0  # forwards since the last score step (must stay <= 1 when fused)
+        self.serve_bits: Optional[bool] = None  # inference from the packed mask: None = auto (see _serves_from_bits)
+        self._packed: Optional[tuple] = None
         self.register_buffer("fused_counts", torch.zeros(2, dtype=torch.int64, device=self.weight.device), persistent=False)
         self._init_scores(score_init, score_init_spread, mask_bias)
         self.source_type = source_type
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._serves_from_bits(x):
+            return AF.bitmask_linear(x, self.weight, self.packed_mask(), self._served_bias(),
+                                     backend=self.backend if self.backend in _BITMASK_BACKENDS else None)
         fused = self.fused_update if (self.training and torch.is_grad_enabled()) else None
         if fused is not None:
             # The fused backward updates θ in place: a second use before the step would see a moved mask.
@@ -126,6 +137,36 @@ class MaskedLinear(MaskedModule):
         return AF.masked_linear(x, self.weight, self.scores, self.bias, self.bias_scores, t_soft=self.t_soft,
                                 t_hard=self.t_hard, backend=self.backend, fused_update=fused,
                                 counts=self.fused_counts if fused is not None else None)
+
+    # ---------------------------------------------------------------- serving from the 1-bit mask
+    def _serves_from_bits(self, x: Tensor) -> bool:
+        """Inference (eval mode, no grad) with the hard mask, through :func:`abp.bitmask_linear`?
+
+        ``serve_bits``: True always, False never, None (auto) on CUDA for at most ``SERVE_MAX_TOKENS``
+        tokens, the regime where reading one bit per weight instead of ``W⊙M`` pays (bench ``bitmask_linear``).
+        """
+        if self.training or torch.is_grad_enabled() or self.t_hard is not None or self.serve_bits is False:
+            return False
+        if self.serve_bits:
+            return True
+        from abp import backends
+
+        return (x.device.type == "cuda" and x.numel() <= SERVE_MAX_TOKENS * self.in_features
+                and backends.requested(self.backend) in ("auto",) + _BITMASK_BACKENDS)
+
+    def packed_mask(self) -> Tensor:
+        """``abp.pack_mask(self.mask())``, cached until the scores change (their version counter moves)."""
+        key = (self.scores.data_ptr(), self.scores._version, self.scores.device)
+        if self._packed is None or self._packed[0] != key:
+            from abp.maskio import pack_mask
+
+            self._packed = (key, pack_mask(self.mask()))
+        return self._packed[1]
+
+    def _served_bias(self) -> Optional[Tensor]:
+        if self.bias is None or self.bias_scores is None:
+            return self.bias
+        return self.bias * self.bias_mask().to(self.bias.dtype)
 
     @torch.no_grad()
     def to_plain(self) -> nn.Module:

@@ -6,8 +6,9 @@ alone by default, so they can be trained as usual.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -23,8 +24,9 @@ HEAD_PATTERNS = (r"(^|\.)(classifier|score|lm_head|qa_outputs|pre_classifier|cls
 class MaskConfig:
     """What :func:`mask_model` masks and how the scores start.
 
-    ``include`` / ``exclude`` are regular expressions searched in module names; ``exclude`` defaults
-    to the task heads. ``t_hard=None`` is the hard mask (the paper's t_l → ∞); the paper's t_l = 1e5.
+    ``include`` / ``exclude`` are regular expressions searched in module names. Task heads
+    (:data:`HEAD_PATTERNS`) are excluded on top of ``exclude`` unless ``mask_heads=True``.
+    ``t_hard=None`` is the hard mask (the paper's t_l → ∞); the paper's t_l = 1e5.
     """
 
     linear: bool = True
@@ -32,7 +34,8 @@ class MaskConfig:
     layernorm: bool = False
     mask_bias: bool = False
     include: Sequence[str] = ()
-    exclude: Sequence[str] = field(default_factory=lambda: list(HEAD_PATTERNS))
+    exclude: Sequence[str] = ()
+    mask_heads: bool = False
     score_init: float = 0.01
     score_init_spread: float = 0.0
     freeze: bool = True  # freeze every pre-trained parameter outside the task heads (the paper trains only θ and p)
@@ -79,15 +82,14 @@ def mask_model(
     :class:`MaskConfig` fields. Pre-trained parameters outside the task heads are frozen (unless
     ``freeze=False``); the mask scores are the new trainable parameters.
     """
-    cfg = config or MaskConfig()
-    for k, v in overrides.items():
-        if not hasattr(cfg, k):
-            raise TypeError(f"mask_model: unknown option {k!r}")
-        setattr(cfg, k, v)
+    unknown = sorted(k for k in overrides if k not in {f.name for f in dataclasses.fields(MaskConfig)})
+    if unknown:
+        raise TypeError(f"mask_model: unknown option(s) {unknown}")
+    cfg = dataclasses.replace(config or MaskConfig(), **overrides)  # the caller's config stays as it was
     if any(isinstance(m, MaskedModule) for m in model.modules()):
         raise ValueError("mask_model: this model is already masked (call unmask_model first)")
     include = [re.compile(p) for p in cfg.include]
-    exclude = [re.compile(p) for p in cfg.exclude]
+    exclude = [re.compile(p) for p in (*cfg.exclude, *(() if cfg.mask_heads else HEAD_PATTERNS))]
     if cfg.freeze:
         heads = [re.compile(p) for p in HEAD_PATTERNS]
         for pname, p in model.named_parameters():

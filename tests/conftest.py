@@ -50,3 +50,43 @@ def minilm_path():
         return default_model_path()
     except RuntimeError as e:
         pytest.skip(str(e))
+
+
+def _save_tiny_bert(d, tokenizer_from: str, **overrides) -> str:
+    """A tiny random BERT (2 layers, hidden 32) with the embedded model's real tokenizer: fast on CPU."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=48, max_position_embeddings=64, **overrides)
+    T.BertModel(cfg).save_pretrained(d)
+    T.AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, minilm_path):
+    return _save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_nodrop(tmp_path_factory, minilm_path):
+    """The tiny BERT without dropout: runs that must agree exactly (1 vs 2 processes)."""
+    return _save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-nodrop"), minilm_path,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """``train.csv`` (96 rows) and ``dev.csv`` (40 rows): six-word sentences labelled by their sentiment words."""
+    d = tmp_path_factory.mktemp("data")
+    g = torch.Generator().manual_seed(0)
+    words = ["good", "bad", "fine", "awful", "great", "poor", "movie", "plot", "the", "a"]
+    for split, n in (("train", 96), ("dev", 40)):
+        rows = ["sentence,label"]
+        for _ in range(n):
+            ws = [words[i] for i in torch.randint(0, len(words), (6,), generator=g).tolist()]
+            label = int(sum(w in ("good", "fine", "great") for w in ws) > sum(w in ("bad", "awful", "poor") for w in ws))
+            rows.append(" ".join(ws) + f",{label}")
+        (d / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return d

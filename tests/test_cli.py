@@ -1,5 +1,4 @@
 """The command line: bad input gets one clear line naming the problem (exit 2), info/eval on real files."""
-import json
 
 import pytest
 
@@ -46,7 +45,6 @@ def test_no_data_source_says_exactly_what_to_do(tmp_path, capsys, monkeypatch, m
 
 
 def test_info_on_a_saved_mask(tmp_path, capsys):
-    import torch
     import transformers as T
 
     m = abp.mask_model(T.BertModel(T.BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,

@@ -108,42 +108,12 @@ def _outputs_are_single(out: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ fixtures
 
-
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, minilm_path):
-    """A tiny random BERT, dropout off, with the embedded model's real tokenizer."""
-    import transformers as T
-
-    d = tmp_path_factory.mktemp("tiny-bert-nodrop")
-    torch.manual_seed(0)
-    cfg = T.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                       max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    T.BertModel(cfg).save_pretrained(d)
-    T.AutoTokenizer.from_pretrained(minilm_path).save_pretrained(d)
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    g = torch.Generator().manual_seed(0)
-    words = ["good", "bad", "fine", "awful", "great", "poor", "movie", "plot", "the", "a"]
-    for split, n in (("train", 96), ("dev", 40)):
-        rows = ["sentence,label"]
-        for _ in range(n):
-            ws = [words[i] for i in torch.randint(0, len(words), (6,), generator=g).tolist()]
-            label = int(sum(w in ("good", "fine", "great") for w in ws) > sum(w in ("bad", "awful", "poor") for w in ws))
-            rows.append(" ".join(ws) + f",{label}")
-        (d / f"{split}.csv").write_text("\n".join(rows) + "\n")
-    return d
-
-
-@pytest.fixture(scope="module")
-def run_cfg(tiny_model_dir, tiny_data):
+def run_cfg(tiny_model_dir_nodrop, tiny_data):
     # batch 7 over 96 rows: shards of 3 and 4 rows, an epoch boundary, a last batch of 5 (2 and 3 rows);
     # exclude nothing: the pooler is masked too, and the loss never reaches it (its scores get no gradient);
     # the hard forward mask (t_l = None): see _same_run
-    return dict(model=tiny_model_dir, train_file=str(tiny_data / "train.csv"), dev_file=str(tiny_data / "dev.csv"),
+    return dict(model=tiny_model_dir_nodrop, train_file=str(tiny_data / "train.csv"), dev_file=str(tiny_data / "dev.csv"),
                 text_columns=["sentence"], label_column="label", num_labels=2, exclude=[], t_l=None, target_sparsity=0.3,
                 max_steps=STEPS, eval_every=4, log_every=2, batch_size=7, max_length=16, seed=3)
 
@@ -290,10 +260,10 @@ def test_torchrun_module_entry_point(run_cfg, tmp_path):
     assert m["distributed"]["world_size"] == 2 and m["steps"] == 4
 
 
-def test_accelerate_recipe_two_processes_equal_one(tiny_model_dir, tiny_data, tmp_path):
+def test_accelerate_recipe_two_processes_equal_one(tiny_model_dir_nodrop, tiny_data, tmp_path):
     """The Accelerate recipe (abp layers in a user's own loop): `accelerate launch` with 2 CPU processes
     learns the same mask as 1 process on the same global batches."""
-    args = ["--model", tiny_model_dir, "--train-file", str(tiny_data / "train.csv"), "--steps", "10",
+    args = ["--model", tiny_model_dir_nodrop, "--train-file", str(tiny_data / "train.csv"), "--steps", "10",
             "--batch-size", "8", "--sparsity", "0.3", "--head-dropout", "0"]
     one = subprocess.run([sys.executable, "-m", "abp.train.accelerate_example", *args, "--output", str(tmp_path / "one")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)

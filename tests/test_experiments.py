@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-import transformers as T
 
 import abp
 from abp.experiments import analysis as A
@@ -32,18 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, minilm_path):
-    """A tiny random BERT with the embedded model's real tokenizer (fast to train on CPU)."""
-    d = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    cfg = T.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=48, max_position_embeddings=64)
-    T.BertModel(cfg).save_pretrained(d)
-    T.AutoTokenizer.from_pretrained(minilm_path).save_pretrained(d)
-    return str(d)
 
 
 @pytest.fixture(scope="module")

@@ -130,3 +130,66 @@ def test_info_describes_the_file(tmp_path):
     from abp.maskio import describe_mask_file
     text = describe_mask_file(path)
     assert "stsb" in text and "encoder.layer.0.attention.self.query.weight" in text and "kept" in text
+
+
+def test_fingerprint_probes_exact_beyond_fp32_integers():
+    """More than 2**24 elements (BERT-base's word embeddings): probe positions stay in range and exact."""
+    from abp.maskio import _PROBES, _probe
+
+    n = 2**24 + 3
+    probes = _probe(torch.arange(n, dtype=torch.float64))
+    assert probes.shape == (_PROBES,) and probes[0] == 0 and probes[-1] == float(n - 1)
+    assert bool((probes[1:] > probes[:-1]).all())
+
+
+def test_save_and_load_a_bert_base_sized_embedding(tmp_path):
+    emb = torch.nn.Sequential(torch.nn.Embedding(30522, 768))  # 23.4 M weights, as in bert-base
+    abp.mask_model(emb)
+    _randomise(emb, 2)
+    path = tmp_path / "big.safetensors"
+    abp.save_mask(emb, path)
+    assert os.path.getsize(path) < 30522 * 768 / 8 + 16384  # 1 bit per weight: 2.9 MB
+    fresh = torch.nn.Sequential(torch.nn.Embedding(30522, 768))
+    fresh[0].weight.data.copy_(emb[0].weight)
+    abp.load_mask(fresh, path)
+    assert torch.equal(fresh[0].mask(), emb[0].mask())
+
+
+def test_refuses_slightly_drifted_weights_in_bf16(tmp_path):
+    """A file saved from bf16 weights refuses fp32 weights that drifted by 0.5 % of mean |w| (fine-tuning-sized)."""
+    base = _bert(0)
+    model = abp.mask_model(_bert(0).to(torch.bfloat16))
+    path = tmp_path / "m.safetensors"
+    abp.save_mask(model, path)
+    abp.load_mask(_bert(0), path)  # the same weights in fp32: accepted
+    drifted = base
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in drifted.parameters():
+            p.add_(0.005 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    with pytest.raises(abp.MaskFileError, match="other base weights"):
+        abp.load_mask(drifted, path)
+
+
+def test_head_that_does_not_fit_changes_nothing(tmp_path):
+    model = abp.mask_model(_bert(0))
+    _randomise(model, 4)
+    path = tmp_path / "m.safetensors"
+    abp.save_mask(model, path, head=torch.nn.Linear(24, 3))
+    target = abp.mask_model(_bert(0))
+    scores_before = [m.scores.detach().clone() for _, m in abp.masked_modules(target)]
+    wrong = torch.nn.Linear(24, 5)
+    w_before = wrong.weight.detach().clone()
+    with pytest.raises(abp.MaskFileError, match="head does not fit"):
+        abp.load_mask(target, path, head=wrong)
+    assert torch.equal(wrong.weight, w_before)
+    assert all(torch.equal(a, m.scores) for a, (_, m) in zip(scores_before, abp.masked_modules(target)))
+
+
+def test_mask_io_ignores_a_training_only_backend(tmp_path, monkeypatch):
+    """ABP_BACKEND names the training kernels; packing the mask file takes the backend that implements it."""
+    model = abp.mask_model(_bert(0))
+    monkeypatch.setenv("ABP_BACKEND", "triton")
+    path = tmp_path / "m.safetensors"
+    abp.save_mask(model, path)
+    abp.load_mask(_bert(0), path)

@@ -98,3 +98,16 @@ def test_embedding_grad_matches_dense_formula():
     sig = torch.sigmoid(s)
     torch.testing.assert_close(m.scores.grad, dense * emb.weight.detach() * sig * (1 - sig))
     torch.testing.assert_close(out, emb.weight.detach()[ids] * (s[ids] > 0))
+
+
+def test_exclude_keeps_heads_excluded_and_config_untouched():
+    """A user ``exclude`` adds to the head exclusion instead of replacing it; a passed MaskConfig is not changed."""
+    model = FAMILIES["llama"]()
+    cfg = abp.MaskConfig(exclude=[r"mlp"])
+    abp.mask_model(model, cfg, embeddings=False)
+    names = [n for n, _ in abp.masked_modules(model)]
+    assert names and not any("mlp" in n or "lm_head" in n for n in names), names
+    assert cfg.embeddings is True and list(cfg.exclude) == [r"mlp"]
+    with_head = FAMILIES["llama"]()
+    abp.mask_model(with_head, include=[r"lm_head"], mask_heads=True)
+    assert [n for n, _ in abp.masked_modules(with_head)] == ["lm_head"]

@@ -12,33 +12,6 @@ from abp.train.score_optim import FusedUpdateError, ScoreOptimizer, calibrate_sc
 from abp.train.trainer import Trainer
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, minilm_path):
-    """A tiny random BERT with the embedded model's real tokenizer (fast to train on CPU)."""
-    d = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    cfg = T.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=48, max_position_embeddings=64)
-    T.BertModel(cfg).save_pretrained(d)
-    T.AutoTokenizer.from_pretrained(minilm_path).save_pretrained(d)
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    g = torch.Generator().manual_seed(0)
-    words = ["good", "bad", "fine", "awful", "great", "poor", "movie", "plot", "the", "a"]
-    for split, n in (("train", 96), ("dev", 40)):
-        rows = ["sentence,label"]
-        for _ in range(n):
-            ws = [words[i] for i in torch.randint(0, len(words), (6,), generator=g).tolist()]
-            label = int(sum(w in ("good", "fine", "great") for w in ws) > sum(w in ("bad", "awful", "poor") for w in ws))
-            rows.append(" ".join(ws) + f",{label}")
-        (d / f"{split}.csv").write_text("\n".join(rows) + "\n")
-    return d
-
-
 def _cfg(model_dir, data, **kw):
     base = dict(model=model_dir, train_file=str(data / "train.csv"), dev_file=str(data / "dev.csv"),
                 text_columns=("sentence",), label_column="label", num_labels=2, target_sparsity=0.3,
@@ -49,7 +22,6 @@ def _cfg(model_dir, data, **kw):
 
 def _state(out):
     mf = abp.read_mask_file(out / "mask.safetensors")
-    ck = torch.load if False else None  # noqa: F841  (checkpoints are safetensors, never pickle)
     return mf, json.loads((out / "metrics.json").read_text())
 
 
@@ -81,6 +53,30 @@ def test_resume_equals_uninterrupted(tiny_model_dir, tiny_data, tmp_path, monkey
     (mfa, ma), (mfb, mb) = _state(tmp_path / "a"), _state(tmp_path / "b")
     assert all(torch.equal(mfa.masks[k], mfb.masks[k]) for k in mfa.masks)
     assert ma["dev_metric"] == mb["dev_metric"] and ma["sparsity"] == mb["sparsity"]
+    assert torch.equal(resumed.scores.counts, ref.scores.counts) and int(resumed.scores.zeros) == int(ref.scores.zeros)
+    assert mfb.metadata["task"] == "custom", "a mask trained on custom files must not claim a GLUE task"
+
+
+def test_nan_scores_stop_the_run_and_keep_the_last_checkpoint(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    cfg = _cfg(tiny_model_dir, tiny_data, max_steps=8)
+    calls = {"n": 0}
+    real_step = ScoreOptimizer.step
+
+    def poisoning_step(self):
+        real_step(self)
+        calls["n"] += 1
+        if calls["n"] == 5:  # score step 5 = training step 6 (1 warm-up step), after the step-4 checkpoint
+            with torch.no_grad():
+                self.scores[0].view(-1)[0] = float("nan")
+
+    monkeypatch.setattr(ScoreOptimizer, "step", poisoning_step)
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match="at step 8"):  # the loss or the scores, whichever is seen first
+        Trainer(cfg, out, progress=False).run()
+    from abp.train.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(out / "checkpoint.safetensors")
+    assert ck["info"]["step"] == 4 and all(torch.isfinite(s).all() for s in ck["scores"].values())
 
 
 def test_resume_refuses_other_settings(tiny_model_dir, tiny_data, tmp_path):
@@ -167,6 +163,7 @@ def test_fused_update_refuses_inexact_cases(tiny_model_dir, tiny_data, tmp_path)
     (dict(target_sparsity=1.2), "target sparsity"),
     (dict(max_steps=0), "max_steps"),
     (dict(fused_update="maybe"), "fused_update"),
+    (dict(dev_file=None), "needs both --train-file and --dev-file"),
 ])
 def test_bad_config(tiny_model_dir, tiny_data, tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):

@@ -368,6 +368,30 @@ def test_interpreter_in_fresh_process():
 
 
 # ----------------------------------------------------------------------------------------------
+# the abp:: operators on the Triton backend: schemas, fake kernels, autograd and mutation declarations
+# ----------------------------------------------------------------------------------------------
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_opcheck_triton_backend(dtype):
+    """``torch.library.opcheck`` of every Triton-backed op through ``backend="triton"`` (odd sizes)."""
+    x, w, dy, s, b, bs = make_problem((9, 13, 7), dtype, 0.5, "bias+scores", ("opcheck", str(dtype)))
+    s, bs = s.requires_grad_(), bs.requires_grad_()
+    ops = torch.ops.abp
+    for t_hard in (None, 3.0):
+        torch.library.opcheck(ops.masked_matmul.default, (x, w, s, b, bs, t_hard, 1.0, "triton"))
+        torch.library.opcheck(ops.masked_matmul_dx.default, (dy, w, s.detach(), t_hard, "triton"))
+    torch.library.opcheck(ops.score_grad.default, (dy, x, w, s.detach(), b, bs.detach(), 1.0, "triton"))
+    gamma, active = torch.tensor(1e-3, device=DEVICE), torch.tensor(1.0, device=DEVICE)
+    counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    torch.library.opcheck(ops.score_grad_update_.default,
+                          (dy, x, w, s.detach().clone(), b, bs.detach().clone(), counts, 0.1, gamma, active, True,
+                           1.0, "triton"))
+    from abp import backends
+
+    assert backends.last_backend("score_grad_update_") == "triton"
+
+
+# ----------------------------------------------------------------------------------------------
 # full size, GPU only (autotuned)
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mnk", [(4096, 768, 3072), (4096, 3072, 768)], ids=["768x3072", "3072x768"])

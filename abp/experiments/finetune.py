@@ -21,7 +21,6 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
-import abp
 from abp.models import load_backbone, native_pooling
 from abp.patch import MaskConfig, mask_model, masked_modules
 from abp.train import data as D
@@ -46,7 +45,7 @@ def trainer_mask_config(cfg: ABPConfig) -> MaskConfig:
     """The :class:`MaskConfig` :class:`abp.train.trainer.Trainer` masks the backbone with (same fields),
     so baselines prune exactly the tensors ABP learns masks for."""
     return MaskConfig(embeddings=cfg.mask_embeddings, layernorm=cfg.mask_layernorm, mask_bias=cfg.mask_bias,
-                      exclude=list(abp.patch.HEAD_PATTERNS) + list(cfg.exclude), score_init=cfg.score_init,
+                      exclude=list(cfg.exclude), score_init=cfg.score_init,
                       score_init_spread=cfg.score_init_spread, t_hard=cfg.t_l, t_soft=cfg.t_s)
 
 

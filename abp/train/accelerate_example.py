@@ -70,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     # per-process dropout streams; initial scores and head come from rank 0 (DDP broadcasts them in prepare)
     set_seed(a.seed, device_specific=True)
     backbone, tok = load_backbone(a.model)
-    abp.mask_model(backbone, score_init_spread=1.0, exclude=list(abp.patch.HEAD_PATTERNS) + ["pooler"])
+    abp.mask_model(backbone, score_init_spread=1.0, exclude=["pooler"])
     model = PooledClassifier(backbone, num_labels=2, dropout=a.head_dropout)
     head_opt = torch.optim.AdamW(model.head.parameters(), lr=a.head_lr)
 

@@ -87,6 +87,9 @@ class ABPConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if (self.train_file is None) != (self.dev_file is None):
+            raise ValueError("custom data needs both --train-file and --dev-file (the dev set scores the mask); "
+                             f"got train_file={self.train_file!r}, dev_file={self.dev_file!r}")
         if self.fused_update not in ("auto", "on", "off"):
             raise ValueError(f"fused_update must be auto, on or off, got {self.fused_update!r}")
         if self.head_pool not in ("auto", "cls", "mean"):

@@ -210,6 +210,15 @@ class ShardedScoreOptimizer(ScoreOptimizer):
         self._sgd = ScoreSGD(self.lr, self.gamma, self.active, self.recovery)
 
     @torch.no_grad()
+    def recount(self) -> None:
+        """Global counts of θ ≤ 0: each rank counts its shards, then they are summed over ranks."""
+        if not any(_is_sharded(s) for s in self.scores):  # still on the full tensors (before attach)
+            return super().recount()
+        local = torch.stack([(_local(s) <= 0).sum() for s in self.scores])
+        dist.all_reduce(local)
+        self.counts, self.zeros = local, local.sum()
+
+    @torch.no_grad()
     def step(self) -> None:
         if self.frozen:
             return
@@ -408,9 +417,13 @@ class Parallel:
         if len({float(f) for f in every}) != 1:
             raise RuntimeError("FSDP: the ranks built different initial scores (each rank must build the model "
                                f"from the same seed and weights); score sums per rank: {[float(f) for f in every]}")
-        if self.is_main:  # everything but the scores is shared with the model (frozen weights, the head)
+        if self.is_main:  # the frozen weights' CPU storage is shared with the model, the head too; scores are copied
             scores_ids = {id(s) for _, s in score_tensors(model)}
-            memo = {id(p): p for p in model.parameters() if id(p) not in scores_ids}
+            # New Parameter objects over the same storage: fully_shard moves the model's own parameters to
+            # the GPU in place (``p.data = p.to(device)``), which would otherwise drag the mirror's full
+            # weights onto rank 0's GPU too.
+            memo = {id(p): nn.Parameter(p.data, requires_grad=p.requires_grad)
+                    for p in model.parameters() if id(p) not in scores_ids}
             memo[id(model.head)] = model.head
             self._mirror = copy.deepcopy(model, memo)
         mesh = init_device_mesh(self.device.type, (self.world,))
@@ -570,3 +583,13 @@ class Parallel:
 
     def broadcast(self, obj: Any) -> Any:
         return broadcast_object(obj)
+
+    def agree(self, what: str, value: Any) -> Any:
+        """``value`` if every rank holds the same one, else RuntimeError on every rank (no rank hangs)."""
+        if world_size() == 1:
+            return value
+        every: list[Any] = [None] * self.world
+        dist.all_gather_object(every, value)
+        if any(v != every[0] for v in every):
+            raise RuntimeError(f"ranks disagree on {what}: {dict(enumerate(every))}")
+        return value

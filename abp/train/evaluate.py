@@ -86,6 +86,9 @@ def evaluate_mask_file(mask_path: str, *, model: Optional[str] = None, task: Opt
     task = task or mf.metadata.get("task") or None
     if not task:
         raise ValueError(f"{mask_path} records no task: pass --task")
+    if task == "custom":
+        raise ValueError(f"{mask_path} was trained on custom data files (see its config: abp info {mask_path}); "
+                         "pass --task to evaluate it on a GLUE task")
     spec = get_task(task)
     trained = extra.get("config", {})
     if model is None:

@@ -94,20 +94,25 @@ class ScoreOptimizer:
         self.gamma = torch.tensor(gamma if gamma is not None else 2 * max(init, 1e-4) * max(self.target, 0.05) / self.prune_steps,
                                   dtype=torch.float32, device=device)
         self.active = torch.ones((), dtype=torch.float32, device=device)
-        # counts of θ ≤ 0 per tensor, kept current on device (tensors skipped in a step keep theirs)
-        with torch.no_grad():
-            self.counts = torch.stack([(s <= 0).sum() for s in self.scores]) if self.scores else \
-                torch.zeros(1, dtype=torch.int64, device=device)
-            for m in self.fused_modules:
-                m.fused_counts.copy_(torch.stack([(s <= 0).sum() for _, _, s in m.score_pairs()] +
-                                                 [torch.zeros((), dtype=torch.int64, device=device)])[:2])
-        self.zeros = self.counts.sum() + sum((m.fused_counts.sum() for m in self.fused_modules),
-                                             torch.zeros((), dtype=torch.int64, device=device))
+        self.recount()
         self.frozen = False
         self.steps = 0
         self._sgd = ScoreSGD(self.lr, self.gamma, self.active, recovery)
         for m in self.fused_modules:
             m.fused_update = self._sgd
+
+    @torch.no_grad()
+    def recount(self) -> None:
+        """Count θ ≤ 0 per tensor from the scores as they are (on device, no sync): at the start and after
+        the scores were loaded from elsewhere (resume). Steps keep the counts current from then on."""
+        device = self.modules[0][1].scores.device
+        self.counts = torch.stack([(s <= 0).sum() for s in self.scores]) if self.scores else \
+            torch.zeros(1, dtype=torch.int64, device=device)
+        for m in self.fused_modules:
+            m.fused_counts.copy_(torch.stack([(s <= 0).sum() for _, _, s in m.score_pairs()] +
+                                             [torch.zeros((), dtype=torch.int64, device=device)])[:2])
+        self.zeros = self.counts.sum() + sum((m.fused_counts.sum() for m in self.fused_modules),
+                                             torch.zeros((), dtype=torch.int64, device=device))
 
     def set_lr(self, lr: float) -> None:
         """Set α (e.g. after :func:`calibrate_score_lr`), for both update paths."""

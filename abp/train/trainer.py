@@ -68,7 +68,7 @@ class Trainer:
         backbone, self.tokenizer = load_backbone(cfg.model, dtype=dtype)
         backbone.requires_grad_(False)
         mask_model(backbone, MaskConfig(embeddings=cfg.mask_embeddings, layernorm=cfg.mask_layernorm,
-                                        mask_bias=cfg.mask_bias, exclude=list(abp.patch.HEAD_PATTERNS) + list(cfg.exclude),
+                                        mask_bias=cfg.mask_bias, exclude=list(cfg.exclude),
                                         score_init=cfg.score_init, score_init_spread=cfg.score_init_spread,
                                         t_hard=cfg.t_l, t_soft=cfg.t_s))
         for _, m in masked_modules(backbone):
@@ -199,7 +199,9 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt = self.out / "checkpoint.safetensors"
-        if resume and ckpt.exists():
+        found = self.dist.agree(f"whether {ckpt} exists (on several machines --output must be a shared filesystem)",
+                                resume and ckpt.exists())
+        if found:
             self._restore(ckpt)
         elif resume:
             log.warning("abp: --resume given but %s does not exist: starting from scratch", ckpt)
@@ -272,6 +274,7 @@ class Trainer:
             self.scores.freeze()
 
     def _eval_point(self, bar) -> None:
+        self._check_finite_scores()
         metrics = self.evaluate()
         sp = self.dist.sparsity(self.model)
         pruned = sp >= self.cfg.target_sparsity or not self.learn_mask
@@ -292,7 +295,7 @@ class Trainer:
         full = self.dist.full_model(self.model)  # FSDP: gathers the scores (all ranks take part)
         if self.dist.is_main:  # distributed: one writer (atomic), the others wait at the barrier
             abp.save_mask(full.backbone, path, head=self.model.head, base_model=resolve_model(self.cfg.model)
-                          if self.cfg.model else "all-MiniLM-L6-v2 (embedded)", task=self.cfg.task,
+                          if self.cfg.model else "all-MiniLM-L6-v2 (embedded)", task=self.cfg.task if self.task else "custom",
                           metadata={"head": self.cfg.head, "head_pool": self.head_pool, "num_labels": self.num_labels,
                                     "step": self.step, "config": self.cfg.to_dict()})
         self.dist.barrier()
@@ -335,7 +338,20 @@ class Trainer:
         return self.dist.broadcast(result)
 
     # ------------------------------------------------------------------ checkpoints
+    def _check_finite_scores(self) -> None:
+        """Refuse to go on (and to overwrite the last good checkpoint) once a score is NaN/inf."""
+        from abp.train.distributed import _local
+
+        bad = torch.zeros((), dtype=torch.float64, device=self.device)
+        for _, s in score_tensors(self.model):
+            bad += (~torch.isfinite(_local(s).detach())).sum()
+        bad = int(self.dist.average(bad) * max(self.dist.world, 1))  # one sync, at checkpoints only
+        if bad:
+            raise FloatingPointError(f"{bad} mask scores are NaN/inf at step {self.step} (learning rate too high?); "
+                                     f"the last checkpoint in {self.out} is intact")
+
     def _save_checkpoint(self, path: Path) -> None:
+        self._check_finite_scores()
         info = {"step": self.step, "config": self.cfg.to_dict(), "history": self.history, "best": self.best}
         full = self.dist.full_model(self.model)  # FSDP: gathers the scores (all ranks take part)
         if self.dist.is_main:  # global state only: any world size can resume from it
@@ -359,6 +375,7 @@ class Trainer:
         self.model.head.load_state_dict(ck["head"])
         self.head_opt.load_state_dict(ck["head_opt"])
         self.scores.load_state_dict(ck["score_state"])
+        self.scores.recount()  # per-tensor counts from the restored scores (FSDP: this rank's shards)
         torch.set_rng_state(ck["rng"]["cpu"])
         if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(ck["rng"]["cuda"])
