@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -113,7 +114,8 @@ def masked_linear(
     ``bias`` frozen. With ``fused_update`` the backward updates ``scores`` in place (and writes the
     count of pruned scores into ``counts``, int64 [2]) instead of returning a gradient for them.
     """
-    if torch.is_autocast_enabled(input.device.type) and input.dtype in _FLOATS:
+    amp = input.device.type in ("cpu", "cuda")  # autocast exists there (not on meta, for one)
+    if amp and torch.is_autocast_enabled(input.device.type) and input.dtype in _FLOATS:
         dtype = torch.get_autocast_dtype(input.device.type)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
@@ -121,7 +123,7 @@ def masked_linear(
     lead = input.shape[:-1]
     x2d = input.reshape(-1, input.shape[-1])
     backend = backend or ""  # "": the default choice (use_backend, ABP_BACKEND, auto)
-    with torch.autocast(input.device.type, enabled=False):
+    with torch.autocast(input.device.type, enabled=False) if amp else contextlib.nullcontext():
         if fused_update is None:
             y = _ops.masked_matmul(x2d, weight, scores, bias, bias_scores, t_hard, t_soft, backend)
         else:
@@ -161,6 +163,9 @@ def masked_embedding(
         raise TypeError(f"masked_embedding: ids must be int32/int64, got {ids.dtype}")
     if scores.shape != weight.shape or scores.dtype != torch.float32:
         raise ValueError(f"masked_embedding: scores must be float32 of shape {tuple(weight.shape)}, got {scores.dtype} {tuple(scores.shape)}")
+    if len({ids.device, weight.device, scores.device}) > 1:
+        raise ValueError(f"masked_embedding: ids on {ids.device}, weight on {weight.device}, scores on {scores.device}: "
+                         "move them to one device")
     return _MaskedRows.apply(ids, weight, scores, t_hard, t_soft, padding_idx)
 
 

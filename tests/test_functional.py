@@ -89,6 +89,18 @@ def test_bad_input_is_named(bad, match):
         abp.masked_linear(args["x"], args["w"], args["s"], args["b"])
 
 
+def test_meta_tensors_propagate_shapes():
+    """Meta-device models (deferred init, FSDP) trace through the masked layers without data."""
+    x, w, s = (torch.empty(shape, device="meta") for shape in ((2, 3, 6), (4, 6), (4, 6)))
+    assert abp.masked_linear(x, w, s).shape == (2, 3, 4)
+
+
+def test_embedding_devices_are_checked():
+    emb = abp.MaskedEmbedding(torch.nn.Embedding(10, 4))
+    with pytest.raises(ValueError, match="one device"):
+        emb(torch.tensor([1, 2], device="meta"))
+
+
 def test_unknown_or_unavailable_backend_is_an_error():
     x, w, s = torch.randn(2, 3), torch.randn(4, 3), torch.randn(4, 3)
     with pytest.raises(ValueError, match="unknown abp backend"):

@@ -159,6 +159,16 @@ def test_fused_update_refuses_inexact_cases(tiny_model_dir, tiny_data, tmp_path)
         layer(x)
 
 
+def test_fused_update_refuses_a_layer_called_twice_per_forward(minilm_path, tiny_data, tmp_path):
+    """ALBERT runs one shared layer for every depth: on asks loudly, auto (on CUDA) would fall back."""
+    d = tmp_path / "tiny-albert"
+    T.AlbertModel(T.AlbertConfig(vocab_size=30522, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                                 num_attention_heads=2, intermediate_size=48, max_position_embeddings=64)).save_pretrained(d)
+    T.AutoTokenizer.from_pretrained(minilm_path).save_pretrained(d)
+    with pytest.raises(FusedUpdateError, match="called more than once per forward"):
+        Trainer(_cfg(str(d), tiny_data, fused_update="on"), tmp_path / "run", progress=False)
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(target_sparsity=1.2), "target sparsity"),
     (dict(max_steps=0), "max_steps"),

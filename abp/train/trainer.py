@@ -127,11 +127,38 @@ class Trainer:
             why.append("gradient accumulation (grad_accum > 1)")
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             why.append("a DDP gradient all-reduce")
+        if self.cfg.fused_update == "on" or (self.cfg.fused_update == "auto" and self.device.type == "cuda" and not why):
+            reused = self._masked_linears_called_twice()
+            if reused:
+                why.append(f"masked layers called more than once per forward (shared layers, as in ALBERT): {reused[:3]}")
         if self.cfg.fused_update == "on" and why:
             raise FusedUpdateError("fused score update refused: it would not be exact with " + " and ".join(why))
         if self.cfg.fused_update == "auto":
+            if why and self.device.type == "cuda":
+                log.info("abp: fused score update off: %s", "; ".join(why))
             return not why and self.device.type == "cuda"
         return self.cfg.fused_update == "on"
+
+    @torch.no_grad()
+    def _masked_linears_called_twice(self) -> list[str]:
+        """Names of masked linear layers that one forward of the backbone calls twice (one tiny dry run):
+        the in-backward update of such a layer would move its mask between its two uses."""
+        calls: dict[str, int] = {}
+        hooks = [m.register_forward_pre_hook(lambda mod, args, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
+                 for name, m in masked_modules(self.model.backbone) if isinstance(m, abp.MaskedLinear)]
+        backbone, was_training = self.model.backbone, self.model.backbone.training
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:  # eval mode and a forked RNG: the dry run leaves dropout streams and the run's results untouched
+            vocab = int(getattr(backbone.config, "vocab_size", 2))
+            ids = torch.randint(0, max(vocab, 1), (1, 8), generator=torch.Generator().manual_seed(0)).to(self.device)
+            with torch.random.fork_rng(devices=devices), self._autocast():
+                backbone.eval()
+                backbone(input_ids=ids, attention_mask=torch.ones_like(ids))
+        finally:
+            backbone.train(was_training)
+            for h in hooks:
+                h.remove()
+        return sorted(n for n, c in calls.items() if c > 1)
 
     def _load_data(self):
         cfg = self.cfg
