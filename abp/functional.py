@@ -95,6 +95,17 @@ class _FusedUpdateLinear(torch.autograd.Function):
         return dx, None, None, None, None, None, None, None, None, None
 
 
+def _autocast_operands(input: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """``(amp, input, weight, bias)``: the operands cast to the autocast dtype when autocast is on for the
+    input's device, as ``F.linear`` would be; ``amp`` says whether that device has autocast at all."""
+    amp = torch.amp.is_autocast_available(input.device.type)  # not on meta, for one
+    if amp and torch.is_autocast_enabled(input.device.type) and input.dtype in _FLOATS:
+        dtype = torch.get_autocast_dtype(input.device.type)
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    return amp, input, weight, bias
+
+
 def masked_linear(
     input: Tensor,
     weight: Tensor,
@@ -114,11 +125,7 @@ def masked_linear(
     ``bias`` frozen. With ``fused_update`` the backward updates ``scores`` in place (and writes the
     count of pruned scores into ``counts``, int64 [2]) instead of returning a gradient for them.
     """
-    amp = input.device.type in ("cpu", "cuda")  # autocast exists there (not on meta, for one)
-    if amp and torch.is_autocast_enabled(input.device.type) and input.dtype in _FLOATS:
-        dtype = torch.get_autocast_dtype(input.device.type)
-        input, weight = input.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    amp, input, weight, bias = _autocast_operands(input, weight, bias)
     _check_linear(input, weight, scores, bias, bias_scores, t_hard, t_soft)
     lead = input.shape[:-1]
     x2d = input.reshape(-1, input.shape[-1])
@@ -223,6 +230,7 @@ def bitmask_linear(input: Tensor, weight: Tensor, packed_mask: Tensor, bias: Opt
     (inference). On CUDA a GEMV/skinny-GEMM kernel reads the bits directly: for few tokens the weight read
     dominates, and a materialised ``W⊙M`` would double it.
     """
+    _, input, weight, bias = _autocast_operands(input, weight, bias)
     _check_serving("bitmask_linear", input, weight, bias)
     _check_packed("bitmask_linear", packed_mask, weight, 1)
     x2d = input.reshape(-1, input.shape[-1])
@@ -234,6 +242,7 @@ def multi_bitmask_linear(input: Tensor, weight: Tensor, packed_masks: Tensor, ta
                          bias: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
     """Serving many tasks over one frozen weight: row ``i`` of ``input`` (2-D ``[M, in]``) uses mask
     ``packed_masks[task_ids[i]]`` (``packed_masks``: ``[tasks, ceil(out·in/8)]`` uint8)."""
+    _, input, weight, bias = _autocast_operands(input, weight, bias)
     _check_serving("multi_bitmask_linear", input, weight, bias)
     _check_packed("multi_bitmask_linear", packed_masks, weight, 2)
     if input.dim() != 2:
@@ -247,4 +256,4 @@ def multi_bitmask_linear(input: Tensor, weight: Tensor, packed_masks: Tensor, ta
         lo, hi = int(task_ids.min()), int(task_ids.max())
         if lo < 0 or hi >= packed_masks.shape[0]:
             raise ValueError(f"multi_bitmask_linear: task ids must be in [0, {packed_masks.shape[0]}), got [{lo}, {hi}]")
-    return _ops.multi_bitmask_linear(input, weight, packed_masks, task_ids, bias, backend or "")
+    return _ops.multi_bitmask_linear(input, weight, packed_masks, task_ids.long(), bias, backend or "")

@@ -22,10 +22,12 @@ from torch import nn
 
 from abp import _ops
 from abp._atomic import atomic_path
+from abp.nn import MaskedLinear
 from abp.patch import MaskConfig, mask_model, masked_modules, sparsity
 
 FORMAT = "abp-mask"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: probe positions in exact integer arithmetic (1: fp32 linspace, wrong past 2**24 weights)
+READABLE_VERSIONS = ("1", "2")
 _PROBES = 64
 # Unit roundoff of each weight dtype: probes of the same weights agree once rounded to the coarser dtype.
 _EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -54,11 +56,15 @@ def unpack_mask(packed: torch.Tensor, shape, *, backend: Optional[str] = None) -
     return _ops.unpack_mask(packed, shape.numel(), backend or "").view(shape)
 
 
-def _probe(weight: torch.Tensor) -> torch.Tensor:
-    """``_PROBES`` values at evenly spaced flat positions (integer arithmetic: exact at any size)."""
+def _probe(weight: torch.Tensor, version: str = FORMAT_VERSION) -> torch.Tensor:
+    """``_PROBES`` values at evenly spaced flat positions: exact integer arithmetic at any size (format 2);
+    format-1 files used an fp32 ``linspace``, reproduced here to read them."""
     flat = weight.detach().reshape(-1)
     n = flat.numel()
-    idx = torch.arange(_PROBES, dtype=torch.int64) * (n - 1) // (_PROBES - 1)
+    if version == "1":
+        idx = torch.linspace(0, n - 1, _PROBES).long()
+    else:
+        idx = torch.arange(_PROBES, dtype=torch.int64) * (n - 1) // (_PROBES - 1)
     return flat[idx.to(flat.device)].float().cpu()
 
 
@@ -169,8 +175,9 @@ def read_mask_file(path: str | os.PathLike) -> MaskFile:
         raise MaskFileError(f"mask file {path} is corrupt or not a safetensors file ({type(e).__name__}: {e})") from e
     if meta.get("format") != FORMAT:
         raise MaskFileError(f"{path} is a safetensors file but not an abp task mask (format={meta.get('format')!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise MaskFileError(f"{path} has mask format version {meta.get('format_version')}; this abp reads {FORMAT_VERSION}")
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise MaskFileError(f"{path} has mask format version {meta.get('format_version')}; this abp reads "
+                            f"{', '.join(READABLE_VERSIONS)} (a newer abp wrote it?)")
     try:
         shapes = json.loads(meta["shapes"])
     except (KeyError, json.JSONDecodeError) as e:
@@ -204,20 +211,34 @@ def _same_weights(got: torch.Tensor, expected: torch.Tensor, file_dtype: torch.d
     a, b = got.to(target).float(), expected.to(target).float()
     if eps[coarse] == _EPS[torch.float32]:
         return torch.equal(a, b)
-    return bool(((a - b).abs() <= 2 * eps[coarse] * torch.maximum(a.abs(), b.abs())).all())
+    # fp16 rounds tiny weights to subnormals (absolute step 2**-24): one such step is allowed too
+    atol = 2.0**-24 if torch.float16 in (file_dtype, dtype) else 0.0
+    return bool(((a - b).abs() <= 2 * eps[coarse] * torch.maximum(a.abs(), b.abs()) + atol).all())
 
 
 def _check_fingerprint(mf: MaskFile, name: str, weight: torch.Tensor) -> None:
     expected = mf.probes.get(name)
     if expected is None:
         raise MaskFileError(f"mask file {mf.path} has no fingerprint for {name}")
-    got = _probe(weight)
+    got = _probe(weight, mf.metadata["format_version"])
     file_dtype = getattr(torch, mf.metadata.get("weight_dtype", "float32"), torch.float32)
     if not _same_weights(got, expected, file_dtype, weight.dtype):
         raise MaskFileError(
             f"mask file {mf.path} was made for other base weights: module {name} differs "
             f"(file base model {mf.metadata.get('base_model')!r}, fingerprint {mf.metadata.get('fingerprint')}); "
             f"load the base model the mask was trained on")
+
+
+def _check_head(mf: MaskFile, head: nn.Module) -> None:
+    """The file's head state fits ``head``: same parameter and buffer names, same shapes."""
+    if not mf.head:
+        raise MaskFileError(f"mask file {mf.path} holds no task head")
+    want = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in mf.head.items()}
+    if want != have:
+        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        raise MaskFileError(f"mask file {mf.path}: its task head does not fit the head given "
+                            f"({', '.join(f'{k}: file {have.get(k)}, head {want.get(k)}' for k in diff[:4])})")
 
 
 def load_mask(model: nn.Module, path: str | os.PathLike, *, head: Optional[nn.Module] = None) -> MaskFile:
@@ -228,18 +249,27 @@ def load_mask(model: nn.Module, path: str | os.PathLike, *, head: Optional[nn.Mo
     """
     mf = read_mask_file(path)
     modules = sorted({k.rsplit(".", 1)[0] for k in mf.masks})
+    if head is not None:
+        _check_head(mf, head)
     present = dict(masked_modules(model))
-    if not present:
+    if not present:  # check the plain model fully first: masking it is the first change
         names = dict(model.named_modules())
         missing = [n for n in modules if n not in names]
         if missing:
             raise MaskFileError(f"mask file {mf.path} (base model {mf.metadata.get('base_model')!r}) names modules this "
                                 f"model lacks: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         for n in modules:
-            _check_fingerprint(mf, n, _base_weight(names[n]))
+            base = _base_weight(names[n])
+            _check_fingerprint(mf, n, base)
+            if f"{n}.weight" in mf.shapes and list(base.shape) != mf.shapes[f"{n}.weight"]:
+                raise MaskFileError(f"mask file {mf.path}: {n}.weight has shape {mf.shapes[f'{n}.weight']}, "
+                                    f"the model's is {list(base.shape)}")
         mask_model(model, MaskConfig(include=[f"^{re.escape(n)}$" for n in modules], mask_heads=True, layernorm=True,
                                      mask_bias=any(k.endswith(".bias") for k in mf.masks)))
         present = dict(masked_modules(model))
+        for n, m in present.items():  # bias scores only where the file masks that module's bias
+            if isinstance(m, MaskedLinear) and m.bias_scores is not None and f"{n}.bias" not in mf.masks:
+                m.bias_scores = None
     missing = [n for n in modules if n not in present]
     extra = [n for n in present if n not in modules]
     if missing or extra:
@@ -252,9 +282,7 @@ def load_mask(model: nn.Module, path: str | os.PathLike, *, head: Optional[nn.Mo
             key = f"{n}.{which}"
             if key not in mf.masks or list(scores.shape) != mf.shapes[key]:
                 raise MaskFileError(f"mask file {mf.path}: {key} has shape {mf.shapes.get(key)}, the model's is {list(scores.shape)}")
-    if head is not None:  # the head first, restored if it does not fit: a refused file changes nothing
-        if not mf.head:
-            raise MaskFileError(f"mask file {mf.path} holds no task head")
+    if head is not None:  # the head first, restored if it does not load: a refused file changes nothing
         before = {k: v.detach().clone() for k, v in head.state_dict().items()}
         try:
             head.load_state_dict(mf.head)

@@ -32,7 +32,6 @@ def _scores_like(t: Tensor, init: float, spread: float) -> nn.Parameter:
 # Inference through the 1-bit serving kernel up to this many tokens (auto, CUDA). The issue's regime is
 # 1-16 tokens; the crossover against a tensor-core GEMM on W⊙M is for the GPU bench to pin down.
 SERVE_MAX_TOKENS = 16
-_BITMASK_BACKENDS = ("cuda", "reference", "cpp")
 
 
 class MaskedModule(nn.Module):
@@ -125,8 +124,7 @@ class MaskedLinear(MaskedModule):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._serves_from_bits(x):
-            return AF.bitmask_linear(x, self.weight, self.packed_mask(), self._served_bias(),
-                                     backend=self.backend if self.backend in _BITMASK_BACKENDS else None)
+            return AF.bitmask_linear(x, self.weight, self.packed_mask(), self._served_bias(), backend=self._serving_backend())
         fused = self.fused_update if (self.training and torch.is_grad_enabled()) else None
         if fused is not None:
             # The fused backward updates θ in place: a second use before the step would see a moved mask.
@@ -145,23 +143,35 @@ class MaskedLinear(MaskedModule):
         ``serve_bits``: True always, False never, None (auto) on CUDA for at most ``SERVE_MAX_TOKENS``
         tokens, the regime where reading one bit per weight instead of ``W⊙M`` pays (bench ``bitmask_linear``).
         """
-        if self.training or torch.is_grad_enabled() or self.t_hard is not None or self.serve_bits is False:
+        if (self.training or torch.is_grad_enabled() or self.t_hard is not None or self.serve_bits is False
+                or torch.compiler.is_compiling()):  # (the cache check below is host logic: keep it out of graphs)
             return False
-        if self.serve_bits:
-            return True
+        return bool(self.serve_bits) or (x.device.type == "cuda" and x.numel() <= SERVE_MAX_TOKENS * self.in_features)
+
+    def _serving_backend(self) -> str:
+        """The requested backend where it implements the serving op (it may name the training kernels), else auto."""
         from abp import backends
 
-        return (x.device.type == "cuda" and x.numel() <= SERVE_MAX_TOKENS * self.in_features
-                and backends.requested(self.backend) in ("auto",) + _BITMASK_BACKENDS)
+        b = backends.requested(self.backend)
+        return b if b in backends.implementations("bitmask_linear") else "auto"
 
     def packed_mask(self) -> Tensor:
-        """``abp.pack_mask(self.mask())``, cached until the scores change (their version counter moves)."""
+        """``abp.pack_mask(self.mask())``, cached until the scores change.
+
+        The cache is keyed on the scores' storage and version counter, which every in-place write bumps
+        (optimiser steps, ``set_mask``, ``load_state_dict``, checkpoint restores). Writes that bypass it
+        (``.data`` assignments; FSDP's unsharding, so the trainer turns serving off under FSDP) need
+        ``invalidate_packed_mask()``.
+        """
         key = (self.scores.data_ptr(), self.scores._version, self.scores.device)
         if self._packed is None or self._packed[0] != key:
             from abp.maskio import pack_mask
 
-            self._packed = (key, pack_mask(self.mask()))
+            self._packed = (key, pack_mask(self.mask(), backend="auto"))
         return self._packed[1]
+
+    def invalidate_packed_mask(self) -> None:
+        self._packed = None
 
     def _served_bias(self) -> Optional[Tensor]:
         if self.bias is None or self.bias_scores is None:

@@ -8,7 +8,8 @@
 #
 # From the device tool, carrying the embedded model and the GLUE files that ../shared/tools/device-carry.sh
 # prepares (the MiniLM rows of abp_step are recorded as skipped without them):
-#   run(command="bash bench/gpu_session.sh", carry=[".carry"], timeout_s=600)
+#   run(command="ABP_BENCH_COMMIT=<git rev-parse --short HEAD here> bash bench/gpu_session.sh", carry=[".carry"], timeout_s=600)
+# (the copy sent there may have no .git; the commit is recorded in every result file).
 # Afterwards, here: copy $OUT/results/<device>/*.json into bench/results/<device>/, run
 # `python bench/report.py` and update the README's table.
 #
@@ -19,8 +20,8 @@ cd "$(dirname "$0")/.."
 STAGE=${1:-all}
 OUT=${OUT:-/tmp/abp-gpu-out}
 PY=${PYTHON:-python3}
-TEST_S=${ABP_GPU_TEST_S:-170}
-BENCH_S=${ABP_GPU_BENCH_S:-300}
+TEST_S=${ABP_GPU_TEST_S:-150}
+BENCH_S=${ABP_GPU_BENCH_S:-290}
 mkdir -p "$OUT/results"
 export PYTHONUNBUFFERED=1 ABP_BENCH_RESULTS="$OUT/results" ABP_BENCH_COMMIT=${ABP_BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 [ -d .carry/glue ] && export ABP_GLUE_DIR=${ABP_GLUE_DIR:-$PWD/.carry/glue}
@@ -42,7 +43,8 @@ build() {
 gpu_tests() {
   say "test: kernels, extension, layers and a training step on CUDA (limit ${TEST_S}s)"
   timeout -s INT -k 15 "$TEST_S" "$PY" -m pytest --import-mode=importlib -q -p no:cacheprovider -x -rs \
-    tests/test_triton_kernels.py tests/test_csrc.py tests/test_functional.py tests/test_patch.py \
+    tests/test_triton_kernels.py tests/test_csrc.py tests/test_functional.py tests/test_serving.py tests/test_maskio.py \
+    tests/test_patch.py \
     -m "not slow" --durations=15 2>&1 | tee "$OUT/tests.log" | tail -40
   say "test: exit ${PIPESTATUS[0]}"
 }

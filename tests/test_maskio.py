@@ -1,4 +1,5 @@
 """Task-mask files: bit packing, round trip, refusal of other base weights, corrupt files, atomicity."""
+import copy
 import os
 
 import numpy as np
@@ -171,19 +172,71 @@ def test_refuses_slightly_drifted_weights_in_bf16(tmp_path):
         abp.load_mask(drifted, path)
 
 
-def test_head_that_does_not_fit_changes_nothing(tmp_path):
+@pytest.mark.parametrize("target_masked", [True, False])
+def test_head_that_does_not_fit_changes_nothing(tmp_path, target_masked):
     model = abp.mask_model(_bert(0))
     _randomise(model, 4)
     path = tmp_path / "m.safetensors"
-    abp.save_mask(model, path, head=torch.nn.Linear(24, 3))
-    target = abp.mask_model(_bert(0))
+    abp.save_mask(model, path, head=torch.nn.Sequential(torch.nn.Linear(24, 3), torch.nn.Linear(3, 2)))
+    target = abp.mask_model(_bert(0)) if target_masked else _bert(0)
     scores_before = [m.scores.detach().clone() for _, m in abp.masked_modules(target)]
-    wrong = torch.nn.Linear(24, 5)
-    w_before = wrong.weight.detach().clone()
+    wrong = torch.nn.Sequential(torch.nn.Linear(24, 3), torch.nn.Linear(3, 4))  # the first layer would fit
+    head_before = {k: v.clone() for k, v in wrong.state_dict().items()}
     with pytest.raises(abp.MaskFileError, match="head does not fit"):
         abp.load_mask(target, path, head=wrong)
-    assert torch.equal(wrong.weight, w_before)
+    assert all(torch.equal(v, wrong.state_dict()[k]) for k, v in head_before.items())
     assert all(torch.equal(a, m.scores) for a, (_, m) in zip(scores_before, abp.masked_modules(target)))
+    if not target_masked:
+        assert not list(abp.masked_modules(target)), "a refused file must not mask a plain model"
+        assert all(p.requires_grad for p in target.parameters()), "nor freeze it"
+
+
+def test_layernorm_masks_without_linear_bias_masks_load_onto_a_plain_model(tmp_path):
+    model = abp.mask_model(_bert(0), layernorm=True, mask_bias=False)
+    _randomise(model, 6)
+    path = tmp_path / "m.safetensors"
+    abp.save_mask(model, path)
+    fresh = _bert(0)
+    abp.load_mask(fresh, path)
+    for (n, a), (_, b) in zip(abp.masked_modules(model), abp.masked_modules(fresh)):
+        assert torch.equal(a.mask(), b.mask()), n
+        assert (a.bias_mask() is None) == (b.bias_mask() is None), n
+
+
+def test_format_1_files_still_load(tmp_path):
+    """Files written before the exact probe positions (format 1, fp32 linspace) keep loading, and keep refusing."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from abp.maskio import _PROBES
+
+    model = abp.mask_model(_bert(0))
+    _randomise(model, 7)
+    path = tmp_path / "m.safetensors"
+    abp.save_mask(model, path)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for name, m in abp.masked_modules(model):
+        flat = m.weight.detach().reshape(-1)
+        tensors[f"probe/{name}"] = flat[torch.linspace(0, flat.numel() - 1, _PROBES).long()].float()
+    old = tmp_path / "v1.safetensors"
+    save_file(tensors, str(old), metadata=dict(meta, format_version="1"))
+    fresh = _bert(0)
+    abp.load_mask(fresh, old)
+    assert all(torch.equal(a.mask(), b.mask()) for (_, a), (_, b) in zip(abp.masked_modules(model), abp.masked_modules(fresh)))
+    with pytest.raises(abp.MaskFileError, match="other base weights"):
+        abp.load_mask(_bert(1), old)
+
+
+def test_fp16_and_bf16_copies_of_the_same_weights_match_even_when_tiny(tmp_path):
+    base = _bert(0)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.mul_(1e-4)  # many probes in fp16's subnormal range
+    model = abp.mask_model(copy.deepcopy(base).to(torch.float16))  # the file: fp16 copies of the fp32 weights
+    path = tmp_path / "m.safetensors"
+    abp.save_mask(model, path)
+    abp.load_mask(copy.deepcopy(base).to(torch.bfloat16), path)  # the model: bf16 copies of the same fp32 weights
 
 
 def test_mask_io_ignores_a_training_only_backend(tmp_path, monkeypatch):

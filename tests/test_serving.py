@@ -81,3 +81,43 @@ def test_auto_serving_only_on_cuda_for_few_tokens():
         lin.t_hard = 1e5
         lin.serve_bits = True
         assert not lin._serves_from_bits(torch.randn(2, 21)), "a soft forward mask is not the packed hard mask"
+
+
+def test_serving_under_autocast_matches_the_training_path():
+    """Autocast feeds fp32 activations (after a LayerNorm, say) to bf16 weights: both paths cast alike."""
+    lin = _layer().to(torch.bfloat16)
+    lin.scores.data = lin.scores.data.float()
+    lin.serve_bits = True
+    x = torch.randn(3, 21)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        train_out = lin(x)
+        lin.eval()
+        with torch.no_grad():
+            served = lin(x)
+    assert served.dtype == train_out.dtype == torch.bfloat16
+    torch.testing.assert_close(served, train_out.detach())
+
+
+def test_multi_bitmask_linear_takes_int32_task_ids():
+    lin = _layer()
+    packed = torch.stack([abp.pack_mask(lin.mask())] * 2)
+    x = torch.randn(3, 21)
+    y32 = abp.multi_bitmask_linear(x, lin.weight, packed, torch.tensor([0, 1, 1], dtype=torch.int32), lin.bias)
+    y64 = abp.multi_bitmask_linear(x, lin.weight, packed, torch.tensor([0, 1, 1]), lin.bias)
+    torch.testing.assert_close(y32, y64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_inference_reads_bits_under_autocast():
+    lin = _layer(n=3072, k=768).cuda().to(torch.bfloat16)
+    lin.scores.data = lin.scores.data.float()
+    x = torch.randn(2, 8, 768, device="cuda")  # 16 tokens: the serving regime
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = lin(x).detach()
+        lin.eval()
+        with torch.no_grad():
+            backends._last.pop("bitmask_linear", None)
+            served = lin(x)
+    assert backends.last_backend("bitmask_linear") == "cuda"
+    torch.testing.assert_close(served, ref, rtol=2e-2, atol=2e-2)

@@ -410,6 +410,10 @@ class Parallel:
             return
         from torch.distributed.device_mesh import init_device_mesh
 
+        for _, m in masked_modules(model):  # unsharding rewrites scores behind the packed-mask cache's back
+            if hasattr(m, "serve_bits"):
+                m.serve_bits = False
+
         total = sum(float(s.detach().double().sum()) for _, s in score_tensors(model))
         fingerprint = torch.tensor([total], dtype=torch.float64, device=self.device)
         every = [torch.zeros_like(fingerprint) for _ in range(self.world)]

@@ -144,20 +144,28 @@ class Trainer:
         """Names of masked linear layers that one forward of the backbone calls twice (one tiny dry run):
         the in-backward update of such a layer would move its mask between its two uses."""
         calls: dict[str, int] = {}
+        linears = [(name, m) for name, m in masked_modules(self.model.backbone) if isinstance(m, abp.MaskedLinear)]
         hooks = [m.register_forward_pre_hook(lambda mod, args, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
-                 for name, m in masked_modules(self.model.backbone) if isinstance(m, abp.MaskedLinear)]
+                 for name, m in linears]
+        serving = [(m, m.serve_bits) for _, m in linears]
+        for m, _ in serving:  # the training path, as in a step (and no packed masks cached by a probe)
+            m.serve_bits = False
         backbone, was_training = self.model.backbone, self.model.backbone.training
         devices = [self.device] if self.device.type == "cuda" else []
         try:  # eval mode and a forked RNG: the dry run leaves dropout streams and the run's results untouched
-            vocab = int(getattr(backbone.config, "vocab_size", 2))
-            ids = torch.randint(0, max(vocab, 1), (1, 8), generator=torch.Generator().manual_seed(0)).to(self.device)
+            vocab = int(getattr(backbone.config, "vocab_size", None) or 2)
+            ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(self.device)
             with torch.random.fork_rng(devices=devices), self._autocast():
                 backbone.eval()
                 backbone(input_ids=ids, attention_mask=torch.ones_like(ids))
+        except Exception as e:  # a backbone this probe cannot drive: not known to be safe for the fused update
+            return [f"(dry run failed: {type(e).__name__}: {e})"]
         finally:
             backbone.train(was_training)
             for h in hooks:
                 h.remove()
+            for m, was in serving:
+                m.serve_bits = was
         return sorted(n for n, c in calls.items() if c > 1)
 
     def _load_data(self):
@@ -372,9 +380,10 @@ class Trainer:
         bad = torch.zeros((), dtype=torch.float64, device=self.device)
         for _, s in score_tensors(self.model):
             bad += (~torch.isfinite(_local(s).detach())).sum()
-        bad = int(self.dist.average(bad) * max(self.dist.world, 1))  # one sync, at checkpoints only
-        if bad:
-            raise FloatingPointError(f"{bad} mask scores are NaN/inf at step {self.step} (learning rate too high?); "
+        anywhere = float(self.dist.average((bad > 0).double())) > 0  # one sync, at evals and checkpoints only
+        if anywhere:
+            where = f"{int(bad)} here" if self.dist.world > 1 else f"{int(bad)}"
+            raise FloatingPointError(f"mask scores are NaN/inf at step {self.step} ({where}; learning rate too high?); "
                                      f"the last checkpoint in {self.out} is intact")
 
     def _save_checkpoint(self, path: Path) -> None:
