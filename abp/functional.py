@@ -222,6 +222,21 @@ def _check_packed(name: str, packed: Tensor, weight: Tensor, ndim: int) -> None:
         raise ValueError(f"{name}: packed mask is on {packed.device} but weight is on {weight.device}")
 
 
+# The CUDA serving kernels are GEMV/skinny-GEMM kernels (csrc/bitmask_linear.cu): past this many tokens ``auto``
+# takes the reference (unpack, W⊙M, cuBLAS), where tensor cores win. ``last_backend()`` says which ran.
+BITMASK_KERNEL_MAX_TOKENS = 64
+
+
+def _serving_choice(backend: Optional[str], x2d: Tensor) -> str:
+    from abp import backends
+
+    if backend:
+        return backend
+    if backends.requested() == "auto" and x2d.device.type == "cuda" and x2d.shape[0] > BITMASK_KERNEL_MAX_TOKENS:
+        return "reference"
+    return ""
+
+
 def bitmask_linear(input: Tensor, weight: Tensor, packed_mask: Tensor, bias: Optional[Tensor] = None, *,
                    backend: Optional[str] = None) -> Tensor:
     """Serving: ``input @ (weight ⊙ unpack(packed_mask)).T + bias``, reading one bit per weight.
@@ -234,7 +249,7 @@ def bitmask_linear(input: Tensor, weight: Tensor, packed_mask: Tensor, bias: Opt
     _check_serving("bitmask_linear", input, weight, bias)
     _check_packed("bitmask_linear", packed_mask, weight, 1)
     x2d = input.reshape(-1, input.shape[-1])
-    y = _ops.bitmask_linear(x2d, weight, packed_mask, bias, backend or "")
+    y = _ops.bitmask_linear(x2d, weight, packed_mask, bias, _serving_choice(backend, x2d))
     return y.reshape(*input.shape[:-1], weight.shape[0])
 
 
@@ -256,4 +271,4 @@ def multi_bitmask_linear(input: Tensor, weight: Tensor, packed_masks: Tensor, ta
         lo, hi = int(task_ids.min()), int(task_ids.max())
         if lo < 0 or hi >= packed_masks.shape[0]:
             raise ValueError(f"multi_bitmask_linear: task ids must be in [0, {packed_masks.shape[0]}), got [{lo}, {hi}]")
-    return _ops.multi_bitmask_linear(input, weight, packed_masks, task_ids.long(), bias, backend or "")
+    return _ops.multi_bitmask_linear(input, weight, packed_masks, task_ids.long(), bias, _serving_choice(backend, input))

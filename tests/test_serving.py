@@ -121,3 +121,18 @@ def test_cuda_inference_reads_bits_under_autocast():
             served = lin(x)
     assert backends.last_backend("bitmask_linear") == "cuda"
     torch.testing.assert_close(served, ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_auto_serving_kernel_only_in_its_regime():
+    from abp.functional import BITMASK_KERNEL_MAX_TOKENS
+
+    lin = _layer(n=256, k=128).cuda()
+    packed = abp.pack_mask(lin.mask())
+    for m, want in ((BITMASK_KERNEL_MAX_TOKENS, "cuda"), (BITMASK_KERNEL_MAX_TOKENS + 1, "reference")):
+        x = torch.randn(m, 128, device="cuda")
+        y = abp.bitmask_linear(x, lin.weight, packed, lin.bias)
+        assert backends.last_backend("bitmask_linear") == want, m
+        torch.testing.assert_close(y, abp.masked_linear(x, lin.weight, lin.scores.detach(), lin.bias),
+                                   rtol=1e-4, atol=1e-4)
