@@ -119,9 +119,15 @@ _CREATED = False
 
 
 def shutdown() -> None:
-    """Destroy the process group if abp created it (a user's own group is left alone)."""
+    """Destroy the process group if abp created it (a user's own group is left alone).
+
+    First the run's objects are collected (FSDP state and gloo work objects hold tensors; freed only at
+    interpreter exit, after the group is gone, they abort the process: "terminate called without an active
+    exception"), then every rank meets at a barrier, so no rank tears down while another still talks."""
     global _CREATED
     if _CREATED and is_initialized():
+        gc.collect()
+        barrier()
         dist.destroy_process_group()
     _CREATED = False
 
