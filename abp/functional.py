@@ -34,11 +34,21 @@ class ScoreSGD:
     recovery: bool = True
 
 
-def _check_linear(x: Tensor, weight: Tensor, scores: Tensor, bias, bias_scores, t_hard, t_soft) -> None:
+def _check_weight_and_input(name: str, x: Tensor, weight: Tensor) -> None:
     if weight.dim() != 2:
-        raise ValueError(f"masked_linear: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+        raise ValueError(f"{name}: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"masked_linear: input's last dim {tuple(x.shape)[-1:]} does not match weight [out={weight.shape[0]}, in={weight.shape[1]}]")
+        raise ValueError(f"{name}: input's last dim {tuple(x.shape)[-1:]} does not match weight [out={weight.shape[0]}, in={weight.shape[1]}]")
+
+
+def _check_one_device(name: str, *tensors: Optional[Tensor]) -> None:
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"{name}: tensors are on different devices: {sorted(map(str, devices))}")
+
+
+def _check_linear(x: Tensor, weight: Tensor, scores: Tensor, bias, bias_scores, t_hard, t_soft) -> None:
+    _check_weight_and_input("masked_linear", x, weight)
     if scores.shape != weight.shape:
         raise ValueError(f"masked_linear: scores shape {tuple(scores.shape)} != weight shape {tuple(weight.shape)}")
     if scores.dtype != torch.float32:
@@ -47,9 +57,7 @@ def _check_linear(x: Tensor, weight: Tensor, scores: Tensor, bias, bias_scores, 
         raise TypeError(f"masked_linear: input/weight must be a float dtype, got {x.dtype}/{weight.dtype}")
     if x.dtype != weight.dtype:
         raise TypeError(f"masked_linear: input dtype {x.dtype} != weight dtype {weight.dtype} (cast one, or use autocast)")
-    devices = {t.device for t in (x, weight, scores, bias, bias_scores) if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"masked_linear: tensors are on different devices: {sorted(map(str, devices))}")
+    _check_one_device("masked_linear", x, weight, scores, bias, bias_scores)
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("masked_linear: weight and bias are frozen pre-trained parameters; set requires_grad=False")
     if bias is not None and bias.shape != (weight.shape[0],):
@@ -199,17 +207,12 @@ def masked_param(weight: Tensor, scores: Tensor, *, t_soft: float = 1.0, t_hard:
 # --------------------------------------------------------------------------- serving from 1-bit masks
 
 def _check_serving(name: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
-    if weight.dim() != 2:
-        raise ValueError(f"{name}: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{name}: input's last dim {tuple(x.shape)[-1:]} does not match weight [out={weight.shape[0]}, in={weight.shape[1]}]")
+    _check_weight_and_input(name, x, weight)
     if x.dtype not in _FLOATS[:3] or x.dtype != weight.dtype:
         raise TypeError(f"{name}: input and weight must share one of float32/float16/bfloat16, got {x.dtype}/{weight.dtype}")
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype):
         raise ValueError(f"{name}: bias must be {weight.dtype} of shape ({weight.shape[0]},), got {bias.dtype} {tuple(bias.shape)}")
-    devices = {t.device for t in (x, weight, bias) if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"{name}: tensors are on different devices: {sorted(map(str, devices))}")
+    _check_one_device(name, x, weight, bias)
 
 
 def _check_packed(name: str, packed: Tensor, weight: Tensor, ndim: int) -> None:
@@ -228,13 +231,19 @@ BITMASK_KERNEL_MAX_TOKENS = 64
 
 
 def _serving_choice(backend: Optional[str], x2d: Tensor) -> str:
+    """A backend the caller names is used as asked (or refused clearly). Otherwise ``use_backend`` /
+    ``ABP_BACKEND`` where it implements serving (it may name the training kernels, e.g. triton), else auto;
+    and auto keeps the CUDA kernel to its skinny regime."""
     from abp import backends
 
     if backend:
         return backend
-    if backends.requested() == "auto" and x2d.device.type == "cuda" and x2d.shape[0] > BITMASK_KERNEL_MAX_TOKENS:
+    b = backends.requested()
+    if b not in backends.implementations("bitmask_linear"):
+        b = "auto"
+    if b == "auto" and x2d.device.type == "cuda" and x2d.shape[0] > BITMASK_KERNEL_MAX_TOKENS:
         return "reference"
-    return ""
+    return b
 
 
 def bitmask_linear(input: Tensor, weight: Tensor, packed_mask: Tensor, bias: Optional[Tensor] = None, *,

@@ -10,6 +10,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from abp import backends
 from abp import functional as AF
 
 Tensor = torch.Tensor
@@ -124,7 +125,9 @@ class MaskedLinear(MaskedModule):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._serves_from_bits(x):
-            return AF.bitmask_linear(x, self.weight, self.packed_mask(), self._served_bias(), backend=self._serving_backend())
+            # the layer's backend names its training kernels; it applies to serving only where it serves
+            serve = self.backend if self.backend in backends.implementations("bitmask_linear") else None
+            return AF.bitmask_linear(x, self.weight, self.packed_mask(), self._served_bias(), backend=serve)
         fused = self.fused_update if (self.training and torch.is_grad_enabled()) else None
         if fused is not None:
             # The fused backward updates θ in place: a second use before the step would see a moved mask.
@@ -147,13 +150,6 @@ class MaskedLinear(MaskedModule):
                 or torch.compiler.is_compiling()):  # (the cache check below is host logic: keep it out of graphs)
             return False
         return bool(self.serve_bits) or (x.device.type == "cuda" and x.numel() <= SERVE_MAX_TOKENS * self.in_features)
-
-    def _serving_backend(self) -> str:
-        """The requested backend where it implements the serving op (it may name the training kernels), else auto."""
-        from abp import backends
-
-        b = backends.requested(self.backend)
-        return b if b in backends.implementations("bitmask_linear") else "auto"
 
     def packed_mask(self) -> Tensor:
         """``abp.pack_mask(self.mask())``, cached until the scores change.

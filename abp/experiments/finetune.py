@@ -42,11 +42,8 @@ class FinetuneOptions:
 
 
 def trainer_mask_config(cfg: ABPConfig) -> MaskConfig:
-    """The :class:`MaskConfig` :class:`abp.train.trainer.Trainer` masks the backbone with (same fields),
-    so baselines prune exactly the tensors ABP learns masks for."""
-    return MaskConfig(embeddings=cfg.mask_embeddings, layernorm=cfg.mask_layernorm, mask_bias=cfg.mask_bias,
-                      exclude=list(cfg.exclude), score_init=cfg.score_init,
-                      score_init_spread=cfg.score_init_spread, t_hard=cfg.t_l, t_soft=cfg.t_s)
+    """The :class:`MaskConfig` :class:`abp.train.trainer.Trainer` masks the backbone with."""
+    return cfg.mask_config()
 
 
 def maskable_weights(backbone: nn.Module, cfg: ABPConfig) -> dict[str, torch.Tensor]:

@@ -61,6 +61,15 @@ class ABPConfig:
     backend: Optional[str] = None  # abp backend for the masked layers (None = ABP_BACKEND / auto)
     distributed: str = "auto"  # under torchrun (WORLD_SIZE > 1): auto (= ddp) | ddp | fsdp (FULL_SHARD, FSDP2)
 
+    def mask_config(self):
+        """The :class:`abp.MaskConfig` this run masks the backbone with (baselines use it too, so they prune
+        exactly the tensors ABP learns masks for)."""
+        from abp.patch import MaskConfig
+
+        return MaskConfig(embeddings=self.mask_embeddings, layernorm=self.mask_layernorm, mask_bias=self.mask_bias,
+                          exclude=list(self.exclude), score_init=self.score_init,
+                          score_init_spread=self.score_init_spread, t_hard=self.t_l, t_soft=self.t_s)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

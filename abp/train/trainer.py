@@ -24,7 +24,7 @@ from torch import nn
 import abp
 from abp._atomic import write_text
 from abp.models import load_backbone, native_pooling, resolve_model
-from abp.patch import MaskConfig, mask_model, masked_modules, score_tensors
+from abp.patch import mask_model, masked_modules, score_tensors
 from abp.train import data as D
 from abp.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from abp.train.config import RESUMABLE_CHANGES, ABPConfig
@@ -67,10 +67,7 @@ class Trainer:
         dtype = self._backbone_dtype()
         backbone, self.tokenizer = load_backbone(cfg.model, dtype=dtype)
         backbone.requires_grad_(False)
-        mask_model(backbone, MaskConfig(embeddings=cfg.mask_embeddings, layernorm=cfg.mask_layernorm,
-                                        mask_bias=cfg.mask_bias, exclude=list(cfg.exclude),
-                                        score_init=cfg.score_init, score_init_spread=cfg.score_init_spread,
-                                        t_hard=cfg.t_l, t_soft=cfg.t_s))
+        mask_model(backbone, cfg.mask_config())
         for _, m in masked_modules(backbone):
             if hasattr(m, "backend"):
                 m.backend = cfg.backend
@@ -269,9 +266,13 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 self._log_point(run_loss, bar)
                 run_loss.zero_()
-            if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+            evaluate = self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
+            checkpoint = self.step % ckpt_every == 0 or self.step == cfg.max_steps
+            if evaluate or checkpoint:  # before either writes anything (one sync)
+                self._check_finite_scores()
+            if evaluate:
                 self._eval_point(bar)
-            if self.step % ckpt_every == 0 or self.step == cfg.max_steps:
+            if checkpoint:
                 self._save_checkpoint(ckpt)
         bar.close()
         return self._finish(time.time() - t0)
@@ -309,7 +310,6 @@ class Trainer:
             self.scores.freeze()
 
     def _eval_point(self, bar) -> None:
-        self._check_finite_scores()
         metrics = self.evaluate()
         sp = self.dist.sparsity(self.model)
         pruned = sp >= self.cfg.target_sparsity or not self.learn_mask
@@ -387,7 +387,6 @@ class Trainer:
                                      f"the last checkpoint in {self.out} is intact")
 
     def _save_checkpoint(self, path: Path) -> None:
-        self._check_finite_scores()
         info = {"step": self.step, "config": self.cfg.to_dict(), "history": self.history, "best": self.best}
         full = self.dist.full_model(self.model)  # FSDP: gathers the scores (all ranks take part)
         if self.dist.is_main:  # global state only: any world size can resume from it
