@@ -56,15 +56,23 @@ def unpack_mask(packed: torch.Tensor, shape, *, backend: Optional[str] = None) -
     return _ops.unpack_mask(packed, shape.numel(), backend or "").view(shape)
 
 
-def _probe(weight: torch.Tensor, version: str = FORMAT_VERSION) -> torch.Tensor:
-    """``_PROBES`` values at evenly spaced flat positions: exact integer arithmetic at any size (format 2);
-    format-1 files used an fp32 ``linspace``, reproduced here to read them."""
-    flat = weight.detach().reshape(-1)
-    n = flat.numel()
+def _probe_positions(n: int, version: str = FORMAT_VERSION) -> list[torch.Tensor]:
+    """Candidate flat positions of the ``_PROBES`` fingerprint values of an ``n``-element weight.
+
+    Format 2: exact integer arithmetic at any size. Format 1 used an fp32 ``linspace`` (off past 2**24
+    weights, and by one element here and there below), but abp 0.1.0 builds of 2026-12-01 wrote format-1
+    files with the exact positions already, so a format-1 file may hold either: both are tried.
+    """
+    exact = torch.arange(_PROBES, dtype=torch.int64) * (n - 1) // (_PROBES - 1)
     if version == "1":
-        idx = torch.linspace(0, n - 1, _PROBES).long()
-    else:
-        idx = torch.arange(_PROBES, dtype=torch.int64) * (n - 1) // (_PROBES - 1)
+        return [torch.linspace(0, n - 1, _PROBES).long(), exact]
+    return [exact]
+
+
+def _probe(weight: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The weight's fingerprint values at ``positions`` (default: the current format's)."""
+    flat = weight.detach().reshape(-1)
+    idx = _probe_positions(flat.numel())[0] if positions is None else positions
     return flat[idx.to(flat.device)].float().cpu()
 
 
@@ -220,9 +228,9 @@ def _check_fingerprint(mf: MaskFile, name: str, weight: torch.Tensor) -> None:
     expected = mf.probes.get(name)
     if expected is None:
         raise MaskFileError(f"mask file {mf.path} has no fingerprint for {name}")
-    got = _probe(weight, mf.metadata["format_version"])
     file_dtype = getattr(torch, mf.metadata.get("weight_dtype", "float32"), torch.float32)
-    if not _same_weights(got, expected, file_dtype, weight.dtype):
+    positions = _probe_positions(weight.numel(), mf.metadata["format_version"])
+    if not any(_same_weights(_probe(weight, idx), expected, file_dtype, weight.dtype) for idx in positions):
         raise MaskFileError(
             f"mask file {mf.path} was made for other base weights: module {name} differs "
             f"(file base model {mf.metadata.get('base_model')!r}, fingerprint {mf.metadata.get('fingerprint')}); "

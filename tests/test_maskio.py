@@ -228,6 +228,33 @@ def test_format_1_files_still_load(tmp_path):
         abp.load_mask(_bert(1), old)
 
 
+def test_format_1_files_with_exact_probes_load(tmp_path):
+    """abp builds of 2026-12-01 wrote exact probe positions under format 1 (MiniLM's word embeddings: 17 of 64
+    positions differ from the linspace ones): such files load too, and still refuse other weights."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from abp.maskio import _probe_positions
+
+    emb = torch.nn.Sequential(torch.nn.Embedding(30522, 384))
+    linspace, exact = _probe_positions(emb[0].weight.numel(), "1")
+    assert not torch.equal(linspace, exact)
+    abp.mask_model(emb)
+    _randomise(emb, 3)
+    path = tmp_path / "m.safetensors"
+    abp.save_mask(emb, path)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    old = tmp_path / "v1.safetensors"
+    save_file(tensors, str(old), metadata=dict(meta, format_version="1"))
+    fresh = torch.nn.Sequential(torch.nn.Embedding(30522, 384))
+    fresh[0].weight.data.copy_(emb[0].weight)
+    abp.load_mask(fresh, old)
+    assert torch.equal(fresh[0].mask(), emb[0].mask())
+    with pytest.raises(abp.MaskFileError, match="other base weights"):
+        abp.load_mask(torch.nn.Sequential(torch.nn.Embedding(30522, 384)), old)
+
+
 def test_fp16_and_bf16_copies_of_the_same_weights_match_even_when_tiny(tmp_path):
     base = _bert(0)
     with torch.no_grad():
