@@ -407,3 +407,28 @@ def test_mask_overlap_by_hand():
     assert o["jaccard_random"] == pytest.approx(p * q / (p + q - p * q))
     with pytest.raises(ValueError, match="different tensors"):
         A.mask_overlap(a, {"y.weight": b["x.weight"]})
+
+
+# ------------------------------------------------------------------------------------------ the paper's claims
+
+
+def test_findings_check_by_hand():
+    from abp.experiments.report import check_findings
+
+    def row(method, s, v):
+        return {"method": method, "sparsity": s, "metrics": {"accuracy": v}}
+    rs = [row("abp", 0.5, 0.80), row("abp", 0.5, 0.82), row("abp", 0.9, 0.70), row("mp", 0.5, 0.81),
+          row("mp", 0.9, 0.75), row("finetune", None, 0.825), row("feature_extraction", None, 0.81),
+          row("abp_norecovery", 0.5, 0.81), row("abp", 0.2, 0.83)]
+    got = {(f["claim"], f["sparsity"]): f for f in check_findings(rs, "accuracy")}
+    assert got[("ABP ≥ MP", 0.5)]["holds"] is True  # 0.81 vs 0.81: ties hold
+    assert got[("ABP ≥ MP", 0.9)]["holds"] is False
+    assert math.isclose(got[("ABP ≥ MP", 0.9)]["difference"], -0.05)
+    assert ("ABP ≥ MP", 0.2) not in got  # the paper's claim is about s >= 0.5
+    assert got[("ABP ≥ IMP", 0.5)]["holds"] is None and got[("ABP ≥ IMP", 0.5)]["other"] is None  # not run
+    assert got[("ABP within 2 points of fine-tuning", 0.5)]["holds"] is True  # -1.5 points
+    assert got[("ABP > feature extraction", 0.5)]["holds"] is False  # a tie is not "above"
+    assert got[("ABP > feature extraction", 0.9)]["holds"] is False
+    assert got[("ABP > no recovery", 0.5)]["holds"] is False
+    assert got[("ABP > no recovery", 0.9)]["holds"] is None
+    assert got[("ABP ≥ MP", 0.5)]["abp"] == (pytest.approx(0.81), 2)

@@ -157,6 +157,58 @@ def write_report(output: str | Path, *, plots: bool = True) -> list[Path]:
     return written
 
 
+# ------------------------------------------------------------------------------------------ the paper's claims
+
+
+def _mean(rs: Sequence[dict], method: str, sparsity: Optional[float], metric: str) -> Optional[tuple[float, int]]:
+    vals = [r["metrics"][metric] for r in rs if r["method"] == method and r["sparsity"] == sparsity]
+    return (statistics.fmean(vals), len(vals)) if vals else None
+
+
+def check_findings(rs: Sequence[dict], metric: str) -> list[dict]:
+    """The paper's findings (as the reproduction issue words them), checked on one task's finished runs.
+
+    One row per claim and sparsity: ABP ≥ MP and ≥ IMP at every s ≥ 0.5, ABP within 2 points of full
+    fine-tuning at s = 0.5, ABP above feature extraction, and ABP above ABP without connection recovery.
+    Means over seeds; ``holds`` is None where a side was not run (the claim is then untested, not passed).
+    """
+    sparsities = sorted({r["sparsity"] for r in rs if r["sparsity"] is not None})
+    claims = [("ABP ≥ MP", "mp", s, False, 0.0) for s in sparsities if s >= 0.5]
+    claims += [("ABP ≥ IMP", "imp", s, False, 0.0) for s in sparsities if s >= 0.5]
+    claims += [("ABP within 2 points of fine-tuning", "finetune", 0.5, True, -0.02)]
+    claims += [("ABP > feature extraction", "feature_extraction", s, True, 0.0) for s in sparsities if s >= 0.5]
+    claims += [("ABP > no recovery", "abp_norecovery", s, False, 0.0) for s in sparsities]
+    out = []
+    for claim, other, s, other_dense, margin in claims:
+        a = _mean(rs, "abp", s, metric)
+        b = _mean(rs, other, None if other_dense else s, metric)
+        if a is None and b is None:
+            continue
+        diff = None if a is None or b is None else round(a[0] - b[0], 9)  # a tie of means is a tie
+        strict = claim.startswith("ABP >")
+        holds = None if diff is None else (diff > margin if strict else diff >= margin)
+        out.append({"claim": claim, "sparsity": s, "abp": a, "other": b, "other_method": other,
+                    "difference": diff, "holds": holds})
+    return out
+
+
+def _findings_lines(task: str, model: str, metric: str, rs: Sequence[dict]) -> list[str]:
+    rows = check_findings(rs, metric)
+    if not rows:
+        return []
+
+    def cell(v):
+        return "not run" if v is None else f"{v[0]:.4f} ({v[1]})"
+    body = [[f["claim"], f"{f['sparsity']:g}", cell(f["abp"]), f"{f['other_method']}: {cell(f['other'])}",
+             "—" if f["difference"] is None else f"{100 * f['difference']:+.1f}",
+             {True: "yes", False: "**no**", None: "untested"}[f["holds"]]] for f in rows]
+    held = sum(f["holds"] is True for f in rows)
+    tested = sum(f["holds"] is not None for f in rows)
+    return [f"### {task} / {model}: the paper's findings, checked ({held} of {tested} tested hold)", "",
+            f"Dev {metric}, mean over seeds (runs); difference in points (×100). Computed from the rows above.", ""] + \
+        _table(["claim", "s", "abp", "compared with", "difference", "holds"], body) + [""]
+
+
 # ------------------------------------------------------------------------------------------ markdown
 
 
@@ -201,6 +253,7 @@ def render_markdown(output: Path, groups: dict, analysis: dict) -> str:
                 body.append(["mp, its fine-tuned weights (not kept: reference only)", ""] + [
                     _fmt([r["phase1"]["finetuned_metrics"][metric] for r in mp_ft if r["sparsity"] == s]) for s in sparsities])
             lines += _table(["method", "dense"] + [f"s={s:g}" for s in sparsities], body) + [""]
+        lines += _findings_lines(task, model, spec.primary_metric, rs)
         lines += [f"### {task} / {model}: sparsity reached (mean over seeds)", ""]
         body = []
         for m in methods:
