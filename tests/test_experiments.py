@@ -432,3 +432,27 @@ def test_findings_check_by_hand():
     assert got[("ABP > no recovery", 0.5)]["holds"] is False
     assert got[("ABP > no recovery", 0.9)]["holds"] is None
     assert got[("ABP ≥ MP", 0.5)]["abp"] == (pytest.approx(0.81), 2)
+
+
+def test_paper_probe_runs_on_the_grid(grid, tiny_model_dir, tiny_glue, tmp_path):
+    """bench/paper_probe.py: loads the grid's feature-extraction head, prunes by each rule, writes its JSON."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "paper_probe.py"
+    spec = importlib.util.spec_from_file_location("paper_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    out = tmp_path / "probe.json"
+    assert probe.main(["--task", "sst2", "--model", tiny_model_dir, "--glue-dir", tiny_glue, "--grid", str(grid["out"]),
+                       "--batches", "2", "--fraction", "0.25", "--output", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert set(doc["loss"]) == {"dense", "abp_rule", "random", "largest_abs_sum", "largest_sensitivity",
+                                "smallest_sensitivity", "smallest_abs_sum"}
+    assert all(math.isfinite(v) and v > 0 for v in doc["loss"].values())
+    assert len(set(doc["loss"].values())) > 1  # the rules prune different weights
+    assert "embeddings" in doc["loss_by_part"]["component"] and "0" in doc["loss_by_part"]["layer"]
+    assert 0 <= doc["abp_picks_among_most_sensitive"]["median_over_tensors"] <= 1
+    assert doc["budget"]["max_steps"] == grid["exp"].max_steps
+    with pytest.raises(SystemExit, match="no finished run"):
+        probe.main(["--task", "stsb", "--model", tiny_model_dir, "--grid", str(tmp_path), "--output", str(out)])
