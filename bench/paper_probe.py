@@ -68,10 +68,7 @@ def main(argv=None) -> int:
     def loss_of(batch: dict) -> torch.Tensor:
         batch = dict(batch)
         labels = batch.pop("labels")
-        logits = t.model(**batch)
-        if t.num_labels == 1:
-            return torch.nn.functional.mse_loss(logits.float(), labels.float())
-        return torch.nn.functional.cross_entropy(logits.float(), labels.long())
+        return t._loss(t.model(**batch), labels)  # the Trainer's own loss (cross-entropy, or MSE for regression)
 
     def endless():  # the Trainer's order from step 0, epoch after epoch
         epoch = 0
