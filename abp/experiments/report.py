@@ -170,7 +170,8 @@ def check_findings(rs: Sequence[dict], metric: str) -> list[dict]:
 
     One row per claim and sparsity: ABP ≥ MP and ≥ IMP at every s ≥ 0.5, ABP within 2 points of full
     fine-tuning at s = 0.5, ABP above feature extraction, and ABP above ABP without connection recovery.
-    Means over seeds; ``holds`` is None where a side was not run (the claim is then untested, not passed).
+    Means over seeds. A claim whose other method (or ABP) never ran gets one row with ``holds`` None and
+    ``sparsity`` None (untested, not passed); sparsities only one side ran are left out.
     """
     sparsities = sorted({r["sparsity"] for r in rs if r["sparsity"] is not None})
     claims = [("ABP ≥ MP", "mp", s, False, 0.0) for s in sparsities if s >= 0.5]
@@ -178,11 +179,18 @@ def check_findings(rs: Sequence[dict], metric: str) -> list[dict]:
     claims += [("ABP within 2 points of fine-tuning", "finetune", 0.5, True, -0.02)]
     claims += [("ABP > feature extraction", "feature_extraction", s, True, 0.0) for s in sparsities if s >= 0.5]
     claims += [("ABP > no recovery", "abp_norecovery", s, False, 0.0) for s in sparsities]
-    out = []
+    ran = {r["method"] for r in rs}
+    out, untested = [], set()
     for claim, other, s, other_dense, margin in claims:
         a = _mean(rs, "abp", s, metric)
         b = _mean(rs, other, None if other_dense else s, metric)
-        if a is None and b is None:
+        if other not in ran or "abp" not in ran:  # one row says the claim was not tested at all
+            if claim not in untested:
+                untested.add(claim)
+                out.append({"claim": claim, "sparsity": None, "abp": None, "other": None, "other_method": other,
+                            "difference": None, "holds": None})
+            continue
+        if a is None or b is None:  # a sparsity only one side ran: nothing to compare
             continue
         diff = None if a is None or b is None else round(a[0] - b[0], 9)  # a tie of means is a tie
         strict = claim.startswith("ABP >")
@@ -199,7 +207,7 @@ def _findings_lines(task: str, model: str, metric: str, rs: Sequence[dict]) -> l
 
     def cell(v):
         return "not run" if v is None else f"{v[0]:.4f} ({v[1]})"
-    body = [[f["claim"], f"{f['sparsity']:g}", cell(f["abp"]), f"{f['other_method']}: {cell(f['other'])}",
+    body = [[f["claim"], "—" if f["sparsity"] is None else f"{f['sparsity']:g}", cell(f["abp"]), f"{f['other_method']}: {cell(f['other'])}",
              "—" if f["difference"] is None else f"{100 * f['difference']:+.1f}",
              {True: "yes", False: "**no**", None: "untested"}[f["holds"]]] for f in rows]
     held = sum(f["holds"] is True for f in rows)
