@@ -2,6 +2,7 @@
 (where the learnt masks prune: sparsity per layer and per component). Matplotlib, Agg backend, PNG."""
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from typing import Mapping, Sequence
@@ -27,6 +28,11 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _x(sparsity: float) -> float:
+    """Fig. 2's x axis: −log10(remaining share), so 0.9, 0.95 and 0.99 are as far apart as the paper's grid needs."""
+    return -math.log10(1 - sparsity)
+
+
 def plot_metric_vs_sparsity(rows: Sequence[Mapping], metric: str, path: str | os.PathLike, *, title: str = "") -> None:
     """Fig. 2: one line per sparse method (mean ± std over seeds as error bars), dense methods
     (fine-tuning, feature extraction) as horizontal lines with a ±std band."""
@@ -50,16 +56,16 @@ def plot_metric_vs_sparsity(rows: Sequence[Mapping], metric: str, path: str | os
             vals = [r["value"] for r in mine if r["sparsity"] == sp]
             if vals:
                 m, s = _mean_std(vals)
-                xs.append(sp)
+                xs.append(_x(sp))
                 ms.append(m)
                 ss.append(s)
                 ns.append(len(vals))
         ax.errorbar(xs, ms, yerr=ss, color=color, marker=marker, capsize=3, lw=1.4,
                     label=f"{method} (n={min(ns)}–{max(ns)})" if min(ns) != max(ns) else f"{method} (n={ns[0]})")
-    ax.set_xlabel("sparsity (share of masked weights pruned)")
+    ax.set_xlabel("sparsity (share of masked weights pruned; log scale of the share kept)")
     ax.set_ylabel(f"dev {metric}")
     if sparsities:
-        ax.set_xticks(sparsities)
+        ax.set_xticks([_x(sp) for sp in sparsities], [f"{sp:g}" for sp in sparsities])
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="best")
