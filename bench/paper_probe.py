@@ -70,13 +70,7 @@ def main(argv=None) -> int:
         labels = batch.pop("labels")
         return t._loss(t.model(**batch), labels)  # the Trainer's own loss (cross-entropy, or MSE for regression)
 
-    def endless():  # the Trainer's order from step 0, epoch after epoch
-        epoch = 0
-        while True:
-            yield from t.train_batches.iter_batches(epoch, 0)
-            epoch += 1
-
-    batches = endless()
+    batches = t._batches()  # the Trainer's own order from step 0, epoch after epoch
     total = [torch.zeros_like(m.scores) for _, m in mods]
     sens = [torch.zeros_like(m.scores) for _, m in mods]
     for _ in range(a.batches):

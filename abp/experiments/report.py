@@ -192,9 +192,8 @@ def check_findings(rs: Sequence[dict], metric: str) -> list[dict]:
             continue
         if a is None or b is None:  # a sparsity only one side ran: nothing to compare
             continue
-        diff = None if a is None or b is None else round(a[0] - b[0], 9)  # a tie of means is a tie
-        strict = claim.startswith("ABP >")
-        holds = None if diff is None else (diff > margin if strict else diff >= margin)
+        diff = round(a[0] - b[0], 9)  # a tie of means is a tie
+        holds = diff > margin if claim.startswith("ABP >") else diff >= margin
         out.append({"claim": claim, "sparsity": s, "abp": a, "other": b, "other_method": other,
                     "difference": diff, "holds": holds})
     return out
