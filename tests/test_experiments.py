@@ -14,10 +14,12 @@ import abp
 from abp.experiments import analysis as A
 from abp.experiments import masks as MK
 from abp.experiments import runner as R
+from abp.experiments.record import collect_results
 from abp.experiments.finetune import FineTuner, maskable_weights, trainer_mask_config
 from abp.experiments.methods import (DENSE_METHODS, KEEPS_WEIGHTS, LEARNT_METHODS, METHODS, ExperimentConfig,
-                                     cubic_sparsity, imp_rounds, model_label, weights_digest)
+                                     cubic_sparsity, imp_schedule, model_label, weights_digest)
 from abp.experiments.recovery import RecoveryTracker
+from abp.experiments.report import write_report
 from abp.train.score_optim import ScoreOptimizer
 
 S = 0.5
@@ -71,7 +73,7 @@ def grid(tiny_model_dir, tiny_glue, tmp_path_factory):
     exp = _exp(tiny_model_dir, tiny_glue)
     summary = R.run_grid(exp, ["sst2"], list(METHODS), [S], [SEED], out, progress=False)
     summary_b = R.run_grid(exp, ["stsb"], ["abp", "mp", "wanda", "finetune"], [S], [SEED], out, progress=False)
-    results = {r["method"]: r for r in R.collect_results(out)[("sst2", model_label(tiny_model_dir))]}
+    results = {r["method"]: r for r in collect_results(out)[("sst2", model_label(tiny_model_dir))]}
     return {"out": out, "exp": exp, "summary": summary, "summary_b": summary_b, "results": results}
 
 
@@ -135,7 +137,7 @@ def test_weights_digest_sees_one_ulp(tiny_model_dir):
 
 
 def test_regression_task_runs(grid):
-    rs = {r["method"]: r for r in R.collect_results(grid["out"])[("stsb", model_label(grid["exp"].model))]}
+    rs = {r["method"]: r for r in collect_results(grid["out"])[("stsb", model_label(grid["exp"].model))]}
     assert set(rs) == {"abp", "mp", "wanda", "finetune"}
     for r in rs.values():
         assert r["metric_name"] == "pearson" and set(r["metrics"]) == {"pearson", "spearman"}
@@ -229,6 +231,69 @@ def test_killed_run_resumes_to_the_same_result(tiny_model_dir, tiny_glue, tmp_pa
     assert a["recovery"] == b["recovery"] and b["recovery"]["complete"]
 
 
+def _report_copy(grid, dest):
+    """The grid's committed part only (record files, analysis.json): what a fresh checkout has."""
+    import shutil
+
+    dest.mkdir()
+    for f in grid["out"].glob("*.json"):
+        shutil.copy(f, dest / f.name)
+    return dest
+
+
+def test_report_rebuilds_from_the_record_without_run_folders(grid, tmp_path, monkeypatch):
+    out, exp = grid["out"], grid["exp"]
+    R.run_grid(exp, ["sst2"], list(METHODS), [S], [SEED], out, progress=False, plots=False)  # report as of now
+    fresh = _report_copy(grid, tmp_path / "fresh")
+    assert not (fresh / "runs").exists()
+    files = write_report(fresh, plots=False)
+    assert fresh / "results.md" in files
+    for name in (f"sst2-{model_label(exp.model)}.json", f"stsb-{model_label(exp.model)}.json", "analysis.json"):
+        assert json.loads((fresh / name).read_text()) == json.loads((out / name).read_text()), name
+    md_a, md_b = ((d / "results.md").read_text().split("\n", 3)[3] for d in (out, fresh))  # after the dated line
+    assert md_a == md_b
+
+    def boom(*a, **k):
+        raise AssertionError("a run the record holds was run again")
+
+    monkeypatch.setattr(R, "run_method", boom)
+    again = R.run_grid(exp, ["sst2"], list(METHODS), [S], [SEED], fresh, progress=False, report=False)
+    assert not again["ran"] and len(again["skipped"]) == len(METHODS)
+
+
+def test_record_refuses_another_budget_and_names_a_corrupt_file(grid, tmp_path):
+    exp = grid["exp"]
+    fresh = _report_copy(grid, tmp_path / "fresh")
+    rec = fresh / f"sst2-{model_label(exp.model)}.json"
+    with pytest.raises(R.BudgetMismatchError, match=rec.name):
+        R.run_grid(_exp(exp.model, exp.glue_dir, max_steps=13), ["sst2"], ["abp"], [S], [SEED], fresh, progress=False)
+    rec.write_text(rec.read_text()[:-40])
+    with pytest.raises(ValueError, match=rec.name):
+        write_report(fresh, plots=False)
+
+
+def test_analysis_keeps_an_overlap_only_for_the_masks_it_was_computed_from(grid, tmp_path):
+    """A run folder back on disk with another mask: its breakdown is recomputed, and its overlap with a run
+    whose folder is gone (computed from its old mask) is dropped rather than kept stale."""
+    import shutil
+
+    exp = grid["exp"]
+    fresh = _report_copy(grid, tmp_path / "fresh")
+    before = json.loads((fresh / "analysis.json").read_text())[f"sst2-{model_label(exp.model)}"]
+    src = {m: R.run_dir(grid["out"], exp, R.RunSpec("sst2", m, S, SEED)) for m in ("abp", "random")}
+    back = R.run_dir(fresh, exp, R.RunSpec("sst2", "random", S, SEED))
+    back.mkdir(parents=True)
+    shutil.copy(src["random"] / "result.json", back / "result.json")
+    shutil.copy(src["abp"] / "mask.safetensors", back / "mask.safetensors")  # not the mask it had
+    write_report(fresh, plots=False)
+    after = json.loads((fresh / "analysis.json").read_text())[f"sst2-{model_label(exp.model)}"]
+    assert after["per_run"]["random-s0.5-seed0"]["overall"] == before["per_run"]["abp-s0.5-seed0"]["overall"]
+    assert after["per_run"]["random-s0.5-seed0"]["mask"] == before["per_run"]["abp-s0.5-seed0"]["mask"]
+    pairs = {(o["a"], o["b"]) for o in after["overlaps"]}
+    assert ("abp", "random") not in pairs and ("random", "mp") not in pairs and ("abp", "mp") in pairs
+    assert len(after["overlaps"]) == len(before["overlaps"]) - sum(1 for o in before["overlaps"] if "random" in (o["a"], o["b"]))
+
+
 def test_cli_runs_and_reports(tiny_model_dir, tiny_glue, tmp_path, capsys):
     from abp.cli import main
 
@@ -247,6 +312,14 @@ def test_cli_runs_and_reports(tiny_model_dir, tiny_glue, tmp_path, capsys):
     assert (tmp_path / "results.md").is_file()
     assert main(["experiment", "--methods", "abp", "--sparsities", "1.5", "--output", str(tmp_path)]) == 2
     assert "sparsities" in capsys.readouterr().err
+    # a list option: the IMP milestones go into the run's budget and trajectory
+    argv_imp = argv[:argv.index("--methods")] + ["--methods", "imp", "--sparsities", "0.5", "--imp-milestones", "0.3",
+                                                "--imp-round-steps", "1"] + argv[argv.index("--seeds"):]
+    assert main(argv_imp) == 0
+    r = json.loads(next(tmp_path.glob("runs/*/imp-s0.5-seed0/result.json")).read_text())
+    assert r["budget"]["imp_milestones"] == [0.3] and r["phase1"]["trajectory"][:2] == pytest.approx([1 - 0.7 ** 0.5, 0.3], abs=1e-6)
+    assert main(argv_imp[:-2] + ["--imp-milestones", "1.2", "--output", str(tmp_path)]) == 2
+    assert "imp_milestones" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ mask surgery
@@ -329,11 +402,42 @@ def test_schedules():
     assert cubic_sparsity(10, 0.9, 10, 50) == 0.0 and cubic_sparsity(50, 0.9, 10, 50) == 0.9
     assert cubic_sparsity(30, 0.8, 10, 50) == pytest.approx(0.8 * (1 - 0.5 ** 3))
     assert cubic_sparsity(99, 0.8, 10, 50) == 0.8
-    for s in (0.5, 0.9, 0.97):
-        rounds, rate = imp_rounds(s, 0.2)
-        assert rate <= 0.2 + 1e-12 and (1 - rate) ** rounds == pytest.approx(1 - s)
-        assert (1 - 0.2) ** (rounds - 1) > 1 - s  # one round fewer would not reach s
-    assert imp_rounds(0.5, 0.2)[0] == 4 and imp_rounds(0.9, 0.2)[0] == 11
+    for s in (0.5, 0.9, 0.97):  # no milestones: constant rate, fewest rounds
+        path = imp_schedule(s, 0.2)
+        rate = 1 - (1 - s) ** (1 / len(path))
+        assert rate <= 0.2 + 1e-12 and path[-1] == s
+        assert path == pytest.approx([1 - (1 - rate) ** r for r in range(1, len(path) + 1)])
+        assert (1 - 0.2) ** (len(path) - 1) > 1 - s  # one round fewer would not reach s
+    assert len(imp_schedule(0.5, 0.2)) == 4 and len(imp_schedule(0.9, 0.2)) == 11 and len(imp_schedule(0.99, 0.2)) == 21
+    grid = (0.2, 0.5, 0.7, 0.9, 0.95, 0.99)
+    paths = {s: imp_schedule(s, 0.2, grid) for s in grid + (0.8,)}
+    assert [len(paths[s]) for s in grid] == [1, 4, 7, 12, 16, 24]  # 24 rounds serve the whole grid
+    for s, path in paths.items():
+        assert all(m in path for m in grid if m < s) and path[-1] == s
+        stretches = zip([0.0] + path[:-1], path)
+        assert all(0 < 1 - (1 - b) / (1 - a) <= 0.2 + 1e-12 for a, b in stretches)  # ≤ 20 % of the remaining each round
+    assert paths[0.99][:12] == paths[0.9] and paths[0.8][:7] == paths[0.7] and paths[0.8][7] not in paths[0.9]
+    with pytest.raises(ValueError, match="sparsity"):
+        imp_schedule(1.0, 0.2)
+
+
+def test_imp_trajectory_is_shared_between_sparsities(tiny_model_dir, tiny_glue, tmp_path):
+    """The 0.7 run reuses the 0.2 → 0.5 rounds of the 0.5 run (same seed) and computes only its own 3;
+    the 0.5 run's final mask is the trajectory's round at 0.5."""
+    exp = _exp(tiny_model_dir, tiny_glue, imp_milestones=(0.2, 0.5))
+    R.run_grid(exp, ["sst2"], ["imp"], [0.5, 0.7], [SEED], tmp_path, progress=False, report=False)
+    res = {s: json.loads((R.run_dir(tmp_path, exp, R.RunSpec("sst2", "imp", s, SEED)) / "result.json").read_text())
+           for s in (0.5, 0.7)}
+    assert res[0.5]["phase1"]["rounds_computed_here"] == 4 and res[0.7]["phase1"]["rounds_computed_here"] == 3
+    assert res[0.7]["phase1"]["trajectory"][:4] == res[0.5]["phase1"]["trajectory"]
+    rounds = R.imp_rounds_dir(tmp_path, exp, R.RunSpec("sst2", "imp", 0.5, SEED))
+    assert len(list(rounds.glob("round*.safetensors"))) == 7
+    final = A.load_keep_masks(A.find_mask_file(R.run_dir(tmp_path, exp, R.RunSpec("sst2", "imp", 0.5, SEED))))
+    at_half, _ = MK.load_masks(next(rounds.glob("round04-*.safetensors")))
+    assert all(torch.equal(final[k], at_half[k]) for k in at_half)
+    with pytest.raises(R.BudgetMismatchError, match="imp_milestones"):  # the rounds folder knows its trajectory
+        R.run_grid(_exp(tiny_model_dir, tiny_glue, imp_milestones=(0.3,)), ["sst2"], ["imp"], [0.9], [SEED], tmp_path,
+                   progress=False, report=False)
 
 
 def test_wanda_input_norms_match_hidden_states(tiny_model_dir, tiny_glue):

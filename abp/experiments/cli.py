@@ -43,6 +43,10 @@ def add_experiment_parser(subparsers) -> argparse.ArgumentParser:
     for f in dataclasses.fields(ExperimentConfig):
         hint = hints[f.name]
         args = typing.get_args(hint)
+        if typing.get_origin(hint) is tuple:  # a list of numbers, e.g. --imp-milestones 0.2 0.5
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, nargs="*", type=args[0],
+                           default=f.default, help=f"(default: {' '.join(map(str, f.default))})")
+            continue
         kind = hint if hint in (int, float, str) else next((a for a in args if a in (int, float, str)), str)
         parse = kind if hint in (int, float, str) else _none_or(kind)
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=parse, default=f.default,
@@ -65,7 +69,8 @@ def _cmd_experiment(a: argparse.Namespace) -> int:
         files = write_report(a.output, plots=not a.no_plots)
         print(json.dumps({"report": [str(f) for f in files]}, indent=1))
         return 0
-    exp = ExperimentConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(ExperimentConfig)})
+    exp = ExperimentConfig(**{f.name: tuple(v) if isinstance(v := getattr(a, f.name), list) else v
+                              for f in dataclasses.fields(ExperimentConfig)})
     summary = run_grid(exp, a.tasks, a.methods, a.sparsities, a.seeds, a.output, time_limit=a.time_limit,
                        progress=not a.quiet, run_progress=a.run_progress, plots=not a.no_plots)
     print(json.dumps({"ran": len(summary["ran"]), "skipped": len(summary["skipped"]), "left": summary["left"],

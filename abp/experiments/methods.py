@@ -8,9 +8,10 @@ Learnt masks (Algorithm 1 through :class:`~abp.train.trainer.Trainer`):
 Fixed masks on the *original* pre-trained weights, head trained by the Trainer with ``learn_mask=False``:
   ``random`` (exact per-tensor count), ``mp`` (Zhu & Gupta gradual magnitude pruning during fine-tuning,
   cubic schedule, per tensor; the mask moves to the original weights), ``imp`` (iterative magnitude pruning
-  with rewinding to the pre-trained weights, a constant rate ≤ ``imp_rate`` of the remaining weights per
-  round, per tensor), ``wanda`` (training-free ``|W|·‖X‖₂`` per output row, X from ``wanda_batches`` train
-  batches; embeddings by magnitude), ``feature_extraction`` (all weights kept: frozen backbone + head).
+  with rewinding to the pre-trained weights, per tensor: one lottery-ticket trajectory per task and seed that
+  stops at every milestone sparsity on its way, pruning at most ``imp_rate`` of the remaining weights per
+  round, so every grid sparsity on it shares the rounds below it), ``wanda`` (training-free ``|W|·‖X‖₂``
+  per output row, X from ``wanda_batches`` train batches; embeddings by magnitude), ``feature_extraction`` (all weights kept: frozen backbone + head).
 Weights trained: ``finetune`` (no mask), through the shared loop of :mod:`abp.experiments.finetune`.
 
 Each run writes ``OUT/result.json`` last (its presence means "done"); a run folder without it resumes:
@@ -50,6 +51,11 @@ KEEPS_WEIGHTS = tuple(m for m in METHODS if m not in ("finetune", "abp_reinit"))
 RESULT = "result.json"
 
 
+def method_order(method: str) -> int:
+    """Position of ``method`` in tables and run order (unknown methods last)."""
+    return METHODS.index(method) if method in METHODS else len(METHODS)
+
+
 @dataclass
 class ExperimentConfig:
     """The budget and settings shared by every run of a grid (recorded in each result)."""
@@ -74,6 +80,10 @@ class ExperimentConfig:
     # imp
     imp_rate: float = 0.2  # at most this share of the remaining weights pruned per round
     imp_round_steps: Optional[int] = None  # fine-tuning steps per round (None: max_steps)
+    # Every IMP trajectory stops at these sparsities on its way to its target (the paper's grid), so one
+    # trajectory per task and seed serves every grid cell: 24 rounds reach 0.2 … 0.99, where separate runs
+    # at a constant rate per target need 57 (1 + 4 + 6 + 11 + 14 + 21).
+    imp_milestones: tuple[float, ...] = (0.2, 0.5, 0.7, 0.9, 0.95, 0.99)
     # wanda
     wanda_batches: int = 8
     # ablations
@@ -83,7 +93,7 @@ class ExperimentConfig:
     _COMMON = ("model", "max_steps", "batch_size", "max_length", "train_subsample", "head_lr", "eval_every")
     _FINETUNE = ("backbone_lr", "weight_decay", "finetune_warmup")
     _PER_METHOD = {"finetune": _FINETUNE, "mp": _FINETUNE + ("mp_begin", "mp_end", "mp_every"),
-                   "imp": _FINETUNE + ("imp_rate", "imp_round_steps"), "wanda": ("wanda_batches",),
+                   "imp": _FINETUNE + ("imp_rate", "imp_round_steps", "imp_milestones"), "wanda": ("wanda_batches",),
                    "abp_reinit": ("reinit_sigma", "recovery_every"), "abp": ("recovery_every",),
                    "abp_norecovery": ("recovery_every",)}
 
@@ -111,6 +121,9 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.imp_rate < 1:
             raise ValueError(f"imp_rate must be in (0, 1), got {self.imp_rate}")
+        bad = [m for m in self.imp_milestones if not 0 < m < 1]
+        if bad:
+            raise ValueError(f"imp_milestones must be in (0, 1), got {bad}")
         if not 0 <= self.mp_begin <= self.mp_end <= 1:
             raise ValueError(f"need 0 <= mp_begin <= mp_end <= 1, got {self.mp_begin}, {self.mp_end}")
         if self.reinit_sigma < 0:
@@ -176,13 +189,22 @@ def mp_schedule(max_steps: int, exp: ExperimentConfig) -> tuple[int, int, int]:
     return t0, t1, every
 
 
-def imp_rounds(sparsity: float, max_rate: float) -> tuple[int, float]:
-    """``(rounds, rate)``: the fewest rounds reaching ``sparsity`` pruning at most ``max_rate`` of the
-    remaining weights per round, and the constant rate that lands on it exactly."""
-    if sparsity <= 0:
-        return 0, 0.0
-    rounds = max(1, math.ceil(math.log(1 - sparsity) / math.log(1 - max_rate) - 1e-9))
-    return rounds, 1 - (1 - sparsity) ** (1 / rounds)
+def imp_schedule(sparsity: float, max_rate: float, milestones=()) -> list[float]:
+    """Sparsity after each IMP round on the way to ``sparsity``.
+
+    The trajectory stops exactly at every milestone below ``sparsity`` and at ``sparsity`` itself; between
+    two stops it takes the fewest rounds pruning at most ``max_rate`` of the remaining weights, at one
+    constant rate. Targets share the rounds up to their highest common milestone.
+    """
+    if not 0 < sparsity < 1:
+        raise ValueError(f"IMP needs a sparsity in (0, 1), got {sparsity}")
+    out, start = [], 0.0
+    for stop in sorted({m for m in milestones if m < sparsity} | {sparsity}):
+        keep = (1 - stop) / (1 - start)  # share of the remaining weights this stretch keeps
+        n = max(1, math.ceil(math.log(keep) / math.log(1 - max_rate) - 1e-9))
+        out += [1 - (1 - start) * keep ** (r / n) for r in range(1, n)] + [stop]
+        start = stop
+    return out
 
 
 # ------------------------------------------------------------------------------------------ the phases
@@ -233,24 +255,31 @@ def _mp_masks(exp: ExperimentConfig, cfg: ABPConfig, sparsity: float, progress: 
                       "final_loss": losses[-1], "seconds": round(time.time() - t_start, 1)}
 
 
-def _imp_masks(exp: ExperimentConfig, cfg: ABPConfig, sparsity: float, out: Path, progress: bool):
+def _imp_masks(exp: ExperimentConfig, cfg: ABPConfig, sparsity: float, rounds_dir: Path, progress: bool):
+    """Masks of IMP at ``sparsity``; each round's masks are kept in ``rounds_dir`` (named by round and
+    sparsity) and reused by any later target whose trajectory passes through them."""
     t_start = time.time()
-    rounds, rate = imp_rounds(sparsity, exp.imp_rate)
+    path = imp_schedule(sparsity, exp.imp_rate, exp.imp_milestones)
     steps = exp.imp_round_steps or cfg.max_steps
-    data = load_task_data(cfg)
-    masks = None
-    for r in range(rounds):
-        path = out / f"imp_round{r + 1}.safetensors"
-        if path.is_file():
-            masks, _ = MK.load_masks(path)
+    rounds_dir.mkdir(parents=True, exist_ok=True)
+    data, masks, computed = None, None, 0
+    for r, target in enumerate(path, 1):
+        f = rounds_dir / f"round{r:02d}-s{target:.6f}.safetensors"
+        if f.is_file():
+            masks, meta = MK.load_masks(f)
+            seen = meta.get("path", [])
+            if len(seen) != r or not all(math.isclose(a, b, abs_tol=1e-9) for a, b in zip(seen, path)):
+                raise RuntimeError(f"{f} was reached through sparsities {seen}, this trajectory is {path[:r]}")
             continue
+        data = data or load_task_data(cfg)
         ft = FineTuner(cfg, exp.finetune_options(), masks=masks, data=data)  # rewound to the pre-trained weights
-        ft.train(steps, progress=progress, desc=f"imp round {r + 1}/{rounds}")
-        target = sparsity if r == rounds - 1 else 1 - (1 - rate) ** (r + 1)
+        ft.train(steps, progress=progress, desc=f"imp round {r}/{len(path)}")
         masks = {k: v.cpu() for k, v in MK.magnitude_masks(ft.weights, target, previous=ft.masks).items()}
-        MK.save_masks(path, masks, {"round": r + 1, "sparsity": target})
+        MK.save_masks(f, masks, {"round": r, "sparsity": target, "path": path[:r]})
+        computed += 1
         del ft
-    return masks, {"rounds": rounds, "rate": rate, "round_steps": steps, "seconds": round(time.time() - t_start, 1)}
+    return masks, {"rounds": len(path), "trajectory": [round(x, 6) for x in path], "rounds_computed_here": computed,
+                   "round_steps": steps, "seconds": round(time.time() - t_start, 1)}
 
 
 def _wanda_masks(exp: ExperimentConfig, cfg: ABPConfig, sparsity: float):
@@ -279,12 +308,13 @@ def reinit_weights_(sigma: float, seed: int) -> Callable[[nn.Module], None]:
 
 def run_method(method: str, exp: ExperimentConfig, task: str, sparsity: Optional[float], seed: int,
                out: str | os.PathLike, *, abp_source: Optional[str | os.PathLike] = None,
-               progress: bool = False) -> dict:
+               imp_rounds_dir: Optional[str | os.PathLike] = None, progress: bool = False) -> dict:
     """Run one method once and write ``out/result.json``; returns the result.
 
     ``sparsity`` is ignored (None in the result) for :data:`DENSE_METHODS`. ``abp_source`` (``abp_shuffled``
     only): a finished ``abp`` run folder of the same task, sparsity and seed whose mask is shuffled;
-    without it the ABP mask is learnt inside ``out/abp_source``.
+    without it the ABP mask is learnt inside ``out/abp_source``. ``imp_rounds_dir`` (``imp`` only): where the
+    trajectory's rounds are kept, shared by the runs of one task and seed (default ``out/imp_rounds``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -310,7 +340,8 @@ def run_method(method: str, exp: ExperimentConfig, task: str, sparsity: Optional
         if res["sparsity"] != 0:
             raise RuntimeError(f"feature_extraction should keep every weight, its mask has sparsity {res['sparsity']}")
     elif method in ("mp", "imp", "wanda"):
-        make = {"mp": lambda: _mp_masks(exp, cfg, s, progress), "imp": lambda: _imp_masks(exp, cfg, s, out, progress),
+        rounds_dir = Path(imp_rounds_dir or out / "imp_rounds")
+        make = {"mp": lambda: _mp_masks(exp, cfg, s, progress), "imp": lambda: _imp_masks(exp, cfg, s, rounds_dir, progress),
                 "wanda": lambda: _wanda_masks(exp, cfg, s)}[method]
         masks, phase1 = _phase1(out / "phase1_masks.safetensors", make)
         res, backbone = _head_only(cfg, out, lambda bb: MK.apply_masks_(bb, masks), progress)

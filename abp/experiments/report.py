@@ -1,8 +1,14 @@
-"""The grid's report, rebuilt from the finished runs on disk: per-(task, model) JSON rows, mask analysis,
-Fig. 2 / Fig. 3 plots and a Markdown table (mean ± std over seeds). ``notes.md`` beside it (hand-written
-discussion) is appended to ``results.md`` as is."""
+"""The grid's report, rebuilt from the record and the finished runs on disk (:mod:`abp.experiments.record`):
+per-(task, model) JSON record, mask analysis, Fig. 2 / Fig. 3 plots and a Markdown table (mean ± std over
+seeds). ``notes.md`` beside it (hand-written discussion) is appended to ``results.md`` as is.
+
+The mask analysis needs the masks, which live only in run folders. Entries of ``analysis.json`` computed
+earlier are kept for runs whose folder is gone, each tagged with the digest of the mask it was computed
+from, and an overlap is kept only while both of its masks are the ones it was computed from.
+"""
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import statistics
@@ -13,8 +19,8 @@ from typing import Iterable, Optional, Sequence
 
 from abp._atomic import write_text
 from abp.experiments.analysis import COMPONENTS, load_keep_masks, mask_overlap, sparsity_breakdown
-from abp.experiments.methods import DENSE_METHODS, LEARNT_METHODS, METHODS
-from abp.experiments.runner import collect_results, rows_of
+from abp.experiments.methods import DENSE_METHODS, LEARNT_METHODS, method_order
+from abp.experiments.record import collect_results, record_doc
 from abp.train.tasks import get_task
 
 
@@ -40,43 +46,79 @@ def _mask_path(r: dict) -> Optional[Path]:
     return p if p.is_file() else None
 
 
-def _compact(b: dict) -> dict:
+def _compact(b: dict, mask_id: str) -> dict:
     return {"overall": b["overall"]["sparsity"], "components": {c: v["sparsity"] for c, v in b["components"].items()},
-            "layers": {l: v["sparsity"] for l, v in b["layers"].items()}}
+            "layers": {l: v["sparsity"] for l, v in b["layers"].items()}, "mask": mask_id}
 
 
-def _order(method: str) -> int:
-    return METHODS.index(method) if method in METHODS else 99
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def analyze_group(results: Sequence[dict]) -> dict:
+def _mask_ids(results: Sequence[dict], previous_per_run: dict) -> dict[str, Optional[str]]:
+    """Run folder name → digest of its mask: of the file on disk, else of the mask the earlier analysis saw
+    (None for entries written before digests were kept)."""
+    ids = {}
+    for r in results:
+        n, p = Path(r["run_dir"]).name, _mask_path(r)
+        if p is not None:
+            ids[n] = _digest(p)
+        elif n in previous_per_run:
+            ids[n] = previous_per_run[n].get("mask")
+    return ids
+
+
+def _overlap(a, b, ids: list, previous: Sequence[dict], match: dict) -> Optional[dict]:
+    """Overlap of masks ``a`` and ``b`` (each a path or keep-mask dict, or None when not on disk): computed
+    when both are there, else the earlier entry matching ``match`` if it came from these same masks."""
+    if a is not None and b is not None:
+        return {**match, **mask_overlap(a, b), "masks": ids}
+    return next((o for o in previous if all(o.get(k) == v for k, v in match.items())
+                 and o.get("masks", [None, None]) == ids), None)
+
+
+def analyze_group(results: Sequence[dict], previous: Optional[dict] = None) -> dict:
     """Sparsity breakdown of every sparse run's mask, overlaps between methods (same sparsity and seed)
-    and between seeds (same method and sparsity)."""
-    sparse = [r for r in results if r["method"] not in DENSE_METHODS and _mask_path(r) is not None]
+    and between seeds (same method and sparsity). ``previous``: this group's earlier ``analysis.json``
+    entry, used for runs whose masks are no longer on disk."""
+    previous = previous or {}
+    old_runs = previous.get("per_run", {})
+
+    def name(r):
+        return Path(r["run_dir"]).name
+
+    sparse = [r for r in results if r["method"] not in DENSE_METHODS and (_mask_path(r) or name(r) in old_runs)]
+    ids = _mask_ids(sparse, old_runs)
     per_run, overlaps, seed_overlaps = {}, [], []
     cells: dict[tuple, list[dict]] = defaultdict(list)
     for r in sparse:
         cells[(r["sparsity"], r["seed"])].append(r)
     for (s, seed), rs in sorted(cells.items()):
-        rs = sorted(rs, key=lambda r: _order(r["method"]))
-        masks = {r["method"]: load_keep_masks(_mask_path(r)) for r in rs}
+        rs = sorted(rs, key=lambda r: method_order(r["method"]))
+        masks = {name(r): load_keep_masks(p) for r in rs if (p := _mask_path(r)) is not None}
         for r in rs:
-            per_run[Path(r["run_dir"]).name] = _compact(sparsity_breakdown(masks[r["method"]]))
-        for a, b in itertools.combinations([r["method"] for r in rs], 2):
-            overlaps.append({"a": a, "b": b, "sparsity": s, "seed": seed, **mask_overlap(masks[a], masks[b])})
+            n = name(r)
+            per_run[n] = _compact(sparsity_breakdown(masks[n]), ids[n]) if n in masks else old_runs[n]
+        for ra, rb in itertools.combinations(rs, 2):
+            o = _overlap(masks.get(name(ra)), masks.get(name(rb)), [ids[name(ra)], ids[name(rb)]],
+                         previous.get("overlaps", ()), {"a": ra["method"], "b": rb["method"], "sparsity": s, "seed": seed})
+            if o is not None:
+                overlaps.append(o)
         del masks
     by_method: dict[tuple, list[dict]] = defaultdict(list)
     for r in sparse:
         by_method[(r["method"], r["sparsity"])].append(r)
-    for (method, s), rs in sorted(by_method.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1])):
+    for (method, s), rs in sorted(by_method.items(), key=lambda kv: (method_order(kv[0][0]), kv[0][1])):
         if method not in LEARNT_METHODS or len(rs) < 2:
             continue
         for ra, rb in itertools.combinations(sorted(rs, key=lambda r: r["seed"]), 2):
-            seed_overlaps.append({"method": method, "sparsity": s, "seeds": [ra["seed"], rb["seed"]],
-                                  **mask_overlap(_mask_path(ra), _mask_path(rb))})
+            o = _overlap(_mask_path(ra), _mask_path(rb), [ids[name(ra)], ids[name(rb)]], previous.get("seed_overlaps", ()),
+                         {"method": method, "sparsity": s, "seeds": [ra["seed"], rb["seed"]]})
+            if o is not None:
+                seed_overlaps.append(o)
     profiles: dict[str, dict] = {}
     for (method, s), rs in by_method.items():
-        got = [per_run[Path(r["run_dir"]).name] for r in rs]
+        got = [per_run[name(r)] for r in rs]
         profiles.setdefault(method, {})[f"{s:g}"] = {
             "n": len(got),
             "overall": statistics.fmean(g["overall"] for g in got),
@@ -86,27 +128,23 @@ def analyze_group(results: Sequence[dict]) -> dict:
     return {"per_run": per_run, "profiles": profiles, "overlaps": overlaps, "seed_overlaps": seed_overlaps}
 
 
-def cross_task_overlaps(groups: dict) -> list[dict]:
-    """ABP masks of different tasks (same model, sparsity, seed): how task-specific the learnt masks are."""
+def cross_task_overlaps(groups: dict, analysis: dict, previous: Sequence[dict] = ()) -> list[dict]:
+    """ABP masks of different tasks (same model, sparsity, seed): how task-specific the learnt masks are.
+    ``analysis``: this report's per-group analysis (mask digests); ``previous``: the earlier cross-task list."""
     out = []
     by_key: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for (task, model), rs in groups.items():
         for r in rs:
-            if r["method"] == "abp" and _mask_path(r) is not None:
+            if r["method"] == "abp":
                 by_key[(model, r["sparsity"], r["seed"])][task] = r
     for (model, s, seed), tasks in sorted(by_key.items()):
         for ta, tb in itertools.combinations(sorted(tasks), 2):
-            out.append({"model": model, "method": "abp", "sparsity": s, "seed": seed, "tasks": [ta, tb],
-                        **mask_overlap(_mask_path(tasks[ta]), _mask_path(tasks[tb]))})
+            ids = [analysis[f"{t}-{model}"]["per_run"].get(Path(tasks[t]["run_dir"]).name, {}).get("mask") for t in (ta, tb)]
+            o = _overlap(_mask_path(tasks[ta]), _mask_path(tasks[tb]), ids, previous,
+                         {"model": model, "method": "abp", "sparsity": s, "seed": seed, "tasks": [ta, tb]})
+            if o is not None:
+                out.append(o)
     return out
-
-
-def _run_details(r: dict) -> dict:
-    keep = ("method", "sparsity", "seed", "metric_name", "metrics", "sparsity_reached", "seconds", "weights_untouched",
-            "weights_must_be_untouched", "recovery", "phase1", "device")
-    d = {k: r.get(k) for k in keep}
-    d["run"] = str(Path(r["run_dir"]).name)
-    return d
 
 
 def _budget_text(results: Sequence[dict]) -> str:
@@ -118,21 +156,21 @@ def _budget_text(results: Sequence[dict]) -> str:
 
 
 def write_report(output: str | Path, *, plots: bool = True) -> list[Path]:
-    """Rebuild every report file from the finished runs under ``output/runs``; returns the files written."""
+    """Rebuild every report file from the record and the finished runs under ``output/runs``; returns the
+    files written."""
     output = Path(output)
     groups = collect_results(output)
     written: list[Path] = []
     if not groups:
         return written
-    analysis = {f"{t}-{m}": analyze_group(rs) for (t, m), rs in groups.items()}
-    analysis["cross_task"] = cross_task_overlaps(groups)
     p = output / "analysis.json"
+    previous = json.loads(p.read_text()) if p.is_file() else {}
+    analysis = {f"{t}-{m}": analyze_group(rs, previous.get(f"{t}-{m}")) for (t, m), rs in groups.items()}
+    analysis["cross_task"] = cross_task_overlaps(groups, analysis, previous.get("cross_task", ()))
     write_text(p, json.dumps(analysis, indent=1))
     written.append(p)
     for (task, model), rs in groups.items():
-        doc = {"task": task, "model": model, "budget": {k: sorted({json.dumps(r["budget"].get(k)) for r in rs})
-                                                        for k in sorted({k for r in rs for k in r["budget"]})},
-               "rows": rows_of(rs), "runs": [_run_details(r) for r in rs]}
+        doc = record_doc(task, model, rs)
         p = output / f"{task}-{model}.json"
         write_text(p, json.dumps(doc, indent=1))
         written.append(p)
@@ -228,8 +266,9 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
 def render_markdown(output: Path, groups: dict, analysis: dict) -> str:
     everything = [r for rs in groups.values() for r in rs]
     lines = ["# Adapting by Pruning (Gao et al. 2021): reproduction with abp", "",
-             f"Generated by `abp experiment` on {date.today().isoformat()} from the finished runs under `runs/` "
-             "(the tables are rebuilt on every call; the discussion at the end is `notes.md`, written by hand).", "",
+             f"Generated by `abp experiment` on {date.today().isoformat()} from the record (`<task>-<model>.json`, every "
+             "finished run's result) and the finished runs under `runs/` (the tables are rebuilt on every call; the "
+             "discussion at the end is `notes.md`, written by hand).", "",
              f"- **Budget (every run)**: {_budget_text(everything)}; dev sets in full, evaluated once at the end of "
              "each run (no selection on dev).",
              f"- **Device**: {', '.join(sorted({r['device'] for r in everything}))}; seeds "
@@ -244,7 +283,7 @@ def render_markdown(output: Path, groups: dict, analysis: dict) -> str:
     for (task, model), rs in groups.items():
         spec = get_task(task)
         sparsities = sorted({r["sparsity"] for r in rs if r["sparsity"] is not None})
-        methods = sorted({r["method"] for r in rs}, key=_order)
+        methods = sorted({r["method"] for r in rs}, key=method_order)
         for metric in spec.metric_keys():
             lines += [f"## {task} / {model}: dev {metric}", ""]
             body = []
@@ -276,7 +315,7 @@ def render_markdown(output: Path, groups: dict, analysis: dict) -> str:
                       "after every score step until the stop rule froze them (exact at step granularity). "
                       "`ever pruned` = share of all masked weights pruned at some step.", ""]
             body = []
-            for m in sorted({r["method"] for r in rec}, key=_order):
+            for m in sorted({r["method"] for r in rec}, key=method_order):
                 for s in sparsities:
                     mine = [r["recovery"] for r in rec if r["method"] == m and r["sparsity"] == s]
                     if mine:
@@ -299,7 +338,7 @@ def render_markdown(output: Path, groups: dict, analysis: dict) -> str:
         baselines = ("random", "mp", "imp", "wanda")
         pairs = sorted({(o["a"], o["b"]) for o in ov if (o["a"] == "abp" and o["b"] != "abp_shuffled")
                         or (o["a"] in baselines and o["b"] in baselines and "random" not in (o["a"], o["b"]))},
-                       key=lambda ab: (_order(ab[0]), _order(ab[1])))
+                       key=lambda ab: (method_order(ab[0]), method_order(ab[1])))
         if pairs:
             lines += [f"### {task} / {model}: mask overlap (Jaccard of the pruned sets; chance level for independent "
                       "random masks of the same sparsities in brackets)", ""]
@@ -311,7 +350,7 @@ def render_markdown(output: Path, groups: dict, analysis: dict) -> str:
                     row.append(f"{_fmt([o['jaccard_pruned'] for o in mine], 3)} [{statistics.fmean(o['jaccard_random'] for o in mine):.3f}]"
                                if mine else "—")
                 body.append(row)
-            for o_m in sorted({o["method"] for o in analysis[f"{task}-{model}"]["seed_overlaps"]}, key=_order):
+            for o_m in sorted({o["method"] for o in analysis[f"{task}-{model}"]["seed_overlaps"]}, key=method_order):
                 row = [f"{o_m}, seed vs seed"]
                 for s in sparsities:
                     mine = [o for o in analysis[f"{task}-{model}"]["seed_overlaps"] if o["method"] == o_m and o["sparsity"] == s]
@@ -322,6 +361,13 @@ def render_markdown(output: Path, groups: dict, analysis: dict) -> str:
         lines += [f"### {task} / {model}: wall-clock per run (seconds, mean over seeds and sparsities)", ""]
         lines += _table(["method", "seconds", "runs"], [[m, f"{statistics.fmean(r['seconds'] for r in rs if r['method'] == m):.0f}",
                                                          str(sum(r["method"] == m for r in rs))] for m in methods]) + [""]
+        imp = [r for r in rs if r["method"] == "imp" and "rounds_computed_here" in (r.get("phase1") or {})]
+        if imp:
+            computed = sum(r["phase1"]["rounds_computed_here"] for r in imp)
+            lines += [f"IMP shares its rounds along one trajectory per seed (each run counts the seconds of the rounds it "
+                      f"computed): {computed} rounds of {imp[0]['phase1']['round_steps']} steps in all, "
+                      f"{sum(r['seconds'] for r in imp) / max(1, computed):.0f} s per round with its share of the head "
+                      "training.", ""]
         lines += [f"Figures: `fig2-{task}-{model}.png` (metric vs sparsity), `fig3-{task}-{model}.png` (learnt-mask sparsity "
                   "profile). Rows: `" + f"{task}-{model}.json`.", ""]
     ct = analysis.get("cross_task", [])

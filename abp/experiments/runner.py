@@ -6,7 +6,9 @@ Layout under ``output``::
         budget.json      written when the run starts: a later grid with another budget refuses to mix in
         result.json      written last: its presence means "done" (the run is skipped next time)
         mask.safetensors the final mask + head (abp eval/info read it); checkpoints are deleted when done
-    <task>-<model>.json  rows {task, model, method, sparsity, seed, metric, value} + per-run details
+    runs/<task>-<model>/imp-rounds-seed<seed>/   IMP rounds shared by every sparsity of one seed
+    <task>-<model>.json  the record (:mod:`abp.experiments.record`): every finished run's result and the
+                         rows {task, model, method, sparsity, seed, metric, value}; a run it holds is done
     analysis.json        sparsity by layer/component of every mask, overlaps between masks
     fig2-<task>-<model>.png, fig3-<task>-<model>.png, results.md
 
@@ -25,7 +27,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from abp._atomic import write_text
-from abp.experiments.methods import DENSE_METHODS, METHODS, RESULT, ExperimentConfig, model_label, read_result, run_method
+from abp.experiments.methods import (DENSE_METHODS, METHODS, RESULT, ExperimentConfig, model_label, read_result,
+                                     run_method)
+from abp.experiments.record import read_record, record_path, run_folder
 from abp.train.tasks import get_task
 
 log = logging.getLogger("abp")
@@ -70,21 +74,34 @@ def plan(tasks: Sequence[str], methods: Sequence[str], sparsities: Sequence[floa
 
 
 def run_dir(output: str | os.PathLike, exp: ExperimentConfig, spec: RunSpec) -> Path:
-    return Path(output) / "runs" / f"{spec.task}-{model_label(exp.model)}" / spec.name
+    return run_folder(output, spec.task, model_label(exp.model), spec.name)
+
+
+def imp_rounds_dir(output: str | os.PathLike, exp: ExperimentConfig, spec: RunSpec) -> Path:
+    """Where the IMP rounds of one task and seed are kept (shared by every sparsity of the grid)."""
+    return run_dir(output, exp, spec).parent / f"imp-rounds-seed{spec.seed}"
+
+
+def _budget_mismatch(where: Path, have: dict, want: dict) -> BudgetMismatchError:
+    diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    return BudgetMismatchError(
+        f"{where} holds a run with other settings ({', '.join(f'{k}: {have.get(k)!r} there, {want.get(k)!r} now' for k in diff)}); "
+        f"use another --output, or delete that run (its folder, or its entry in the record)")
+
+
+def _want(exp: ExperimentConfig, method: str) -> dict:
+    return json.loads(json.dumps(exp.budget(method)))  # as it reads back from JSON (tuples become lists)
 
 
 def _check_budget(d: Path, spec: RunSpec, exp: ExperimentConfig) -> None:
-    want = json.loads(json.dumps(exp.budget(spec.method)))
+    want = _want(exp, spec.method)
     for name in (RESULT, "budget.json"):
         p = d / name
         if p.is_file():
             have = json.loads(p.read_text())
             have = have.get("budget", have)
             if have != want:
-                diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-                raise BudgetMismatchError(
-                    f"{d} holds a run with other settings ({', '.join(f'{k}: {have.get(k)!r} there, {want.get(k)!r} now' for k in diff)}); "
-                    f"use another --output or delete that folder")
+                raise _budget_mismatch(d, have, want)
 
 
 def run_grid(exp: ExperimentConfig, tasks: Sequence[str], methods: Sequence[str], sparsities: Sequence[float],
@@ -100,14 +117,21 @@ def run_grid(exp: ExperimentConfig, tasks: Sequence[str], methods: Sequence[str]
     exp.validate()
     runs = plan(tasks, methods, sparsities, seeds)
     output = Path(output)
+    record = read_record(output)
+    model = model_label(exp.model)
     for spec in runs:  # refuse a mixed budget before spending any time
         _check_budget(run_dir(output, exp, spec), spec, exp)
+        recorded = record.get((spec.task, model, spec.name))
+        if recorded is not None and recorded["budget"] != _want(exp, spec.method):
+            raise _budget_mismatch(record_path(output, spec.task, model), recorded["budget"], _want(exp, spec.method))
+        if spec.method == "imp":
+            _check_budget(imp_rounds_dir(output, exp, spec), spec, exp)
     t0 = time.time()
     ran, skipped, left = [], [], []
     bar = tqdm(runs, desc="abp experiment", disable=not progress, dynamic_ncols=True)
     for spec in bar:
         d = run_dir(output, exp, spec)
-        if read_result(d) is not None:
+        if read_result(d) is not None or (spec.task, model, spec.name) in record:
             skipped.append(f"{spec.task}/{spec.name}")
             continue
         if time_limit is not None and time.time() - t0 > time_limit:
@@ -116,12 +140,17 @@ def run_grid(exp: ExperimentConfig, tasks: Sequence[str], methods: Sequence[str]
         bar.set_postfix_str(f"{spec.task} {spec.name}")
         d.mkdir(parents=True, exist_ok=True)
         write_text(d / "budget.json", json.dumps(exp.budget(spec.method), indent=1))
-        source = None
+        source, rounds = None, None
+        if spec.method == "imp":
+            rounds = imp_rounds_dir(output, exp, spec)
+            rounds.mkdir(parents=True, exist_ok=True)
+            write_text(rounds / "budget.json", json.dumps(exp.budget("imp"), indent=1))
         if spec.method == "abp_shuffled":  # reuse the grid's own ABP run when it was made with this budget
             src = run_dir(output, exp, RunSpec(spec.task, "abp", spec.sparsity, spec.seed))
             done = read_result(src)
-            source = src if done is not None and done["budget"] == json.loads(json.dumps(exp.budget("abp"))) else None
-        r = run_method(spec.method, exp, spec.task, spec.sparsity, spec.seed, d, abp_source=source, progress=run_progress)
+            source = src if done is not None and done["budget"] == _want(exp, "abp") else None
+        r = run_method(spec.method, exp, spec.task, spec.sparsity, spec.seed, d, abp_source=source,
+                       imp_rounds_dir=rounds, progress=run_progress)
         ran.append(f"{spec.task}/{spec.name}")
         msg = (f"{spec.task} {spec.name}: {r['metric_name']} {r['metrics'][r['metric_name']]:.4f}"
                + (f", sparsity {r['sparsity_reached']:.4f}" if r["sparsity_reached"] is not None else "")
@@ -137,25 +166,3 @@ def run_grid(exp: ExperimentConfig, tasks: Sequence[str], methods: Sequence[str]
 
         summary["report"] = [str(p) for p in write_report(output, plots=plots)]
     return summary
-
-
-def collect_results(output: str | os.PathLike) -> dict[tuple[str, str], list[dict]]:
-    """Every finished run under ``output/runs``, grouped by ``(task, model)``, in a stable order."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    root = Path(output) / "runs"
-    if not root.is_dir():
-        return groups
-    for p in sorted(root.glob(f"*/*/{RESULT}")):
-        r = json.loads(p.read_text())
-        r["run_dir"] = str(p.parent)
-        groups.setdefault((r["task"], r["model"]), []).append(r)
-    for rs in groups.values():
-        rs.sort(key=lambda r: (METHODS.index(r["method"]) if r["method"] in METHODS else 99,
-                               -1 if r["sparsity"] is None else r["sparsity"], r["seed"]))
-    return groups
-
-
-def rows_of(results: Sequence[dict]) -> list[dict]:
-    """Flat rows ``{task, model, method, sparsity, seed, metric, value}``, one per dev metric of each run."""
-    return [{"task": r["task"], "model": r["model"], "method": r["method"], "sparsity": r["sparsity"],
-             "seed": r["seed"], "metric": k, "value": v} for r in results for k, v in r["metrics"].items()]
