@@ -151,6 +151,8 @@ def test_recovery_stats(grid):
     assert off["recovered"] == 0 and off["share_recovered"] == 0.0
     assert off["ever_pruned_share"] >= S  # everything pruned stayed pruned, and the mask is at the target
     assert 0.0 <= on["share_recovered"] <= 1.0
+    for r in (on, off):
+        assert 0.0 <= r["init_order"]["jaccard_pruned"] <= 1.0 and 0.0 < r["init_order"]["jaccard_chance"] < 1.0
 
 
 def test_recovery_tracker_counts_by_hand():
@@ -169,6 +171,29 @@ def test_recovery_tracker_counts_by_hand():
     # ever pruned (sampled): (0,0) at step 2, (0,2) and (1,1) at step 4; finally kept: 4 weights, of which (0,0) was pruned
     assert st["kept"] == 4 and st["recovered"] == 1 and st["share_recovered"] == 0.25
     assert st["ever_pruned_share"] == pytest.approx(3 / 6) and st["samples"] == 3
+
+
+def test_init_order_overlap_by_hand():
+    from abp.experiments.recovery import init_order_overlap
+
+    init = {"a": torch.tensor([[0.5, 0.1, 0.9], [0.3, 0.7, 0.2]]), "b": torch.tensor([0.4, 0.6])}
+    # a: 2 pruned, the two lowest θ0 are 0.1 and 0.2 → (0,1), (1,2); the mask prunes (0,1) and (0,0)
+    final = {"a": torch.tensor([[False, False, True], [True, True, True]]), "b": torch.tensor([False, False])}
+    o = init_order_overlap(final, init)
+    # pruned: a{(0,0),(0,1)}, b{0,1}; by θ0: a{(0,1),(1,2)}, b{0,1} → ∩ 3, ∪ 5
+    assert o["jaccard_pruned"] == pytest.approx(3 / 5)
+    assert o["jaccard_chance"] == pytest.approx((4 / 6 + 4 / 2) / ((4 - 4 / 6) + (4 - 4 / 2)))
+
+
+def test_mask_from_init_order_when_the_gradient_is_off(tiny_model_dir, tiny_glue, tmp_path):
+    """With α ≈ 0 only γ moves the scores, so ABP prunes in θ0's order: the tracker's Jaccard is 1."""
+    from abp.experiments.trainers import TrackedTrainer
+
+    cfg = _exp(tiny_model_dir, tiny_glue).abp_config("sst2", S, SEED, score_lr=1e-12)
+    t = TrackedTrainer(cfg, tmp_path, progress=False)
+    res = t.run()
+    o = t.recovery_stats(res["mask_file"])["init_order"]
+    assert o["jaccard_pruned"] == pytest.approx(1.0) and o["jaccard_chance"] < 0.5
 
 
 # ------------------------------------------------------------------------------------------ the runner

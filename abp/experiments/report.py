@@ -313,16 +313,22 @@ def render_markdown(output: Path, groups: dict, analysis: dict) -> str:
             lines += [f"### {task} / {model}: connection recovery", "",
                       "Share of the finally kept weights that were pruned (θ ≤ 0) at some sampled step; masks sampled "
                       "after every score step until the stop rule froze them (exact at step granularity). "
-                      "`ever pruned` = share of all masked weights pruned at some step.", ""]
+                      "`ever pruned` = share of all masked weights pruned at some step. The Jaccard column compares the final "
+                      "pruned set with the set that prunes the lowest initial scores θ₀ of each tensor (same counts): 1 = "
+                      "the mask is its initialisation's order; runs recorded before it was measured show —.", ""]
             body = []
             for m in sorted({r["method"] for r in rec}, key=method_order):
                 for s in sparsities:
                     mine = [r["recovery"] for r in rec if r["method"] == m and r["sparsity"] == s]
                     if mine:
+                        init = [x["init_order"] for x in mine if "init_order" in x]
                         body.append([m, f"{s:g}", _fmt([x["share_recovered"] for x in mine]),
                                      _fmt([x["ever_pruned_share"] for x in mine]),
+                                     f"{_fmt([o['jaccard_pruned'] for o in init], 3)} [{statistics.fmean(o['jaccard_chance'] for o in init):.3f}]"
+                                     if init else "—",
                                      "yes" if all(x["complete"] for x in mine) else "no (resumed without tracker state)"])
-            lines += _table(["method", "s", "kept weights that were pruned before", "ever pruned", "complete"], body) + [""]
+            lines += _table(["method", "s", "kept weights that were pruned before", "ever pruned",
+                             "pruned set vs θ₀'s lowest (Jaccard [chance])", "complete"], body) + [""]
         prof = analysis[f"{task}-{model}"]["profiles"]
         learnt = [(m, s) for m in LEARNT_METHODS for s in sorted(prof.get(m, {}))]
         if learnt:
