@@ -41,7 +41,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -51,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from abp import reference
+from abp.provenance import git_state
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -210,15 +210,6 @@ def _cpu_cache_bytes() -> int:
         except (OSError, ValueError):
             continue
     return best or 32 << 20
-
-
-def _git(*args) -> Optional[str]:
-    try:
-        env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")  # read-only: never refresh the index
-        out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10, env=env)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def slugify(name: str) -> str:
@@ -418,12 +409,12 @@ class Harness:
         else:
             device = f"{_cpu_name()} ({os.cpu_count()} cpus, {torch.get_num_threads()} torch threads)"
             slug = "cpu"
-        commit = os.environ.get("ABP_BENCH_COMMIT") or _git("rev-parse", "--short", "HEAD") or "unknown"
-        status = _git("status", "--porcelain", "--untracked-files=no")
+        state = git_state(REPO)
+        commit = os.environ.get("ABP_BENCH_COMMIT") or state["commit"] or "unknown"
         return {
             "device": device, "device_slug": slug + ("-quick" if self.grid == "quick" else ""),
             "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
-            "commit": commit, "dirty": bool(status) if status is not None else None,
+            "commit": commit, "dirty": state["dirty"],
             "date": self.started.isoformat(timespec="seconds"), "grid": self.grid,
             "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
             "float32_matmul_precision": torch.get_float32_matmul_precision(),

@@ -6,6 +6,7 @@ writes well-formed JSON; mask surgery and the analysis are checked against hand-
 """
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,6 +116,7 @@ def test_method_runs_and_ends_at_its_sparsity(grid, method):
 def test_pretrained_weights_kept_where_they_must_be(grid, tiny_model_dir, method):
     r = grid["results"][method]
     assert r["weights_untouched"] == (method in KEEPS_WEIGHTS)
+    assert r["code"]["abp"] == abp.__version__ and r["code"]["torch"] == torch.__version__  # which code measured it
     path = A.find_mask_file(R.run_dir(grid["out"], grid["exp"], R.RunSpec("sst2", method, None if method in DENSE_METHODS else S, SEED)))
     if path is None:
         assert method == "finetune"
@@ -254,6 +256,16 @@ def test_killed_run_resumes_to_the_same_result(tiny_model_dir, tiny_glue, tmp_pa
     b = json.loads((d / "result.json").read_text())
     assert a["metrics"] == b["metrics"] and a["sparsity_reached"] == b["sparsity_reached"]
     assert a["recovery"] == b["recovery"] and b["recovery"]["complete"]
+
+
+def test_code_version_names_the_commit_only_inside_a_checkout(tmp_path):
+    from abp.provenance import git_state
+
+    assert git_state(tmp_path) == {"commit": None, "dirty": None}  # not a repository: unknown, not a guess
+    repo = Path(abp.__file__).resolve().parent.parent
+    state = git_state(repo)
+    if state["commit"] is not None:  # a source checkout (CI clones one): the short hash of HEAD
+        assert len(state["commit"]) >= 7 and isinstance(state["dirty"], bool)
 
 
 def _report_copy(grid, dest):
@@ -566,7 +578,6 @@ def test_findings_check_by_hand():
 def test_paper_probe_runs_on_the_grid(grid, tiny_model_dir, tiny_glue, tmp_path):
     """bench/paper_probe.py: loads the grid's feature-extraction head, prunes by each rule, writes its JSON."""
     import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "bench" / "paper_probe.py"
     spec = importlib.util.spec_from_file_location("paper_probe", path)

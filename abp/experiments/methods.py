@@ -39,6 +39,7 @@ from abp.experiments.finetune import FineTuner, FinetuneOptions, load_task_data
 from abp.experiments.trainers import ExperimentTrainer, TrackedTrainer
 from abp.models import DEFAULT_MODEL, load_backbone
 from abp.patch import masked_modules
+from abp.provenance import code_version
 from abp.train.config import ABPConfig
 from abp.train.tasks import get_task
 
@@ -373,6 +374,7 @@ def run_method(method: str, exp: ExperimentConfig, task: str, sparsity: Optional
         **_weights_check(method, exp.model, backbone),
         "recovery": recovery, "phase1": phase1,
         "mask_file": os.path.relpath(res["mask_file"], out) if res.get("mask_file") else None,
+        "code": code_version(),
     }
     if result["weights_must_be_untouched"] and not result["weights_untouched"]:
         raise RuntimeError(f"{method}: the final model's pre-trained weights differ from the pre-trained ones")
