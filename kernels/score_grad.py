@@ -50,8 +50,8 @@ def _score_epilogue(acc, w, theta_ptrs, out_ptrs, valid, gamma_ptr, active_ptr, 
     order is that of :func:`abp.reference.score_grad` and :func:`abp.reference.score_update_`.
     """
     theta = tl.load(theta_ptrs, mask=valid, other=0.0)
-    sig = tl.sigmoid(theta * t_soft)
-    grad = acc * w.to(tl.float32) * (t_soft * sig * (1.0 - sig))
+    z = theta * t_soft
+    grad = acc * w.to(tl.float32) * (t_soft * tl.sigmoid(z) * tl.sigmoid(-z))  # σ(−z), not 1−σ(z): no cancellation
     if UPDATE:
         gamma = tl.load(gamma_ptr)
         active = tl.load(active_ptr)
