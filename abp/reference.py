@@ -34,8 +34,8 @@ def mask_from_scores(scores: Tensor, t_hard: Optional[float] = None) -> Tensor:
 def surrogate_factor(scores: Tensor, t_soft: float = 1.0) -> Tensor:
     """``t_s·σ(t_s·θ)(1−σ(t_s·θ))``: the straight-through surrogate of dm/dθ (fp32).
 
-    Computed as ``σ(z)·σ(−z)``: ``1−σ(z)`` in fp32 cancels for large ``z`` (σ(4) = 0.982 leaves
-    ~6 correct bits of 1−σ), ``σ(−z)`` is exact to an ulp at any ``z``."""
+    Computed as ``σ(z)·σ(−z)``: ``1−σ(z)`` in fp32 cancels for large ``z`` (at σ(4) = 0.982 it
+    loses ~6 of fp32's 24 bits), ``σ(−z)`` is exact to an ulp at any ``z``."""
     z = scores.float() * t_soft
     return t_soft * torch.sigmoid(z) * torch.sigmoid(-z)
 

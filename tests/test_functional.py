@@ -79,7 +79,7 @@ def test_surrogate_is_not_the_forward_derivative():
 @pytest.mark.parametrize("t_soft", [1.0, 1.5])
 def test_surrogate_factor_keeps_relative_accuracy_far_from_zero(t_soft):
     """σ'(θ) in fp32 to a few ulps *relative* at every θ, not just near 0: ``σ·(1−σ)`` cancels once
-    σ → 1 (a random bias score of 3 already lost ~5 bits; past θ ≈ 17 it was exactly 0)."""
+    σ → 1 (a random bias score of 3 already lost ~4 bits; past θ ≈ 17 it was exactly 0)."""
     theta = torch.linspace(-40, 40, 8001)
     z = (theta * t_soft).double()  # the fp32 product is the input; e^−|z| amplifies its rounding by |z|
     ref = t_soft * torch.sigmoid(z) * torch.sigmoid(-z)
