@@ -15,7 +15,7 @@ import sys
 import typing
 from typing import Optional, Sequence
 
-from abp.train.config import ABPConfig
+from abp.train.config import PRESETS, ABPConfig
 
 _ALIASES = {"target_sparsity": ["--sparsity"], "score_lr": ["--alpha"], "head_lr": ["--beta"]}
 
@@ -32,9 +32,37 @@ def _optional_float(v: str) -> Optional[float]:
     return None if v.lower() in ("none", "auto", "hard") else float(v)
 
 
+def config_field_help() -> dict[str, tuple[str, str]]:
+    """Each ABPConfig field's ``(group, help)``: its comment in ``abp/train/config.py`` (one source for the code
+    and the CLI), continuation lines (``#   …``) included; the group is the section comment above it."""
+    import inspect
+    import re
+
+    out, last, group = {}, None, "options"
+    for line in inspect.getsource(ABPConfig).splitlines():
+        field = re.match(r"\s+(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", line)
+        more = re.match(r"\s+#\s{2,}(.*)$", line)
+        section = re.match(r"\s+# (\S.*)$", line)
+        if field:
+            last = field.group(1)
+            out[last] = (group, (field.group(2) or "").strip())
+        elif more and last is not None:
+            out[last] = (group, (out[last][1] + " " + more.group(1).strip()).strip())
+        elif section:
+            group, last = section.group(1), None
+        else:
+            last = None
+    return out
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(ABPConfig)
+    helps = config_field_help()
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(ABPConfig):
+        group_name, help_text = helps.get(f.name, ("options", ""))
+        if group_name not in groups:
+            groups[group_name] = p.add_argument_group(group_name)
         flags = ["--" + f.name.replace("_", "-")] + _ALIASES.get(f.name, [])
         hint, kw = hints[f.name], {"dest": f.name, "default": argparse.SUPPRESS}
         args = typing.get_args(hint)
@@ -50,8 +78,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
             kw["type"] = lambda v: None if v.lower() == "none" else int(v)
         elif args and str in args:
             kw["type"] = lambda v: None if v.lower() == "none" else v
-        kw["help"] = f"(default: {f.default!r})"
-        p.add_argument(*flags, **kw)
+        kw["help"] = f"{help_text} (default: {f.default!r})".lstrip().replace("%", "%%")
+        groups[group_name].add_argument(*flags, **kw)
     p.add_argument("--no-recovery", dest="recovery", action="store_false", default=argparse.SUPPRESS,
                    help="ablation: pruned connections never come back")
 
@@ -61,7 +89,10 @@ def _cmd_prune(a: argparse.Namespace) -> int:
     from abp.train.trainer import run_abp
 
     fields = {f.name for f in dataclasses.fields(ABPConfig)}
-    cfg = ABPConfig.from_dict({k: v for k, v in vars(a).items() if k in fields})  # lists → tuples, as in checkpoints
+    given = {k: v for k, v in vars(a).items() if k in fields}
+    if a.preset is not None:  # the preset's values, then every flag given explicitly on top
+        given = {**PRESETS[a.preset](given.get("task", ABPConfig.task)), **given}
+    cfg = ABPConfig.from_dict(given)  # lists → tuples, as in checkpoints
     try:  # under torchrun every rank runs this; the trainer joins the process group
         result = run_abp(cfg, a.output, resume=a.resume, progress=not a.quiet)
     finally:
@@ -125,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="learn a task mask (Algorithm 1) and write OUTPUT/mask.safetensors + metrics.json")
     _add_config_args(pr)
+    pr.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="paper: Algorithm 1 as published (batch 8, α = β = 2e-5, γ = 2e-7 fixed, θ0 ~ N(0.01, var 0.001), "
+                         "plain SGD, 2/3/5 epochs for MNLI/SST-2/STS-B); flags given explicitly override it")
     pr.add_argument("--output", "-o", required=True, help="output folder")
     pr.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.safetensors")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -30,6 +30,31 @@ def _scores_like(t: Tensor, init: float, spread: float) -> nn.Parameter:
     return nn.Parameter(s)
 
 
+# How Algorithm 1's scores start. The score update prunes (θ ≤ 0) in the order γ's uniform push meets the
+# initial scores, refined by the gradient; so θ0's order is the first pruning order.
+#   uniform:   mean·(1 + spread·U(−1, 1)): positive, random order (the order is the seed's, not the task's)
+#   normal:    N(mean, std²), the paper's N(0.01, variance 0.001) (std 0.0316: 38 % of scores start ≤ 0)
+#   magnitude: mean·|w| / mean(|w|) per tensor: the first pruning order is each tensor's magnitude order,
+#              which keeps STS-B alive where a random order collapses it (bench/results/paper/notes.md)
+SCORE_INIT_MODES = ("uniform", "normal", "magnitude")
+
+
+def initial_scores(frozen: Tensor, mode: str, mean: float = 0.01, *, spread: float = 1.0,
+                   std: float = 0.001 ** 0.5) -> Tensor:
+    """fp32 initial scores for the frozen tensor ``frozen`` (same shape), drawn from torch's global RNG."""
+    if mode == "uniform":
+        return _scores_like(frozen, mean, spread).data
+    if mode == "normal":
+        return torch.empty(frozen.shape, dtype=torch.float32, device=frozen.device).normal_(mean, std)
+    if mode == "magnitude":
+        a = frozen.detach().float().abs()
+        scale = float(a.mean())
+        if not scale > 0:  # an all-zero tensor: nothing to order, every weight equally kept
+            return torch.full_like(a, float(mean))
+        return a.mul_(float(mean) / scale)
+    raise ValueError(f"score init mode must be one of {', '.join(SCORE_INIT_MODES)}, got {mode!r}")
+
+
 # Inference through the 1-bit serving kernel up to this many tokens (auto, CUDA). The issue's regime is
 # 1-16 tokens; the crossover against a tensor-core GEMM on W⊙M is for the GPU bench to pin down.
 SERVE_MAX_TOKENS = 16
@@ -68,6 +93,12 @@ class MaskedModule(nn.Module):
             if m.shape != scores.shape:
                 raise ValueError(f"{type(self).__name__}.set_mask: {name} mask shape {tuple(m.shape)} != {tuple(scores.shape)}")
             scores.copy_(torch.where(m.to(scores.device, torch.bool), magnitude, -magnitude))
+
+    @torch.no_grad()
+    def init_scores_(self, mode: str, mean: float = 0.01, *, spread: float = 1.0, std: float = 0.001 ** 0.5) -> None:
+        """Re-initialise every score tensor of this module in place (see :data:`SCORE_INIT_MODES`)."""
+        for _, frozen, scores in self.score_pairs():
+            scores.copy_(initial_scores(frozen, mode, mean, spread=spread, std=std).to(scores.device))
 
     def _init_scores(self, init: float, spread: float, mask_bias: bool) -> None:
         self.scores = _scores_like(self.weight, init, spread)

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from abp.nn import MaskedEmbedding, MaskedLayerNorm, MaskedLinear, MaskedModule
+from abp.nn import SCORE_INIT_MODES, MaskedEmbedding, MaskedLayerNorm, MaskedLinear, MaskedModule
 
 # Module names of task heads in Hugging Face models: excluded unless asked for.
 HEAD_PATTERNS = (r"(^|\.)(classifier|score|lm_head|qa_outputs|pre_classifier|cls|head|heads)(\.|$)",)
@@ -38,6 +38,8 @@ class MaskConfig:
     mask_heads: bool = False
     score_init: float = 0.01
     score_init_spread: float = 0.0
+    score_init_mode: str = "uniform"  # uniform | normal | magnitude (abp.nn.SCORE_INIT_MODES)
+    score_init_std: float = 0.001 ** 0.5  # normal only: the paper's variance 0.001
     freeze: bool = True  # freeze every pre-trained parameter outside the task heads (the paper trains only θ and p)
     t_hard: Optional[float] = None
     t_soft: float = 1.0
@@ -86,6 +88,9 @@ def mask_model(
     if unknown:
         raise TypeError(f"mask_model: unknown option(s) {unknown}")
     cfg = dataclasses.replace(config or MaskConfig(), **overrides)  # the caller's config stays as it was
+    if cfg.score_init_mode not in SCORE_INIT_MODES:
+        raise ValueError(f"mask_model: score_init_mode must be one of {', '.join(SCORE_INIT_MODES)}, "
+                         f"got {cfg.score_init_mode!r}")
     if any(isinstance(m, MaskedModule) for m in model.modules()):
         raise ValueError("mask_model: this model is already masked (call unmask_model first)")
     include = [re.compile(p) for p in cfg.include]
@@ -109,6 +114,8 @@ def mask_model(
     for name, new in swaps:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        if cfg.score_init_mode != "uniform":  # uniform is how the modules were built
+            new.init_scores_(cfg.score_init_mode, cfg.score_init, spread=cfg.score_init_spread, std=cfg.score_init_std)
     if not swaps:
         raise ValueError("mask_model: no module matched (check include/exclude patterns and the model type)")
     return model

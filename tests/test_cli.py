@@ -15,6 +15,22 @@ def test_every_config_field_is_an_option():
         assert "--" + f.name.replace("_", "-") in help_text
 
 
+def test_every_config_field_has_a_help_text_in_a_group():
+    """The help comes from the config's own field comments, grouped by its section comments."""
+    from dataclasses import fields
+
+    from abp.cli import config_field_help
+    from abp.train.config import ABPConfig
+
+    helps = config_field_help()
+    assert {f.name for f in fields(ABPConfig)} == set(helps)
+    assert [name for name, (_, text) in helps.items() if len(text) < 8] == []
+    assert {g for g, _ in helps.values()} == {"what", "the mask", "the head p", "the loop", "the machine"}
+    assert helps["warmup_fraction"][1].endswith("plain SGD would prune on that noise")  # a continuation line
+    prune = build_parser()._subparsers._group_actions[0].choices["prune"]
+    assert {g.title for g in prune._action_groups} >= {"what", "the mask", "the head p", "the loop", "the machine"}
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["prune", "--task", "nosuchtask", "--output", "{tmp}/o"], "nosuchtask"),
     (["prune", "--task", "sst2", "--glue-dir", "{tmp}/empty", "--output", "{tmp}/o"], "SST-2"),

@@ -204,7 +204,8 @@ def test_triton_backend_run_equals_reference(tiny_model_dir, tiny_data, tmp_path
     runs = {}
     for backend in ("reference", "triton"):
         cfg = _cfg(tiny_model_dir, tiny_data, max_steps=8, eval_every=2, log_every=1, batch_size=4, max_length=12,
-                   backend=backend, fused_update=fused, autocast=False, backbone_dtype="float32", device="auto")
+                   backend=backend, fused_update=fused, autocast=False, backbone_dtype="float32", device="auto",
+                   score_optimizer="sgd" if fused == "on" else "adam")  # the fused update is plain SGD's
         t = Trainer(cfg, tmp_path / backend, progress=False)
         result = t.run()
         assert result["backends"]["masked_matmul"] == backend

@@ -34,6 +34,8 @@ def add_experiment_parser(subparsers) -> argparse.ArgumentParser:
                    help="seconds: start no new run after this (rerun later to finish the grid)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-report", action="store_true",
+                   help="run the cells only (e.g. several lanes side by side); rebuild with --report-only after")
     p.add_argument("--run-progress", action="store_true", help="a progress bar inside each run too")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=None,
@@ -72,7 +74,8 @@ def _cmd_experiment(a: argparse.Namespace) -> int:
     exp = ExperimentConfig(**{f.name: tuple(v) if isinstance(v := getattr(a, f.name), list) else v
                               for f in dataclasses.fields(ExperimentConfig)})
     summary = run_grid(exp, a.tasks, a.methods, a.sparsities, a.seeds, a.output, time_limit=a.time_limit,
-                       progress=not a.quiet, run_progress=a.run_progress, plots=not a.no_plots)
+                       progress=not a.quiet, run_progress=a.run_progress, report=not a.no_report,
+                       plots=not a.no_plots)
     print(json.dumps({"ran": len(summary["ran"]), "skipped": len(summary["skipped"]), "left": summary["left"],
                       "seconds": summary["seconds"], "report": summary.get("report", [])}, indent=1))
     return 0

@@ -19,6 +19,7 @@ the Trainer from its checkpoint, finished phases (``phase1_masks.safetensors``, 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -40,13 +41,28 @@ from abp.experiments.trainers import ExperimentTrainer, TrackedTrainer
 from abp.models import DEFAULT_MODEL, load_backbone
 from abp.patch import masked_modules
 from abp.provenance import code_version
-from abp.train.config import ABPConfig
+from abp.train.config import ABPConfig, paper_preset
 from abp.train.tasks import get_task
 
-METHODS = ("abp", "random", "mp", "imp", "wanda", "feature_extraction", "finetune",
+# Named settings of Algorithm 1 on the grid. ``abp`` is abp's default (ABPConfig's own values); every other
+# variant pins the fields it is about, so its rows keep their meaning when the defaults change. The grid's
+# budget (steps, batch, head lr) applies to all of them except where a variant names its own (abp_paper).
+ABP_SETTINGS = ("score_init_mode", "score_optimizer", "score_lr_ratio", "score_lr", "gamma", "head_lr",
+                "warmup_fraction", "prune_fraction", "score_init", "score_init_spread", "score_init_std")
+ABP_VARIANTS: dict[str, dict] = {
+    "abp": {},
+    # the paper's settings at the grid's budget: α = β = 2e-5, γ = 2e-7 fixed, θ0 ~ N(0.01, var 0.001), no warm-up
+    "abp_paper": {k: v for k, v in paper_preset("sst2").items() if k not in ("batch_size", "epochs", "t_l", "t_s", "recovery")},
+    # one choice changed at a time against the default
+    "abp_uniform": {"score_init_mode": "uniform", "score_optimizer": "sgd"},  # θ0 ~ 0.01·U(0, 2), plain SGD
+    "abp_magnitude": {"score_init_mode": "magnitude", "score_optimizer": "sgd"},  # θ0 ∝ |w|, plain SGD
+    "abp_adam": {"score_init_mode": "magnitude", "score_optimizer": "adam"},  # θ0 ∝ |w|, Adam
+    "abp_uniform_adam": {"score_init_mode": "uniform", "score_optimizer": "adam"},  # θ0 ~ 0.01·U(0, 2), Adam
+}
+METHODS = (*ABP_VARIANTS, "random", "mp", "imp", "wanda", "feature_extraction", "finetune",
            "abp_shuffled", "abp_reinit", "abp_norecovery")
 DENSE_METHODS = ("feature_extraction", "finetune")  # no sparsity level: reported with sparsity null
-LEARNT_METHODS = ("abp", "abp_reinit", "abp_norecovery")  # run Algorithm 1 (recovery statistics)
+LEARNT_METHODS = (*ABP_VARIANTS, "abp_reinit", "abp_norecovery")  # run Algorithm 1 (recovery statistics)
 # Methods whose final model must hold the pre-trained weights exactly (checked on every run).
 KEEPS_WEIGHTS = tuple(m for m in METHODS if m not in ("finetune", "abp_reinit"))
 RESULT = "result.json"
@@ -99,16 +115,23 @@ class ExperimentConfig:
                    "abp_norecovery": ("recovery_every",)}
 
     def budget(self, method: str) -> dict:
-        """The settings a run of ``method`` depends on (a finished run is reused only if they match)."""
-        return {k: getattr(self, k) for k in self._COMMON + self._PER_METHOD.get(method, ())}
+        """The settings a run of ``method`` depends on (a finished run is reused only if they match);
+        for Algorithm 1's methods that includes the ABP settings it ran with."""
+        out = {k: getattr(self, k) for k in self._COMMON + self._PER_METHOD.get(method, ("recovery_every",)
+                                                                                  if method in ABP_VARIANTS else ())}
+        if method in LEARNT_METHODS or method == "abp_shuffled":
+            cfg = dataclasses.asdict(ABPConfig(**{"head_lr": self.head_lr, **ABP_VARIANTS.get(method, {})}))
+            out["abp"] = {k: cfg[k] for k in ABP_SETTINGS}
+        return out
 
     def abp_config(self, task: str, sparsity: Optional[float], seed: int, **over) -> ABPConfig:
         n = self.max_steps
-        cfg = ABPConfig(model=self.model, task=task, glue_dir=self.glue_dir, train_subsample=self.train_subsample,
-                        target_sparsity=sparsity or 0.0, head_lr=self.head_lr, batch_size=self.batch_size,
-                        max_length=self.max_length, max_steps=n, eval_every=self.eval_every or n,
-                        log_every=min(10, n), checkpoint_every=max(1, math.ceil(n / 4)), seed=seed,
-                        device=self.device, **over)
+        fields = {"model": self.model, "task": task, "glue_dir": self.glue_dir, "train_subsample": self.train_subsample,
+                  "target_sparsity": sparsity or 0.0, "head_lr": self.head_lr, "batch_size": self.batch_size,
+                  "max_length": self.max_length, "max_steps": n, "eval_every": self.eval_every or n,
+                  "log_every": min(10, n), "checkpoint_every": max(1, math.ceil(n / 4)), "seed": seed,
+                  "device": self.device}
+        cfg = ABPConfig(**{**fields, **over})
         cfg.validate()
         return cfg
 
@@ -327,9 +350,10 @@ def run_method(method: str, exp: ExperimentConfig, task: str, sparsity: Optional
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    cfg = exp.abp_config(task, s, seed, **({"recovery": False} if method == "abp_norecovery" else {}))
+    cfg = exp.abp_config(task, s, seed, **({"recovery": False} if method == "abp_norecovery" else
+                                           ABP_VARIANTS.get(method, {})))
     recovery, phase1, res = None, {}, None
-    if method in ("abp", "abp_norecovery"):
+    if method in ABP_VARIANTS or method == "abp_norecovery":
         res, backbone, recovery = _learnt(exp, cfg, out, progress)
     elif method == "abp_reinit":
         res, backbone, recovery = _learnt(exp, cfg, out, progress, mask_init=reinit_weights_(exp.reinit_sigma, seed))

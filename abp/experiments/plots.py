@@ -12,7 +12,9 @@ from abp.experiments.methods import DENSE_METHODS, METHODS
 
 _STYLE = {"abp": ("tab:red", "o"), "random": ("tab:gray", "x"), "mp": ("tab:blue", "s"), "imp": ("tab:cyan", "D"),
           "wanda": ("tab:green", "^"), "abp_shuffled": ("tab:pink", "v"), "abp_reinit": ("tab:orange", "P"),
-          "abp_norecovery": ("tab:brown", "*"), "finetune": ("black", None), "feature_extraction": ("tab:purple", None)}
+          "abp_norecovery": ("tab:brown", "*"), "finetune": ("black", None), "feature_extraction": ("tab:purple", None),
+          "abp_paper": ("tab:olive", "<"), "abp_uniform": ("salmon", "o"), "abp_magnitude": ("darkred", "h"),
+          "abp_adam": ("indigo", "p"), "abp_uniform_adam": ("plum", "p")}
 
 
 def _pyplot():

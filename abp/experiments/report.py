@@ -19,7 +19,7 @@ from typing import Iterable, Optional, Sequence
 
 from abp._atomic import write_text
 from abp.experiments.analysis import COMPONENTS, load_keep_masks, mask_overlap, sparsity_breakdown
-from abp.experiments.methods import DENSE_METHODS, LEARNT_METHODS, method_order
+from abp.experiments.methods import ABP_VARIANTS, DENSE_METHODS, LEARNT_METHODS, method_order
 from abp.experiments.record import collect_results, record_doc
 from abp.train.tasks import get_task
 
@@ -135,13 +135,13 @@ def cross_task_overlaps(groups: dict, analysis: dict, previous: Sequence[dict] =
     by_key: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for (task, model), rs in groups.items():
         for r in rs:
-            if r["method"] == "abp":
-                by_key[(model, r["sparsity"], r["seed"])][task] = r
-    for (model, s, seed), tasks in sorted(by_key.items()):
+            if r["method"] in ABP_VARIANTS:
+                by_key[(model, r["method"], r["sparsity"], r["seed"])][task] = r
+    for (model, method, s, seed), tasks in sorted(by_key.items(), key=lambda kv: (kv[0][0], method_order(kv[0][1]), *kv[0][2:])):
         for ta, tb in itertools.combinations(sorted(tasks), 2):
             ids = [analysis[f"{t}-{model}"]["per_run"].get(Path(tasks[t]["run_dir"]).name, {}).get("mask") for t in (ta, tb)]
             o = _overlap(_mask_path(tasks[ta]), _mask_path(tasks[tb]), ids, previous,
-                         {"model": model, "method": "abp", "sparsity": s, "seed": seed, "tasks": [ta, tb]})
+                         {"model": model, "method": method, "sparsity": s, "seed": seed, "tasks": [ta, tb]})
             if o is not None:
                 out.append(o)
     return out
@@ -206,14 +206,17 @@ def _mean(rs: Sequence[dict], method: str, sparsity: Optional[float], metric: st
 def check_findings(rs: Sequence[dict], metric: str) -> list[dict]:
     """The paper's findings (as the reproduction issue words them), checked on one task's finished runs.
 
-    One row per claim and sparsity: ABP ≥ MP and ≥ IMP at every s ≥ 0.5, ABP within 2 points of full
-    fine-tuning at s = 0.5, ABP above feature extraction, and ABP above ABP without connection recovery.
+    One row per claim and sparsity: ABP ≥ MP, ≥ IMP and ≥ Wanda at every s ≥ 0.5, ABP within 2 points of full
+    fine-tuning at s = 0.5, ABP above feature extraction at s ≥ 0.5 and at least equal to it below, and ABP
+    above ABP without connection recovery.
     Means over seeds. A claim whose other method (or ABP) never ran gets one row with ``holds`` None and
     ``sparsity`` None (untested, not passed); sparsities only one side ran are left out.
     """
     sparsities = sorted({r["sparsity"] for r in rs if r["sparsity"] is not None})
     claims = [("ABP ≥ MP", "mp", s, False, 0.0) for s in sparsities if s >= 0.5]
     claims += [("ABP ≥ IMP", "imp", s, False, 0.0) for s in sparsities if s >= 0.5]
+    claims += [("ABP ≥ Wanda", "wanda", s, False, 0.0) for s in sparsities if s >= 0.5]
+    claims += [("ABP ≥ feature extraction", "feature_extraction", s, True, 0.0) for s in sparsities if s < 0.5]
     claims += [("ABP within 2 points of fine-tuning", "finetune", 0.5, True, -0.02)]
     claims += [("ABP > feature extraction", "feature_extraction", s, True, 0.0) for s in sparsities if s >= 0.5]
     claims += [("ABP > no recovery", "abp_norecovery", s, False, 0.0) for s in sparsities]

@@ -21,13 +21,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from abp._atomic import write_text
-from abp.experiments.methods import (DENSE_METHODS, METHODS, RESULT, ExperimentConfig, model_label, read_result,
+from abp.experiments.methods import (ABP_VARIANTS, DENSE_METHODS, METHODS, RESULT, ExperimentConfig, model_label, read_result,
                                      run_method)
 from abp.experiments.record import read_record, record_path, run_folder
 from abp.train.tasks import get_task
@@ -104,6 +105,35 @@ def _check_budget(d: Path, spec: RunSpec, exp: ExperimentConfig) -> None:
                 raise _budget_mismatch(d, have, want)
 
 
+def _identical_run(output: Path, exp: ExperimentConfig, record: dict, model: str, spec: RunSpec) -> Optional[dict]:
+    """A finished run of another ABP variant with exactly this run's budget (settings included), task,
+    sparsity and seed, e.g. ``abp`` once the default equals ``abp_magnitude``; its result with ``run``."""
+    if spec.method not in ABP_VARIANTS:
+        return None
+    want = _want(exp, spec.method)
+    for other in ABP_VARIANTS:
+        if other == spec.method:
+            continue
+        twin = RunSpec(spec.task, other, spec.sparsity, spec.seed)
+        r = read_result(run_dir(output, exp, twin)) or record.get((spec.task, model, twin.name))
+        if r is not None and r["budget"] == want and not r.get("reused_from"):
+            return {**r, "run": twin.name}
+    return None
+
+
+def _adopt(twin: dict, d: Path, spec: RunSpec) -> None:
+    """Write ``twin``'s result as this run's (its mask copied when on disk), marked ``reused_from``."""
+    src = d.parent / twin["run"]
+    d.mkdir(parents=True, exist_ok=True)
+    if twin.get("mask_file") and (src / twin["mask_file"]).is_file():
+        shutil.copyfile(src / twin["mask_file"], d / twin["mask_file"])
+    result = {k: v for k, v in twin.items() if k not in ("run", "task_dir", "run_dir")}
+    result.update(method=spec.method, reused_from=twin["run"])
+    if "task" not in result:
+        result["task"] = spec.task
+    write_text(d / RESULT, json.dumps(result, indent=1))
+
+
 def run_grid(exp: ExperimentConfig, tasks: Sequence[str], methods: Sequence[str], sparsities: Sequence[float],
              seeds: Sequence[int], output: str | os.PathLike, *, time_limit: Optional[float] = None,
              progress: bool = True, run_progress: bool = False, report: bool = True, plots: bool = True) -> dict:
@@ -136,6 +166,12 @@ def run_grid(exp: ExperimentConfig, tasks: Sequence[str], methods: Sequence[str]
             continue
         if time_limit is not None and time.time() - t0 > time_limit:
             left.append(f"{spec.task}/{spec.name}")
+            continue
+        twin = _identical_run(output, exp, record, model, spec)
+        if twin is not None:  # another name for the same settings: the same (deterministic) run, not run twice
+            _adopt(twin, d, spec)
+            ran.append(f"{spec.task}/{spec.name}")
+            (bar.write if progress else log.info)(f"{spec.task} {spec.name}: the same run as {twin['run']}, reused")
             continue
         bar.set_postfix_str(f"{spec.task} {spec.name}")
         d.mkdir(parents=True, exist_ok=True)

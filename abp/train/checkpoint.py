@@ -52,11 +52,16 @@ def save_checkpoint(path: str | os.PathLike, *, scores: dict[str, torch.Tensor],
     tensors.update(opt_tensors)
     for k in ("gamma", "active", "zeros"):
         tensors[f"score_optim/{k}"] = score_state[k].reshape(1)
+    for i, (m, v) in enumerate(score_state.get("moments", ())):  # Adam on the scores
+        tensors[f"score_moments/{i}/m"] = m.contiguous()
+        tensors[f"score_moments/{i}/v"] = v.contiguous()
     tensors["rng/cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
     meta = {"format": "abp-checkpoint", "info": json.dumps(info), "opt": json.dumps(opt_meta),
             "score_steps": str(score_state["steps"]), "score_lr": repr(score_state["lr"])}
+    if "moment_steps" in score_state:
+        meta["score_moment_steps"] = json.dumps(score_state["moment_steps"])
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
 
@@ -75,13 +80,22 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not an abp training checkpoint")
     pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
     so = pick("score_optim/")
+    score_state = {"gamma": so["gamma"][0], "active": so["active"][0], "zeros": so["zeros"][0],
+                   "steps": int(meta["score_steps"]), "lr": float(meta["score_lr"])}
+    if "score_moment_steps" in meta:
+        steps = json.loads(meta["score_moment_steps"])
+        try:
+            score_state["moments"] = [(tensors[f"score_moments/{i}/m"], tensors[f"score_moments/{i}/v"])
+                                      for i in range(len(steps))]
+        except KeyError as e:
+            raise CheckpointError(f"checkpoint {path} lacks the score optimiser's Adam moment {e}") from e
+        score_state["moment_steps"] = steps
     return {
         "scores": pick("scores/"),
         "head": pick("head/"),
         "head_opt": _unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith("opt/")},
                                          json.loads(meta["opt"])),
-        "score_state": {"gamma": so["gamma"][0], "active": so["active"][0], "zeros": so["zeros"][0],
-                        "steps": int(meta["score_steps"]), "lr": float(meta["score_lr"])},
+        "score_state": score_state,
         "rng": {"cpu": tensors["rng/cpu"], "cuda": tensors.get("rng/cuda")},
         "info": json.loads(meta["info"]),
     }

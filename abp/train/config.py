@@ -12,49 +12,57 @@ class ABPConfig:
 
     # what
     model: Optional[str] = None  # HF id or path; None = the embedded all-MiniLM-L6-v2
-    task: str = "sst2"
+    task: str = "sst2"  # GLUE task: sst2, stsb, mnli, qnli, rte, mrpc, cola, qqp, wnli
     glue_dir: Optional[str] = None  # local GLUE folder (else ABP_GLUE_DIR, else the hub)
     train_file: Optional[str] = None  # custom CSV/JSON data instead of GLUE
-    dev_file: Optional[str] = None
-    text_columns: tuple[str, ...] = ("sentence",)
-    label_column: str = "label"
-    num_labels: int = 2
+    dev_file: Optional[str] = None  # custom dev data (scores the mask); needed with train_file
+    text_columns: tuple[str, ...] = ("sentence",)  # custom data: the text column(s), a pair for two
+    label_column: str = "label"  # custom data: the label column
+    num_labels: int = 2  # custom data: classes (1 = regression)
     train_subsample: Optional[int] = None  # train examples kept (dev is never subsampled)
-    # the mask (paper: t_l = 1e5 forward temperature, t_s = 1 surrogate temperature, init mean 0.01)
-    target_sparsity: float = 0.5  # s
-    score_lr: Optional[float] = None  # α, plain SGD on the scores; None = calibrated on the first batch
+    # the mask
+    target_sparsity: float = 0.5  # s: pruning stops once this share of the masked weights has θ ≤ 0
+    score_lr: Optional[float] = None  # α, the scores' learning rate; None = calibrated (see score_lr_ratio)
     score_lr_ratio: float = 1.5  # auto α: a steady gradient moves a score this many × its init over the pruning window
     gamma: Optional[float] = None  # γ; None = automatic schedule reaching s after prune_fraction of the steps
     warmup_fraction: float = 0.2  # share of the steps that train the head alone first: early score
     #   gradients through a random head are noise, and plain SGD would prune on that noise
     prune_fraction: float = 0.5  # share of the steps over which auto-γ ramps to the target, after the warm-up
     schedule: str = "linear"  # target ramp of the auto-γ controller: linear | cubic
-    t_l: Optional[float] = 1e5  # None = hard mask 1[θ>0] in the forward too
-    t_s: float = 1.0
-    score_init: float = 0.01
-    score_init_spread: float = 1.0  # θ0 ~ init·U(0, 2): positive, mean init, so pruning order is never a tie
+    t_l: Optional[float] = 1e5  # forward temperature: m = σ(t_l·θ) (the paper's 1e5); None = the hard mask 1[θ>0]
+    t_s: float = 1.0  # surrogate temperature of the backward: ∇θ = ∂L/∂m · t_s·σ'(t_s·θ)
+    score_init: float = 0.01  # the initial scores' mean
+    score_init_mode: str = "magnitude"  # magnitude: init·|w|/mean|w| per tensor | uniform: init·U(1 ± spread) |
+    #   normal: N(init, std²). magnitude makes the first pruning order each tensor's magnitude order
+    #   (bench/results/paper/notes.md: a random order collapses STS-B at every sparsity)
+    score_init_spread: float = 1.0  # uniform: θ0 ~ init·U(0, 2), positive, so the pruning order is never a tie
+    score_init_std: float = 0.001 ** 0.5  # normal: the paper's N(0.01, variance 0.001)
+    score_optimizer: str = "adam"  # adam: θ ← θ − α·adam(∇) − γ | sgd: θ ← θ − α∇ − γ (the paper; the only one
+    #   the fused in-backward update runs). Adam's step does not scale with the gradient, whose size spans
+    #   orders of magnitude between tensors
     recovery: bool = True  # connection recovery: pruned scores may turn positive again
-    mask_embeddings: bool = True
-    mask_layernorm: bool = False
-    mask_bias: bool = False
+    mask_embeddings: bool = True  # mask the embedding tables too (word, position, type)
+    mask_layernorm: bool = False  # mask LayerNorm weights and biases
+    mask_bias: bool = False  # mask the linear layers' biases
     exclude: tuple[str, ...] = ("pooler",)  # module-name patterns never masked (besides task heads)
-    # the head p (paper: layer-weighted [CLS] → MLP)
-    head: str = "paper"
+    # the head p
+    head: str = "paper"  # paper: learnt weighted average of every layer's pooled token → MLP | pooled: mean of the last layer → linear
     head_pool: str = "auto"  # cls | mean | auto (the model's own: mean for the embedded MiniLM, else [CLS])
-    head_lr: float = 1e-3  # β
+    head_lr: float = 1e-3  # β, the head's learning rate
     head_optimizer: str = "adamw"  # adamw | sgd
     # the loop
     batch_size: int = 32  # the global batch: under torchrun all ranks together (each takes its slice)
-    max_length: int = 128
-    max_steps: int = 1000
-    grad_accum: int = 1
-    eval_every: int = 200
-    log_every: int = 50
+    max_length: int = 128  # tokens per example (longer ones are truncated)
+    max_steps: int = 1000  # training steps (one batch each)
+    epochs: Optional[float] = None  # set: max_steps = ceil(epochs × train examples / batch_size) (the paper's budget)
+    grad_accum: int = 1  # micro-batches per step (the batch is split; turns the fused update off)
+    eval_every: int = 200  # steps between dev evaluations (the best pruned mask is kept)
+    log_every: int = 50  # steps between loss/sparsity log points
     checkpoint_every: Optional[int] = None  # default: eval_every
-    keep_best: bool = True
-    seed: int = 0
+    keep_best: bool = True  # keep the mask of the best dev evaluation after the target (else the last)
+    seed: int = 0  # data order, score init, dropout
     # the machine
-    device: str = "auto"
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     backbone_dtype: str = "auto"  # frozen weights: bf16 on CUDA (they need no fp32 master), fp32 on CPU
     autocast: bool = True  # bf16 autocast on CUDA
     fused_update: str = "auto"  # auto | on | off: score step inside the backward epilogue
@@ -68,7 +76,8 @@ class ABPConfig:
 
         return MaskConfig(embeddings=self.mask_embeddings, layernorm=self.mask_layernorm, mask_bias=self.mask_bias,
                           exclude=list(self.exclude), score_init=self.score_init,
-                          score_init_spread=self.score_init_spread, t_hard=self.t_l, t_soft=self.t_s)
+                          score_init_spread=self.score_init_spread, score_init_mode=self.score_init_mode,
+                          score_init_std=self.score_init_std, t_hard=self.t_l, t_soft=self.t_s)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -105,6 +114,15 @@ class ABPConfig:
             raise ValueError(f"head_pool must be auto, cls or mean, got {self.head_pool!r}")
         if self.distributed not in ("auto", "ddp", "fsdp"):
             raise ValueError(f"distributed must be auto, ddp or fsdp, got {self.distributed!r}")
+        from abp.nn import SCORE_INIT_MODES
+        from abp.train.score_optim import OPTIMIZERS
+
+        if self.score_init_mode not in SCORE_INIT_MODES:
+            raise ValueError(f"score_init_mode must be one of {', '.join(SCORE_INIT_MODES)}, got {self.score_init_mode!r}")
+        if self.score_optimizer not in OPTIMIZERS:
+            raise ValueError(f"score_optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.score_optimizer!r}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0 (or None to use max_steps), got {self.epochs}")
         if self.head_optimizer not in ("adamw", "sgd"):
             raise ValueError(f"head_optimizer must be adamw or sgd, got {self.head_optimizer!r}")
 
@@ -112,3 +130,19 @@ class ABPConfig:
 # Fields that may differ between a run and its resumption (they do not change the result).
 # The world size is not in the config and the strategy may change too: checkpoints hold only global state.
 RESUMABLE_CHANGES = frozenset({"log_every", "device", "backend", "glue_dir", "distributed"})
+
+
+# ``--preset paper``: Algorithm 1 as Gao, Colombo & Wang (2021) ran it (§4). α and γ fixed (no calibration,
+# no γ controller), no head warm-up, the stop rule as written; 2 / 3 / 5 epochs for MNLI / SST-2 / STS-B.
+PAPER_EPOCHS = {"mnli": 2, "sst2": 3, "stsb": 5}
+
+
+def paper_preset(task: str) -> dict:
+    """The ABPConfig fields ``--preset paper`` sets for ``task`` (explicit flags still override them)."""
+    return {"batch_size": 8, "score_lr": 2e-5, "head_lr": 2e-5, "gamma": 2e-7, "t_l": 1e5, "t_s": 1.0,
+            "score_init": 0.01, "score_init_mode": "normal", "score_init_std": 0.001 ** 0.5,
+            "score_optimizer": "sgd", "warmup_fraction": 0.0, "prune_fraction": 1.0, "recovery": True,
+            "epochs": PAPER_EPOCHS.get(task, 3)}
+
+
+PRESETS = {"paper": paper_preset}

@@ -192,6 +192,24 @@ def _is_sharded(t: torch.Tensor) -> bool:
     return hasattr(t, "to_local") and hasattr(t, "placements")
 
 
+def _my_rows(full: torch.Tensor) -> torch.Tensor:
+    """This rank's dim-0 chunk of ``full`` in FSDP2's ``Shard(0)`` layout (``torch.chunk``; may be empty)."""
+    chunks = torch.chunk(full, world_size(), dim=0)
+    rank = dist.get_rank()
+    return chunks[rank] if rank < len(chunks) else full[:0]
+
+
+def _gather_rows(local: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Every rank's dim-0 chunk (``_my_rows`` layout) of a tensor of ``shape``, concatenated on CPU."""
+    sizes = [c.shape[0] for c in torch.chunk(torch.empty(shape[0], 0), world_size(), dim=0)]
+    sizes += [0] * (world_size() - len(sizes))
+    pad = torch.zeros((max(sizes), *shape[1:]), dtype=local.dtype, device=local.device)
+    pad[: local.shape[0]] = local
+    parts = [torch.empty_like(pad) for _ in sizes]
+    dist.all_gather(parts, pad)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).cpu()
+
+
 class ShardedScoreOptimizer(ScoreOptimizer):
     """:class:`ScoreOptimizer` over FSDP2-sharded scores.
 
@@ -214,6 +232,21 @@ class ShardedScoreOptimizer(ScoreOptimizer):
         self.gamma, self.active = self.gamma.to(device), self.active.to(device)
         self.counts, self.zeros = self.counts.to(device), self.zeros.to(device)
         self._sgd = ScoreSGD(self.lr, self.gamma, self.active, self.recovery)
+        if self.moments:  # Adam: moments of this rank's shard (elementwise, so the update equals the unsharded one)
+            self.moments = [(torch.zeros_like(_local(s).detach()), torch.zeros_like(_local(s).detach())) for s in self.scores]
+
+    def full_state_dict(self) -> dict:
+        """The state with Adam's moments gathered to full tensors (collective: every rank calls it)."""
+        state = self.state_dict()
+        if self.moments:
+            state["moments"] = [tuple(_gather_rows(t, s.shape) for t in mv) for mv, s in zip(self.moments, self.scores)]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a global state (full moments): this rank keeps its dim-0 chunk of each moment, as FSDP2 shards."""
+        if self.moments and "moments" in state:
+            state = dict(state, moments=[tuple(_my_rows(t) for t in mv) for mv in state["moments"]])
+        super().load_state_dict(state)
 
     @torch.no_grad()
     def recount(self) -> None:
@@ -232,7 +265,10 @@ class ShardedScoreOptimizer(ScoreOptimizer):
         if live:
             scores = [self.scores[i] for i in live]
             counts = torch.empty(len(live), dtype=torch.int64, device=self.counts.device)
-            _ops.multi_score_update_([_local(s) for s in scores], [_local(s.grad) for s in scores], self.lr,
+            grads = [_local(s.grad) for s in scores]
+            if self.optimizer == "adam":
+                grads = self._adam_directions(live, grads)
+            _ops.multi_score_update_([_local(s) for s in scores], grads, self.lr,
                                      self.gamma, self.active, self.recovery, counts, self.backend)
             dist.all_reduce(counts)  # per-tensor θ ≤ 0 over all shards: the same global counts on every rank
             self.counts[torch.tensor(live, device=counts.device)] = counts

@@ -1,6 +1,9 @@
 """Algorithm 1's score update for every masked tensor of a model, without a host sync per step.
 
-``θ ← θ − α·∇θ − γ`` (plain SGD, as in the paper). ``γ`` is either the constant the user gives or set
+``θ ← θ − α·∇θ − γ`` (plain SGD, as in the paper), or ``θ ← θ − α·adam(∇θ) − γ`` (``optimizer="adam"``:
+Adam's bias-corrected first/second-moment direction in place of the raw gradient, with Algorithm 1's γ push,
+stop rule and recovery rule unchanged). Adam makes a score's step size independent of its gradient's scale,
+which spans orders of magnitude between tensors (embedding rows a batch does not touch get none at all). ``γ`` is either the constant the user gives or set
 by an on-device controller that tracks a sparsity ramp reaching the target after ``prune_steps``
 (the paper hand-tunes γ; users should not have to). Pruning stops — ``active`` drops to 0 for good —
 the first step the fraction of ``θ ≤ 0`` reaches the target, as the paper's stop rule says.
@@ -23,6 +26,18 @@ from abp.patch import masked_modules, shared_weights
 
 # Controller gain: γ is multiplied by exp(clamp(GAIN · error / target, ±MAX_LOG_STEP)) every step.
 GAIN, MAX_LOG_STEP = 20.0, 0.1
+
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+def adam_score_lr(model: nn.Module, *, prune_steps: int, ratio: float) -> float:
+    """Auto α for Adam: its direction has unit size per score, so a steady gradient moves a score
+    ``ratio × init`` over the pruning window when α = ratio·init / prune_steps (no gradient needed)."""
+    init = [float(s.detach().abs().mean()) for _, m in masked_modules(model) for _, _, s in m.score_pairs()]
+    if not init:
+        raise ValueError("adam_score_lr: the model has no masked modules (call abp.mask_model first)")
+    return ratio * max(sum(init) / len(init), 1e-4) / prune_steps
 
 
 def calibrate_score_lr(model: nn.Module, *, prune_steps: int, ratio: float = 4.0) -> float:
@@ -68,6 +83,9 @@ class ScoreOptimizer:
         fused: bool = False,
         schedule: str = "linear",
         backend: Optional[str] = None,
+        optimizer: str = "sgd",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-12,
     ):
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"target sparsity must be in [0, 1), got {target_sparsity}")
@@ -75,6 +93,12 @@ class ScoreOptimizer:
             raise ValueError(f"prune_steps must be >= 1, got {prune_steps}")
         if schedule not in ("linear", "cubic"):
             raise ValueError(f"schedule must be 'linear' or 'cubic', got {schedule!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"score optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        if optimizer != "sgd" and fused:
+            raise FusedUpdateError(f"fused score update refused: the {optimizer} score optimizer keeps per-score moments "
+                                   "that the backward epilogue does not hold (it applies plain SGD only)")
+        self.optimizer, self.betas, self.eps = optimizer, (float(betas[0]), float(betas[1])), float(eps)
         self.lr, self.target, self.prune_steps = float(lr), float(target_sparsity), int(prune_steps)
         self.auto_gamma, self.recovery, self.schedule, self.backend = gamma is None, recovery, schedule, backend or ""
         self.modules = list(masked_modules(model))
@@ -97,6 +121,9 @@ class ScoreOptimizer:
         self.recount()
         self.frozen = False
         self.steps = 0
+        # Adam's moments and per-tensor step counts (a tensor steps only when its module took part)
+        self.moments = [(torch.zeros_like(s), torch.zeros_like(s)) for s in self.scores] if optimizer == "adam" else []
+        self.moment_steps = [0] * len(self.moments)
         self._sgd = ScoreSGD(self.lr, self.gamma, self.active, recovery)
         for m in self.fused_modules:
             m.fused_update = self._sgd
@@ -144,7 +171,10 @@ class ScoreOptimizer:
             scores = [self.scores[i] for i in live]
             counts = self.counts if len(live) == len(self.scores) else torch.empty(len(live), dtype=torch.int64,
                                                                                       device=self.counts.device)
-            _ops.multi_score_update_(scores, [s.grad for s in scores], self.lr, self.gamma, self.active,
+            grads = [s.grad for s in scores]
+            if self.optimizer == "adam":
+                grads = self._adam_directions(live, grads)
+            _ops.multi_score_update_(scores, grads, self.lr, self.gamma, self.active,
                                      self.recovery, counts, self.backend)
             if counts is not self.counts:
                 self.counts[torch.tensor(live, device=counts.device)] = counts
@@ -162,6 +192,21 @@ class ScoreOptimizer:
             err = (self.target_at(self.steps) - frac) / max(self.target, 1e-6)
             self.gamma.mul_(torch.exp(torch.clamp(GAIN * err, -MAX_LOG_STEP, MAX_LOG_STEP)) * self.active
                             + (1 - self.active))
+
+    def _adam_directions(self, live: list[int], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Adam's bias-corrected ``m̂ / (√v̂ + ε)`` for the live tensors (their moments updated in place)."""
+        b1, b2 = self.betas
+        out = []
+        for i, g in zip(live, grads):
+            m, v = self.moments[i]
+            g = g.float()
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            self.moment_steps[i] += 1
+            t = self.moment_steps[i]
+            denom = (v / (1 - b2 ** t)).sqrt_().add_(self.eps)
+            out.append(m / (1 - b1 ** t) / denom)
+        return out
 
     def sparsity(self) -> float:
         """Current fraction of pruned scores (one host sync)."""
@@ -192,10 +237,31 @@ class ScoreOptimizer:
         self.frozen = True
 
     def state_dict(self) -> dict:
-        return {"gamma": self.gamma.detach().cpu(), "active": self.active.detach().cpu(),
-                "zeros": self.zeros.detach().cpu(), "steps": self.steps, "lr": self.lr}
+        state = {"gamma": self.gamma.detach().cpu(), "active": self.active.detach().cpu(),
+                 "zeros": self.zeros.detach().cpu(), "steps": self.steps, "lr": self.lr}
+        if self.moments:
+            state["moments"] = [(m.detach().cpu(), v.detach().cpu()) for m, v in self.moments]
+            state["moment_steps"] = list(self.moment_steps)
+        return state
+
+    def full_state_dict(self) -> dict:
+        """The state as a checkpoint holds it (global; sharded optimisers gather, collectively)."""
+        return self.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        if bool(self.moments) != ("moments" in state):
+            raise ValueError(f"checkpoint's score-optimiser state {'has' if 'moments' in state else 'lacks'} Adam moments, "
+                             f"this run's score optimizer is {self.optimizer}")
+        if self.moments:
+            if len(state["moments"]) != len(self.moments):
+                raise ValueError(f"checkpoint holds Adam moments for {len(state['moments'])} score tensors, "
+                                 f"this model has {len(self.moments)}")
+            for (m, v), (m0, v0) in zip(self.moments, state["moments"]):
+                if m0.shape != m.shape or v0.shape != v.shape:
+                    raise ValueError(f"checkpoint's Adam moments have shape {tuple(m0.shape)}, the scores {tuple(m.shape)}")
+                m.copy_(m0)
+                v.copy_(v0)
+            self.moment_steps = [int(t) for t in state["moment_steps"]]
         self.gamma.copy_(state["gamma"])
         self.active.copy_(state["active"])
         self.zeros = state["zeros"].to(self.zeros.device)

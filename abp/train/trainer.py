@@ -9,6 +9,7 @@ Under ``torchrun`` the same loop runs data-parallel; everything that differs liv
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ from abp.train.config import RESUMABLE_CHANGES, ABPConfig
 from abp.train.distributed import Parallel
 from abp.train.heads import Classifier, make_head
 from abp.train.evaluate import dev_batchers
-from abp.train.score_optim import FusedUpdateError
+from abp.train.score_optim import FusedUpdateError, adam_score_lr
 from abp.train.tasks import get_task
 
 log = logging.getLogger("abp")
@@ -64,6 +65,10 @@ class Trainer:
         self.task = get_task(cfg.task) if cfg.train_file is None else None
         self.num_labels = self.task.num_labels if self.task else cfg.num_labels
         train_set, dev_sets = self._load_data()  # before the model: bad data fails fast
+        if cfg.epochs is not None:  # the budget in epochs (the paper's): resolved once, recorded in checkpoints
+            cfg = self.cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * len(train_set) / cfg.batch_size)))
+            log.info("abp: %g epochs of %d examples = %d steps of batch %d", cfg.epochs, len(train_set), cfg.max_steps,
+                     cfg.batch_size)
         dtype = self._backbone_dtype()
         backbone, self.tokenizer = load_backbone(cfg.model, dtype=dtype)
         backbone.requires_grad_(False)
@@ -85,7 +90,7 @@ class Trainer:
         self.scores = self.dist.score_optimizer(self.model, lr=cfg.score_lr or 0.0, target_sparsity=cfg.target_sparsity,
                                                 prune_steps=max(1, int(cfg.prune_fraction * cfg.max_steps)), gamma=cfg.gamma,
                                                 recovery=cfg.recovery, fused=self.fused, schedule=cfg.schedule,
-                                                backend=self._score_update_backend())
+                                                backend=self._score_update_backend(), optimizer=cfg.score_optimizer)
         if not learn_mask:
             self.scores.freeze()
         self.dist.prepare(self.model, self.scores)  # FSDP: shard now that the scores' state is built
@@ -122,6 +127,8 @@ class Trainer:
         why = []
         if self.cfg.grad_accum > 1:
             why.append("gradient accumulation (grad_accum > 1)")
+        if self.cfg.score_optimizer != "sgd":
+            why.append(f"the {self.cfg.score_optimizer} score optimizer (its moments live outside the backward epilogue)")
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             why.append("a DDP gradient all-reduce")
         if self.cfg.fused_update == "on" or (self.cfg.fused_update == "auto" and self.device.type == "cuda" and not why):
@@ -132,7 +139,7 @@ class Trainer:
             raise FusedUpdateError("fused score update refused: it would not be exact with " + " and ".join(why))
         if self.cfg.fused_update == "auto":
             if why and self.device.type == "cuda":
-                log.info("abp: fused score update off: %s", "; ".join(why))
+                log.warning("abp: fused score update off: %s", "; ".join(why))
             return not why and self.device.type == "cuda"
         return self.cfg.fused_update == "on"
 
@@ -283,7 +290,12 @@ class Trainer:
         return int(self.cfg.warmup_fraction * self.cfg.max_steps)
 
     def _calibrate(self) -> None:
-        """Auto α from the gradient scale of the next batch (no update is applied)."""
+        """Auto α from the gradient scale of the next batch (no update is applied); Adam needs no gradient."""
+        if self.cfg.score_optimizer == "adam":
+            lr = adam_score_lr(self.model, prune_steps=self.scores.prune_steps, ratio=self.cfg.score_lr_ratio)
+            self.scores.set_lr(lr)
+            log.info("abp: score learning rate α (adam) set to %.4g", lr)
+            return
         fused = [(m, m.fused_update) for m in self.scores.fused_modules]
         for m, _ in fused:
             m.fused_update = None
@@ -389,9 +401,10 @@ class Trainer:
     def _save_checkpoint(self, path: Path) -> None:
         info = {"step": self.step, "config": self.cfg.to_dict(), "history": self.history, "best": self.best}
         full = self.dist.full_model(self.model)  # FSDP: gathers the scores (all ranks take part)
+        score_state = self.scores.full_state_dict()  # FSDP: gathers Adam's moments (all ranks take part)
         if self.dist.is_main:  # global state only: any world size can resume from it
             save_checkpoint(path, scores=dict(score_tensors(full)), head=self.model.head, head_opt=self.head_opt,
-                            score_state=self.scores.state_dict(), info=info)
+                            score_state=score_state, info=info)
         self.dist.barrier()
 
     def _restore(self, path: Path) -> None:

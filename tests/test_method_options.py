@@ -1,0 +1,190 @@
+"""Method options beyond the paper: score initialisation modes, Adam on the scores, ``--preset paper``, and the
+grid's named ABP variants (each pins its settings in the run's budget)."""
+import json
+import math
+
+import pytest
+import torch
+import transformers as T
+
+import abp
+from abp.nn import SCORE_INIT_MODES, initial_scores
+from abp.train.checkpoint import load_checkpoint
+from abp.train.config import PAPER_EPOCHS, ABPConfig, paper_preset
+from abp.train.score_optim import FusedUpdateError, ScoreOptimizer, adam_score_lr
+from abp.train.trainer import Trainer
+
+
+def _tiny_bert(**mask_kw):
+    torch.manual_seed(0)
+    m = T.BertModel(T.BertConfig(vocab_size=200, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=24, hidden_dropout_prob=0, attention_probs_dropout_prob=0))
+    return abp.mask_model(m, **mask_kw)
+
+
+def _cfg(model_dir, data, **kw):
+    base = dict(model=model_dir, train_file=str(data / "train.csv"), dev_file=str(data / "dev.csv"),
+                text_columns=("sentence",), label_column="label", num_labels=2, target_sparsity=0.3,
+                max_steps=12, eval_every=4, log_every=2, batch_size=8, max_length=16, seed=3)
+    base.update(kw)
+    return ABPConfig(**base)
+
+
+# ------------------------------------------------------------------------------------ score initialisation
+
+
+def test_magnitude_init_orders_scores_like_the_weights_per_tensor():
+    m = _tiny_bert(score_init_mode="magnitude", score_init=0.02)
+    for name, mod in abp.masked_modules(m):
+        w, s = mod.weight.detach().float().abs(), mod.scores.detach()
+        assert math.isclose(float(s.mean()), 0.02, rel_tol=1e-4), name  # mean = score_init in every tensor
+        torch.testing.assert_close(s, w * (0.02 / float(w.mean())), msg=name)
+        by_weight = s.flatten()[torch.argsort(w.flatten())]
+        assert bool((by_weight[1:] >= by_weight[:-1]).all()), name  # the scores' order is the magnitudes' order
+
+
+def test_normal_init_is_the_papers_distribution_and_uniform_stays_positive():
+    w = torch.zeros(400, 500)
+    torch.manual_seed(1)
+    s = initial_scores(w, "normal", 0.01, std=0.001 ** 0.5)
+    assert abs(float(s.mean()) - 0.01) < 3 * 0.0316 / 450 and abs(float(s.var()) - 0.001) < 2e-5
+    assert 0.36 < float((s <= 0).float().mean()) < 0.39  # Φ(−0.01/0.0316) = 0.376: the paper starts 38 % pruned
+    u = initial_scores(w, "uniform", 0.01, spread=1.0)
+    assert float(u.min()) > 0 and float(u.max()) <= 0.02 and abs(float(u.mean()) - 0.01) < 1e-4
+    assert torch.equal(initial_scores(w, "magnitude", 0.01), torch.full_like(w, 0.01))  # all-zero: no order
+
+
+def test_unknown_init_mode_is_refused_by_name():
+    with pytest.raises(ValueError, match="score_init_mode must be one of uniform, normal, magnitude"):
+        abp.mask_model(T.BertModel(T.BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=8)), score_init_mode="mag")
+    assert SCORE_INIT_MODES == ("uniform", "normal", "magnitude")
+    with pytest.raises(ValueError, match="score_init_mode"):
+        ABPConfig(score_init_mode="wide").validate()
+    with pytest.raises(ValueError, match="score_optimizer"):
+        ABPConfig(score_optimizer="lion").validate()
+
+
+# ------------------------------------------------------------------------------------ Adam on the scores
+
+
+def test_adam_step_equals_torch_adam_plus_the_gamma_push():
+    """Independent oracle: torch.optim.Adam on a copy of the scores, then Algorithm 1's −γ, gives the same θ."""
+    m = _tiny_bert(score_init_mode="magnitude")
+    opt = ScoreOptimizer(m, lr=1e-3, target_sparsity=0.9, prune_steps=50, gamma=3e-4, optimizer="adam", eps=1e-12)
+    ref = [s.detach().clone().requires_grad_(True) for s in opt.scores]
+    torch_adam = torch.optim.Adam(ref, lr=1e-3, betas=(0.9, 0.999), eps=1e-12)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        grads = [torch.randn(s.shape, generator=g) * 10 ** float(torch.randint(-8, -2, (1,), generator=g)) for s in ref]
+        for s, r, gr in zip(opt.scores, ref, grads):
+            s.grad, r.grad = gr.clone(), gr.clone()
+        opt.step()
+        torch_adam.step()
+        with torch.no_grad():
+            for r in ref:
+                r.sub_(3e-4)
+    for s, r in zip(opt.scores, ref):
+        torch.testing.assert_close(s.detach(), r.detach(), rtol=1e-5, atol=1e-8)
+    assert opt.counts.tolist() == [int((s <= 0).sum()) for s in opt.scores]
+
+
+def test_adam_keeps_no_recovery_and_refuses_the_fused_update():
+    m = _tiny_bert(score_init_mode="magnitude")
+    with pytest.raises(FusedUpdateError, match="adam score optimizer keeps per-score moments"):
+        ScoreOptimizer(m, lr=1e-3, target_sparsity=0.5, prune_steps=3, fused=True, optimizer="adam")
+    opt = ScoreOptimizer(m, lr=1e-2, target_sparsity=0.99, prune_steps=10, gamma=0.0, recovery=False, optimizer="adam")
+    with torch.no_grad():
+        for s in opt.scores:
+            s.copy_(torch.randn(s.shape) * 0.01)
+    opt.recount()
+    pruned = [s.detach() <= 0 for s in opt.scores]
+    for _ in range(3):  # gradients that push every score up: pruned ones must stay pruned
+        for s in opt.scores:
+            s.grad = -torch.ones_like(s)
+        opt.step()
+    assert all(bool((s.detach()[p] <= 0).all()) for s, p in zip(opt.scores, pruned))
+    assert any(bool((s.detach()[~p] > 0.02).any()) for s, p in zip(opt.scores, pruned))  # the others moved
+
+
+def test_adam_auto_lr_moves_a_score_ratio_times_init_over_the_window():
+    m = _tiny_bert(score_init_mode="magnitude", score_init=0.01)
+    assert math.isclose(adam_score_lr(m, prune_steps=200, ratio=1.5), 1.5 * 0.01 / 200, rel_tol=1e-5)
+
+
+def test_adam_run_resumes_exactly_and_its_moments_are_checkpointed(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    cfg = _cfg(tiny_model_dir, tiny_data, score_optimizer="adam", score_init_mode="magnitude")
+    ref = Trainer(cfg, tmp_path / "a", progress=False)
+    metrics = ref.run()
+    assert ref.scores.optimizer == "adam" and not metrics["fused_update"]
+    ref_scores = {n: s.detach().clone() for n, s in abp.patch.score_tensors(ref.model)}
+
+    calls, real_step = {"n": 0}, ScoreOptimizer.step
+
+    def dying_step(self):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        real_step(self)
+
+    monkeypatch.setattr(ScoreOptimizer, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, tmp_path / "b", progress=False).run()
+    ck = load_checkpoint(tmp_path / "b" / "checkpoint.safetensors")
+    assert len(ck["score_state"]["moments"]) == len(ref.scores.moments)
+    assert any(float(v.abs().sum()) > 0 for _, v in ck["score_state"]["moments"])
+    monkeypatch.setattr(ScoreOptimizer, "step", real_step)
+    resumed = Trainer(cfg, tmp_path / "b", progress=False)
+    resumed.run(resume=True)
+    for n, s in abp.patch.score_tensors(resumed.model):
+        torch.testing.assert_close(s.detach(), ref_scores[n], rtol=0, atol=0, msg=n)
+    with pytest.raises(ValueError, match="lacks Adam moments"):  # an SGD checkpoint cannot feed an Adam run
+        sgd = ScoreOptimizer(_tiny_bert(), lr=1.0, target_sparsity=0.5, prune_steps=3).state_dict()
+        ScoreOptimizer(_tiny_bert(), lr=1.0, target_sparsity=0.5, prune_steps=3, optimizer="adam").load_state_dict(sgd)
+
+
+def test_adam_with_fused_on_is_refused_by_the_trainer(tiny_model_dir, tiny_data, tmp_path):
+    with pytest.raises(FusedUpdateError, match="adam score optimizer"):
+        Trainer(_cfg(tiny_model_dir, tiny_data, score_optimizer="adam", fused_update="on"), tmp_path, progress=False)
+
+
+# ------------------------------------------------------------------------------------ --preset paper
+
+
+def test_preset_paper_sets_the_papers_algorithm_and_flags_override_it(monkeypatch):
+    from abp import cli
+
+    seen = {}
+    monkeypatch.setattr("abp.train.trainer.run_abp", lambda cfg, out, **kw: seen.setdefault("cfg", cfg) and {
+        "task": cfg.task, "metric_name": "m", "dev_metric": 0.0, "sparsity": 0.0, "mask_file": "x"})
+    cli.main(["prune", "--preset", "paper", "--task", "stsb", "--output", "unused", "--beta", "1e-3"])
+    cfg = seen["cfg"]
+    assert (cfg.batch_size, cfg.score_lr, cfg.gamma, cfg.t_l, cfg.t_s) == (8, 2e-5, 2e-7, 1e5, 1.0)
+    assert (cfg.score_init_mode, cfg.score_init, cfg.score_optimizer, cfg.epochs) == ("normal", 0.01, "sgd", 5)
+    assert math.isclose(cfg.score_init_std ** 2, 0.001) and cfg.warmup_fraction == 0.0
+    assert cfg.head_lr == 1e-3  # the explicit --beta wins over the preset's 2e-5
+    assert PAPER_EPOCHS == {"mnli": 2, "sst2": 3, "stsb": 5} and paper_preset("sst2")["epochs"] == 3
+
+
+def test_epochs_set_the_step_budget_from_the_train_set(tiny_model_dir, tiny_data, tmp_path):
+    t = Trainer(_cfg(tiny_model_dir, tiny_data, epochs=1.5, max_steps=1000, batch_size=8), tmp_path, progress=False)
+    assert t.cfg.max_steps == math.ceil(1.5 * 96 / 8)  # 96 training rows
+    with pytest.raises(ValueError, match="epochs must be > 0"):
+        _cfg(tiny_model_dir, tiny_data, epochs=0).validate()
+
+
+# ------------------------------------------------------------------------------------ the grid's variants
+
+
+def test_grid_variants_pin_their_settings_in_the_budget():
+    from abp.experiments.methods import ABP_VARIANTS, ExperimentConfig
+
+    exp = ExperimentConfig(max_steps=40)
+    budgets = {m: exp.budget(m)["abp"] for m in ABP_VARIANTS}
+    assert budgets["abp_magnitude"]["score_init_mode"] == "magnitude" and budgets["abp_adam"]["score_optimizer"] == "adam"
+    assert budgets["abp_paper"]["gamma"] == 2e-7 and budgets["abp_paper"]["head_lr"] == 2e-5
+    assert budgets["abp_uniform"]["score_init_mode"] == "uniform"
+    assert len({json.dumps(b, sort_keys=True) for m, b in budgets.items() if m != "abp"}) == len(budgets) - 1
+    assert "abp" not in exp.budget("mp") and exp.budget("abp_shuffled")["abp"] == budgets["abp"]
+    cfg = exp.abp_config("sst2", 0.5, 0, **ABP_VARIANTS["abp_paper"])
+    assert (cfg.head_lr, cfg.batch_size, cfg.max_steps) == (2e-5, 16, 40)  # the grid's batch and steps, the paper's β
