@@ -188,3 +188,24 @@ def test_grid_variants_pin_their_settings_in_the_budget():
     assert "abp" not in exp.budget("mp") and exp.budget("abp_shuffled")["abp"] == budgets["abp"]
     cfg = exp.abp_config("sst2", 0.5, 0, **ABP_VARIANTS["abp_paper"])
     assert (cfg.head_lr, cfg.batch_size, cfg.max_steps) == (2e-5, 16, 40)  # the grid's batch and steps, the paper's β
+
+
+def test_unused_token_rows_start_scaled_and_nothing_else_moves(tiny_model_dir, tiny_data, tmp_path):
+    """The data prior: input-embedding rows of tokens absent from every training example start at θ0 × scale."""
+    plain = Trainer(_cfg(tiny_model_dir, tiny_data), tmp_path / "a", progress=False)
+    prior = Trainer(_cfg(tiny_model_dir, tiny_data, unused_token_scale=0.01), tmp_path / "b", progress=False)
+    tok = prior.tokenizer
+    used = {i for line in (tiny_data / "train.csv").read_text().splitlines()[1:]
+            for i in tok(line.rsplit(",", 1)[0], truncation=True, max_length=16)["input_ids"]}
+    a = plain.model.backbone.get_input_embeddings().scores.detach()
+    b = prior.model.backbone.get_input_embeddings().scores.detach()
+    unused = torch.ones(a.shape[0], dtype=torch.bool)
+    unused[sorted(used)] = False
+    assert prior.unused_token_rows == int(unused.sum()) == a.shape[0] - len(used)
+    torch.testing.assert_close(b[unused], a[unused] * 0.01)
+    assert torch.equal(b[~unused], a[~unused])
+    for (n, sa), (_, sb) in zip(abp.patch.score_tensors(plain.model.backbone), abp.patch.score_tensors(prior.model.backbone)):
+        if "word_embeddings" not in n:
+            assert torch.equal(sa, sb), n
+    with pytest.raises(ValueError, match="unused_token_scale"):
+        _cfg(tiny_model_dir, tiny_data, unused_token_scale=2.0).validate()

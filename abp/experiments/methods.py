@@ -49,6 +49,8 @@ from abp.train.tasks import get_task
 # budget (steps, batch, head lr) applies to all of them except where a variant names its own (abp_paper).
 ABP_SETTINGS = ("score_init_mode", "score_optimizer", "score_lr_ratio", "score_lr", "gamma", "head_lr",
                 "warmup_fraction", "prune_fraction", "score_init", "score_init_spread", "score_init_std")
+# Settings recorded only where a run moves them from their neutral value (so earlier budgets stay valid).
+ABP_OPTIONAL_SETTINGS = {"unused_token_scale": 1.0}
 ABP_VARIANTS: dict[str, dict] = {
     "abp": {},
     # the paper's settings at the grid's budget: α = β = 2e-5, γ = 2e-7 fixed, θ0 ~ N(0.01, var 0.001), no warm-up
@@ -58,6 +60,8 @@ ABP_VARIANTS: dict[str, dict] = {
     "abp_magnitude": {"score_init_mode": "magnitude", "score_optimizer": "sgd"},  # θ0 ∝ |w|, plain SGD
     "abp_adam": {"score_init_mode": "magnitude", "score_optimizer": "adam"},  # θ0 ∝ |w|, Adam
     "abp_uniform_adam": {"score_init_mode": "uniform", "score_optimizer": "adam"},  # θ0 ~ 0.01·U(0, 2), Adam
+    # θ0 ∝ |w|, Adam, and the embedding rows of tokens absent from the training set first in line (θ0 × 0.01)
+    "abp_usage": {"score_init_mode": "magnitude", "score_optimizer": "adam", "unused_token_scale": 0.01},
 }
 METHODS = (*ABP_VARIANTS, "random", "mp", "imp", "wanda", "feature_extraction", "finetune",
            "abp_shuffled", "abp_reinit", "abp_norecovery")
@@ -122,6 +126,7 @@ class ExperimentConfig:
         if method in LEARNT_METHODS or method == "abp_shuffled":
             cfg = dataclasses.asdict(ABPConfig(**{"head_lr": self.head_lr, **ABP_VARIANTS.get(method, {})}))
             out["abp"] = {k: cfg[k] for k in ABP_SETTINGS}
+            out["abp"].update({k: cfg[k] for k, neutral in ABP_OPTIONAL_SETTINGS.items() if cfg[k] != neutral})
         return out
 
     def abp_config(self, task: str, sparsity: Optional[float], seed: int, **over) -> ABPConfig:

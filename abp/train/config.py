@@ -37,6 +37,8 @@ class ABPConfig:
     #   (bench/results/paper/notes.md: a random order collapses STS-B at every sparsity)
     score_init_spread: float = 1.0  # uniform: θ0 ~ init·U(0, 2), positive, so the pruning order is never a tie
     score_init_std: float = 0.001 ** 0.5  # normal: the paper's N(0.01, variance 0.001)
+    unused_token_scale: float = 1.0  # input-embedding rows of tokens no training example contains start at
+    #   θ0 × this (< 1: pruned first; 1: no data prior). They get no gradient, so only their θ0 orders them
     score_optimizer: str = "adam"  # adam: θ ← θ − α·adam(∇) − γ | sgd: θ ← θ − α∇ − γ (the paper; the only one
     #   the fused in-backward update runs). Adam's step does not scale with the gradient, whose size spans
     #   orders of magnitude between tensors
@@ -121,6 +123,8 @@ class ABPConfig:
             raise ValueError(f"score_init_mode must be one of {', '.join(SCORE_INIT_MODES)}, got {self.score_init_mode!r}")
         if self.score_optimizer not in OPTIMIZERS:
             raise ValueError(f"score_optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.score_optimizer!r}")
+        if not 0 <= self.unused_token_scale <= 1:
+            raise ValueError(f"unused_token_scale must be in [0, 1], got {self.unused_token_scale}")
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"epochs must be > 0 (or None to use max_steps), got {self.epochs}")
         if self.head_optimizer not in ("adamw", "sgd"):

@@ -76,6 +76,8 @@ class Trainer:
         for _, m in masked_modules(backbone):
             if hasattr(m, "backend"):
                 m.backend = cfg.backend
+        if cfg.unused_token_scale != 1.0:
+            self.unused_token_rows = self._scale_unused_token_rows(backbone, train_set)
         if mask_init is not None:
             with torch.no_grad():
                 mask_init(backbone)
@@ -103,6 +105,24 @@ class Trainer:
         self.step, self.history, self.best = 0, [], {"metric": -math.inf, "step": None, "sparsity": None}
 
     # ------------------------------------------------------------------ setup helpers
+    @torch.no_grad()
+    def _scale_unused_token_rows(self, backbone: nn.Module, train_set) -> int:
+        """Scale the initial scores of the input-embedding rows that no training example's tokens use by
+        ``unused_token_scale``; returns how many rows. Those rows get no gradient, so their θ0 alone decides
+        when γ prunes them: scaled down, they go before any weight the task uses."""
+        emb = backbone.get_input_embeddings()
+        if not isinstance(emb, abp.MaskedEmbedding):
+            raise ValueError("unused_token_scale needs the input embeddings masked (mask_embeddings=True)")
+        used = torch.zeros(emb.scores.shape[0], dtype=torch.bool)
+        for ex in train_set:
+            ids = self.tokenizer(ex.text_a, ex.text_b, truncation=True, max_length=self.cfg.max_length)["input_ids"]
+            used[torch.tensor(ids, dtype=torch.long)] = True
+        rows = (~used).to(emb.scores.device)
+        emb.scores[rows] *= self.cfg.unused_token_scale
+        log.info("abp: %d of %d input-embedding rows unused by the training set: their scores start × %g",
+                 int((~used).sum()), used.numel(), self.cfg.unused_token_scale)
+        return int((~used).sum())
+
     def _backbone_dtype(self) -> Optional[torch.dtype]:
         want = self.cfg.backbone_dtype
         if want == "auto":
