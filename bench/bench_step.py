@@ -10,6 +10,9 @@ Impls:
 - ``abp``: :func:`abp.mask_model` (linear + embeddings, ~50 % random mask), scores stepped by
   :class:`~abp.train.score_optim.ScoreOptimizer` (fused into the backward on GPU, as the trainer does),
   head by AdamW; default backend (the row says which ran).
+- ``abp_adam``: ``abp`` with abp's default score optimiser, Adam (:class:`ScoreOptimizer` ``optimizer="adam"``):
+  never fused (its moments live outside the backward epilogue), so the score gradient is materialised and the
+  step keeps two fp32 moments per score (8 B per masked weight) on top.
 - ``eager``: the same masked model with every ``MaskedLinear.forward`` replaced by the eager masked linear
   (``W⊙M`` materialised, dense ``dW``; fixture ``eager_masked_linear_fn`` of ``conftest.py``), scores stepped unfused by the
   same ScoreOptimizer.
@@ -41,8 +44,8 @@ GRIDS = {  # models, (batch, seq) pairs
     "cpu": (("minilm",), ((2, 32), (8, 64))),
     "quick": (("tiny-bert",), ((2, 8),)),
 }
-IMPLS = ("abp", "eager", "reference", "finetune", "frozen")
-MASKED = ("abp", "eager", "reference")
+IMPLS = ("abp", "abp_adam", "eager", "reference", "finetune", "frozen")
+MASKED = ("abp", "abp_adam", "eager", "reference")
 UNFUSED_OPS = ("masked_matmul", "masked_matmul_dx", "score_grad", "multi_score_update_")
 FUSED_OPS = ("masked_matmul", "masked_matmul_dx", "score_grad_update_", "multi_score_update_")  # (embeddings: unfused)
 N_INPUTS = 4  # rotated input batches
@@ -93,6 +96,8 @@ def _state_mb(model: torch.nn.Module, *opts) -> float:
             v = getattr(opt, name, None)
             if isinstance(v, torch.Tensor):
                 tensors.append(v)
+        for pair in getattr(opt, "moments", ()):  # ScoreOptimizer's Adam moments
+            tensors += list(pair)
     for t in tensors:
         key = (t.untyped_storage().data_ptr(), t.device)
         if key not in seen:
@@ -125,7 +130,8 @@ def build(case: dict, device: torch.device, eager):
     if impl in MASKED:
         # fixed tiny γ and a far target: the step does its full work every time and never stops pruning
         score_opt = ScoreOptimizer(model, lr=1e-4, target_sparsity=0.99, prune_steps=10**6, gamma=1e-7,
-                                   fused=(impl == "abp" and cuda), backend="reference" if impl == "reference" else None)
+                                   fused=(impl == "abp" and cuda), backend="reference" if impl == "reference" else None,
+                                   optimizer="adam" if impl == "abp_adam" else "sgd")
     trained = model.parameters() if impl == "finetune" else model.head.parameters()
     head_opt = torch.optim.AdamW([p for p in trained if p.requires_grad], lr=1e-4)
 
@@ -166,7 +172,7 @@ def test_step(case, harness, bench_fixture, eager_masked_linear_fn):
         step(rot)
 
     impl = case["impl"]
-    if impl in ("abp", "reference"):
+    if impl in ("abp", "abp_adam", "reference"):
         ops = FUSED_OPS if score_opt.fused else UNFUSED_OPS  # the abp ops one step of this impl runs
 
         def backend():
