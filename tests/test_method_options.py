@@ -162,6 +162,7 @@ def test_preset_paper_sets_the_papers_algorithm_and_flags_override_it(monkeypatc
     assert (cfg.batch_size, cfg.score_lr, cfg.gamma, cfg.t_l, cfg.t_s) == (8, 2e-5, 2e-7, 1e5, 1.0)
     assert (cfg.score_init_mode, cfg.score_init, cfg.score_optimizer, cfg.epochs) == ("normal", 0.01, "sgd", 5)
     assert math.isclose(cfg.score_init_std ** 2, 0.001) and cfg.warmup_fraction == 0.0
+    assert (cfg.head, cfg.head_pool) == ("paper", "cls")  # the layer-weighted [CLS] head
     assert cfg.head_lr == 1e-3  # the explicit --beta wins over the preset's 2e-5
     assert PAPER_EPOCHS == {"mnli": 2, "sst2": 3, "stsb": 5} and paper_preset("sst2")["epochs"] == 3
 

@@ -54,7 +54,9 @@ ABP_OPTIONAL_SETTINGS = {"unused_token_scale": 1.0}
 ABP_VARIANTS: dict[str, dict] = {
     "abp": {},
     # the paper's settings at the grid's budget: α = β = 2e-5, γ = 2e-7 fixed, θ0 ~ N(0.01, var 0.001), no warm-up
-    "abp_paper": {k: v for k, v in paper_preset("sst2").items() if k not in ("batch_size", "epochs", "t_l", "t_s", "recovery")},
+    # (the grid's batch, steps and head for every method, so only the mask's settings differ)
+    "abp_paper": {k: v for k, v in paper_preset("sst2").items()
+                  if k not in ("batch_size", "epochs", "t_l", "t_s", "recovery", "head", "head_pool")},
     # one choice changed at a time against the default
     "abp_uniform": {"score_init_mode": "uniform", "score_optimizer": "sgd"},  # θ0 ~ 0.01·U(0, 2), plain SGD
     "abp_magnitude": {"score_init_mode": "magnitude", "score_optimizer": "sgd"},  # θ0 ∝ |w|, plain SGD

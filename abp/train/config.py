@@ -137,7 +137,8 @@ RESUMABLE_CHANGES = frozenset({"log_every", "device", "backend", "glue_dir", "di
 
 
 # ``--preset paper``: Algorithm 1 as Gao, Colombo & Wang (2021) ran it (§4). α and γ fixed (no calibration,
-# no γ controller), no head warm-up, the stop rule as written; 2 / 3 / 5 epochs for MNLI / SST-2 / STS-B.
+# no γ controller), no head warm-up, the stop rule as written, the layer-weighted [CLS] head; 2 / 3 / 5 epochs
+# for MNLI / SST-2 / STS-B.
 PAPER_EPOCHS = {"mnli": 2, "sst2": 3, "stsb": 5}
 
 
@@ -146,7 +147,7 @@ def paper_preset(task: str) -> dict:
     return {"batch_size": 8, "score_lr": 2e-5, "head_lr": 2e-5, "gamma": 2e-7, "t_l": 1e5, "t_s": 1.0,
             "score_init": 0.01, "score_init_mode": "normal", "score_init_std": 0.001 ** 0.5,
             "score_optimizer": "sgd", "warmup_fraction": 0.0, "prune_fraction": 1.0, "recovery": True,
-            "epochs": PAPER_EPOCHS.get(task, 3)}
+            "head": "paper", "head_pool": "cls", "epochs": PAPER_EPOCHS.get(task, 3)}
 
 
 PRESETS = {"paper": paper_preset}
