@@ -151,8 +151,26 @@ def _budget_text(results: Sequence[dict]) -> str:
     budgets = {}
     for r in results:
         for k, v in r["budget"].items():
-            budgets.setdefault(k, set()).add(json.dumps(v))
+            if k != "abp":  # Algorithm 1's settings: listed per method (_abp_settings_text)
+                budgets.setdefault(k, set()).add(json.dumps(v))
     return ", ".join(f"{k}={'/'.join(sorted(v))}" for k, v in budgets.items())
+
+
+def _abp_settings_text(results: Sequence[dict]) -> str:
+    """Each Algorithm-1 method's settings as recorded in its runs: ``abp``'s in full, the others where they
+    differ from it (several recorded settings under one name are all listed, never merged)."""
+    seen: dict[str, list[dict]] = defaultdict(list)
+    for r in sorted(results, key=lambda r: method_order(r["method"])):
+        st = r["budget"].get("abp")
+        if st is not None and st not in seen[r["method"]]:
+            seen[r["method"]].append(st)
+    base = seen.get("abp", [None])[0]
+    parts = []
+    for method, settings in seen.items():
+        for st in settings:
+            shown = st if base is None or method == "abp" else {k: v for k, v in st.items() if base.get(k) != v}
+            parts.append(f"`{method}`: " + (", ".join(f"{k}={json.dumps(v)}" for k, v in shown.items()) or "as `abp`"))
+    return "; ".join(parts)
 
 
 def write_report(output: str | Path, *, plots: bool = True) -> list[Path]:
@@ -274,6 +292,7 @@ def render_markdown(output: Path, groups: dict, analysis: dict) -> str:
              "discussion at the end is `notes.md`, written by hand).", "",
              f"- **Budget (every run)**: {_budget_text(everything)}; dev sets in full, evaluated once at the end of "
              "each run (no selection on dev).",
+             f"- **Algorithm 1's settings**: {_abp_settings_text(everything) or 'no ABP run'}.",
              f"- **Device**: {', '.join(sorted({r['device'] for r in everything}))}; seeds "
              f"{', '.join(map(str, sorted({r['seed'] for r in everything})))}.",
              "- **Cells**: mean ± sample std over seeds (n runs). `dense` = no mask (fine-tuning changes every weight; "
