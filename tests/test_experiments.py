@@ -616,3 +616,27 @@ def test_paper_probe_runs_on_the_grid(grid, tiny_model_dir, tiny_glue, tmp_path)
     assert doc["budget"]["max_steps"] == grid["exp"].max_steps
     with pytest.raises(SystemExit, match="no finished run"):
         probe.main(["--task", "stsb", "--model", tiny_model_dir, "--grid", str(tmp_path), "--output", str(out)])
+
+
+def test_budget_curve_joins_grids_that_differ_in_steps(tmp_path):
+    """Two grid folders (400 and 1600 steps): one row per method, sparsity and step count, means over seeds."""
+    from abp.experiments.budget import write_budget_curve
+
+    def record(folder, steps, values):
+        runs = [{"run": f"{m}-s{s:g}-seed{seed}" if s else f"{m}-seed{seed}", "method": m, "sparsity": s, "seed": seed,
+                 "metric_name": "accuracy", "metrics": {"accuracy": v}, "budget": {"max_steps": steps}}
+                for (m, s), vs in values.items() for seed, v in enumerate(vs)]
+        folder.mkdir()
+        (folder / "sst2-tiny.json").write_text(json.dumps({"task": "sst2", "model": "tiny", "runs": runs, "rows": []}))
+    record(tmp_path / "a", 400, {("abp", 0.5): [0.70, 0.72], ("mp", 0.5): [0.75], ("feature_extraction", None): [0.71]})
+    record(tmp_path / "b", 1600, {("abp", 0.5): [0.80], ("mp", 0.5): [0.77], ("mp", 0.9): [0.6]})
+    files = write_budget_curve([tmp_path / "a", tmp_path / "b"], tmp_path / "out", sparsities=[0.5])
+    rows = json.loads((tmp_path / "out" / "budget.json").read_text())["rows"]
+    got = {(r["method"], r["sparsity"], r["steps"]): (round(r["mean"], 6), r["n"]) for r in rows}
+    assert got == {("abp", 0.5, 400): (0.71, 2), ("abp", 0.5, 1600): (0.8, 1), ("mp", 0.5, 400): (0.75, 1),
+                   ("mp", 0.5, 1600): (0.77, 1), ("feature_extraction", None, 400): (0.71, 1)}
+    assert (tmp_path / "out" / "budget-sst2-s0.5.png").is_file() and not (tmp_path / "out" / "budget-sst2-s0.9.png").exists()
+    md = (tmp_path / "out" / "budget.md").read_text()
+    assert "| abp | 0.5 | 0.7100 ± 0.0141 (2) | 0.8000 ± 0.0000 (1) |" in md and str(files[-1]).endswith("budget.md")
+    with pytest.raises(ValueError, match="no finished runs"):
+        write_budget_curve([tmp_path / "a"], tmp_path / "o2", methods=["imp"])

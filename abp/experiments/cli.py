@@ -20,12 +20,15 @@ def _none_or(kind):
     return parse
 
 
+_DEFAULT_METHODS = ("abp", "random", "mp", "feature_extraction", "finetune")
+
+
 def add_experiment_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("experiment", help="run the paper's grid of methods × sparsities × seeds and its report",
                               description="Run every missing run of the grid (finished runs are skipped, interrupted "
                                           "ones resume), then write OUTPUT/<task>-<model>.json, plots and results.md.")
     p.add_argument("--tasks", nargs="+", default=["sst2", "stsb"])
-    p.add_argument("--methods", nargs="+", default=["abp", "random", "mp", "feature_extraction", "finetune"],
+    p.add_argument("--methods", nargs="+", default=list(_DEFAULT_METHODS),
                    choices=METHODS, metavar="METHOD", help=f"any of: {', '.join(METHODS)}")
     p.add_argument("--sparsities", nargs="*", type=float, default=[0.5, 0.9])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -33,6 +36,10 @@ def add_experiment_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds: start no new run after this (rerun later to finish the grid)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
+    p.add_argument("--budget-curve", nargs="+", default=None, metavar="GRID",
+                   help="instead of running: plot the dev metric against steps from these grid folders (one per "
+                        "--max-steps) into --output (budget.md, budget.json, budget-<task>-s<s>.png), at --sparsities; "
+                        "--methods limits it when given explicitly")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-report", action="store_true",
                    help="run the cells only (e.g. several lanes side by side); rebuild with --report-only after")
@@ -67,6 +74,14 @@ def _cmd_experiment(a: argparse.Namespace) -> int:
         if a.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {a.threads}")
         torch.set_num_threads(a.threads)
+    if a.budget_curve:
+        from abp.experiments.budget import write_budget_curve
+
+        methods = a.methods if a.methods != _DEFAULT_METHODS else ()
+        files = write_budget_curve(a.budget_curve, a.output, methods=methods, sparsities=a.sparsities,
+                                   plots=not a.no_plots)
+        print(json.dumps({"budget_curve": [str(f) for f in files]}, indent=1))
+        return 0
     if a.report_only:
         files = write_report(a.output, plots=not a.no_plots)
         print(json.dumps({"report": [str(f) for f in files]}, indent=1))
