@@ -90,6 +90,13 @@ def _digest(probes: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+def _tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 (first 16 hex digits) of a tensor's dtype, shape and bytes: a changed bit on disk is caught."""
+    h = hashlib.sha256(f"{t.dtype}{list(t.shape)}".encode())
+    h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def save_mask(
     model: nn.Module,
     path: str | os.PathLike,
@@ -139,6 +146,7 @@ def save_mask(
         "settings": json.dumps(settings),
         "bit_order": "row-major, little-endian within a byte",
         "extra": json.dumps(metadata or {}),
+        "tensor_digests": json.dumps({k: _tensor_digest(v) for k, v in sorted(tensors.items())}),
     }
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
@@ -190,6 +198,18 @@ def read_mask_file(path: str | os.PathLike) -> MaskFile:
         shapes = json.loads(meta["shapes"])
     except (KeyError, json.JSONDecodeError) as e:
         raise MaskFileError(f"mask file {path} has corrupt metadata ({e})") from e
+    if "tensor_digests" in meta:  # files written before digests existed load without this check
+        try:
+            digests = json.loads(meta["tensor_digests"])
+        except json.JSONDecodeError as e:
+            raise MaskFileError(f"mask file {path} has corrupt metadata (tensor_digests: {e})") from e
+        if set(digests) != set(tensors):
+            raise MaskFileError(f"mask file {path} is inconsistent: tensors {sorted(set(digests) ^ set(tensors))[:5]} "
+                                "are missing or were added after it was written")
+        bad = [k for k in sorted(tensors) if _tensor_digest(tensors[k]) != digests[k]]
+        if bad:
+            raise MaskFileError(f"mask file {path} is corrupt: {', '.join(bad[:5])} changed on disk since it was "
+                                "written (digest mismatch)")
     masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask/")}
     if set(masks) != set(shapes):
         raise MaskFileError(f"mask file {path} is inconsistent: masks {sorted(set(masks) ^ set(shapes))[:5]} lack shapes or data")

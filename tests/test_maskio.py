@@ -111,6 +111,32 @@ def test_corrupt_files_are_named(tmp_path, damage):
         abp.load_mask(_bert(0), path)
 
 
+@pytest.mark.parametrize("where", ["mask", "head", "probe"])
+def test_a_flipped_bit_in_any_tensor_is_refused_by_name(tmp_path, where):
+    """Every tensor's digest is in the metadata: one changed bit anywhere in the payload fails the read."""
+    import json
+    import struct
+
+    model = abp.mask_model(_bert(0), score_init_spread=1.0)
+    path = tmp_path / "m.safetensors"
+    abp.save_mask(model, path, head={"w": torch.randn(3, 4)})
+    raw = bytearray(path.read_bytes())
+    n = struct.unpack("<Q", bytes(raw[:8]))[0]
+    header = json.loads(raw[8:8 + n])
+    name = next(k for k in sorted(header) if k.startswith(where + "/"))
+    start = 8 + n + header[name]["data_offsets"][0]
+    raw[start] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(abp.MaskFileError, match=f"corrupt: {name} changed on disk"):
+        abp.read_mask_file(path)
+    fresh = _bert(0)
+    abp.mask_model(fresh)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(abp.MaskFileError):
+        abp.load_mask(fresh, path)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items())  # a refused load changes nothing
+
+
 def test_nan_scores_refused_and_previous_file_kept(tmp_path):
     model = abp.mask_model(_bert(0))
     path = tmp_path / "m.safetensors"
