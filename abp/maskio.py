@@ -333,6 +333,8 @@ def describe_mask_file(path: str | os.PathLike) -> str:
              f"  task       : {meta.get('task') or '-'}",
              f"  sparsity   : {float(meta['sparsity']):.4f} over {sum(torch.Size(s).numel() for s in mf.shapes.values()):,} masked weights",
              f"  file size  : {os.path.getsize(mf.path):,} bytes",
+             f"  integrity  : {len(json.loads(meta['tensor_digests'])) if 'tensor_digests' in meta else 'no'} "
+             "tensor digests verified",
              f"  head       : {len(mf.head)} tensors, {sum(t.numel() for t in mf.head.values()):,} parameters",
              "  modules    :"]
     for key, shape in mf.shapes.items():
