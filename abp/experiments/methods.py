@@ -357,8 +357,11 @@ def run_method(method: str, exp: ExperimentConfig, task: str, sparsity: Optional
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    cfg = exp.abp_config(task, s, seed, **({"recovery": False} if method == "abp_norecovery" else
-                                           ABP_VARIANTS.get(method, {})))
+    if method in LEARNT_METHODS:
+        over = {"recovery": False} if method == "abp_norecovery" else ABP_VARIANTS.get(method, {})
+    else:  # the mask is set, not learnt: uniform scores keep every weight (magnitude would prune exact zeros) and
+        over = {"score_init_mode": "uniform"}  # draw the RNG stream every baseline row was recorded with
+    cfg = exp.abp_config(task, s, seed, **over)
     recovery, phase1, res = None, {}, None
     if method in ABP_VARIANTS or method == "abp_norecovery":
         res, backbone, recovery = _learnt(exp, cfg, out, progress)
