@@ -13,6 +13,11 @@ import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Subprocesses (torchrun, the bench suite) start in the repository root: keep it off their sys.path, as the
+# README's `python -P` does for this process, or kernels/ shadows Hugging Face's `kernels` package that
+# transformers >= 5.25 imports.
+os.environ["PYTHONSAFEPATH"] = "1"
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
