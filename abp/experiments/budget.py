@@ -76,7 +76,7 @@ def write_budget_curve(folders: Sequence[str | Path], output: str | Path, *, met
 
 
 def _plot(rows: Sequence[dict], sparsity: float, path: Path, *, title: str) -> None:
-    from abp.experiments.plots import _STYLE, _pyplot
+    from abp.experiments.plots import _STYLE, _pyplot, finish_line_plot
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -92,9 +92,4 @@ def _plot(rows: Sequence[dict], sparsity: float, path: Path, *, title: str) -> N
     ax.set_xscale("log")
     ax.set_xlabel("training steps (batch 16; log scale)")
     ax.set_ylabel(f"dev {rows[0]['metric']}")
-    ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    finish_line_plot(plt, fig, ax, path, title)

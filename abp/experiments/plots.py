@@ -68,6 +68,11 @@ def plot_metric_vs_sparsity(rows: Sequence[Mapping], metric: str, path: str | os
     ax.set_ylabel(f"dev {metric}")
     if sparsities:
         ax.set_xticks([_x(sp) for sp in sparsities], [f"{sp:g}" for sp in sparsities])
+    finish_line_plot(plt, fig, ax, path, title)
+
+
+def finish_line_plot(plt, fig, ax, path: str | os.PathLike, title: str) -> None:
+    """Grid, title, legend, save as PNG and close: the common end of every line plot here."""
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="best")
