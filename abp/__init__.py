@@ -11,8 +11,8 @@ Typical use::
 from abp import _ops  # noqa: F401  (registers the abp:: operators)
 from abp.backends import BackendUnavailableError, last_backend, use_backend
 from abp.functional import (ScoreSGD, bitmask_linear, check_finite_scores, masked_embedding, masked_linear,
-                            multi_bitmask_linear)
-from abp.maskio import MaskFile, MaskFileError, load_mask, pack_mask, read_mask_file, save_mask, unpack_mask
+                            multi_bitmask_linear, pack_mask, unpack_mask)
+from abp.maskio import MaskFile, MaskFileError, load_mask, read_mask_file, save_mask
 from abp.nn import MaskedEmbedding, MaskedLayerNorm, MaskedLinear, MaskedModule
 from abp.patch import MaskConfig, mask_model, masked_modules, sparsity, unmask_model
 

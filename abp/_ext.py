@@ -20,8 +20,7 @@ import torch
 Tensor = torch.Tensor
 
 #: The abp_C operators this extension defines (the public ``abp::`` op of the same name calls it).
-OPS = ("pack_mask", "unpack_mask", "row_kept_counts", "scores_kept_counts", "multi_score_update_",
-       "bitmask_linear", "multi_bitmask_linear")
+OPS = ("pack_mask", "unpack_mask", "multi_score_update_", "bitmask_linear", "multi_bitmask_linear")
 
 
 class ExtensionWarning(UserWarning):
@@ -119,15 +118,6 @@ def _register_fakes() -> None:
         torch._check(packed.numel() == nbytes(numel),
                      lambda: f"abp_C::unpack_mask: `packed` must hold ceil({numel}/8) bytes, got {packed.numel()}")
         return packed.new_empty(numel, dtype=torch.bool)
-
-    @torch.library.register_fake("abp_C::row_kept_counts")
-    def _(packed: Tensor, rows: int, cols: int) -> Tensor:
-        return packed.new_empty(rows, dtype=torch.int64)
-
-    @torch.library.register_fake("abp_C::scores_kept_counts")
-    def _(scores: Tensor) -> Tensor:
-        torch._check(scores.dim() == 2, lambda: f"abp_C::scores_kept_counts: `scores` must be 2-D, got {scores.dim()}-D")
-        return scores.new_empty(scores.shape[0], dtype=torch.int64)
 
     @torch.library.register_fake("abp_C::multi_score_update_")
     def _(scores, grads, lr, gamma, active, recovery, counts) -> None:

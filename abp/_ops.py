@@ -28,77 +28,77 @@ def _contig(*ts):
 
 _MATMUL = {
     "reference": reference.masked_linear_fwd,
-    "triton": lambda *a: _k().masked_matmul(*_contig(*a[:5]), t_hard=a[5]),
+    "triton": lambda *a: _k().masked_matmul(*_contig(*a[:5]), t_l=a[5]),
 }
 
 
 @torch.library.custom_op("abp::masked_matmul", mutates_args=())
 def masked_matmul(
     x: Tensor, weight: Tensor, scores: Tensor, bias: Optional[Tensor], bias_scores: Optional[Tensor],
-    t_hard: Optional[float], t_soft: float, backend: str,
+    t_l: Optional[float], t_s: float, backend: str,
 ) -> Tensor:
-    """``y = x·(W⊙M)ᵀ + b⊙m_b`` for 2-D ``x``; ``t_soft`` is used by the backward only."""
-    return backends.dispatch("masked_matmul", _MATMUL, x.device, backend, x, weight, scores, bias, bias_scores, t_hard)
+    """``y = x·(W⊙M)ᵀ + b⊙m_b`` for 2-D ``x``; ``t_s`` is used by the backward only."""
+    return backends.dispatch("masked_matmul", _MATMUL, x.device, backend, x, weight, scores, bias, bias_scores, t_l)
 
 
 @masked_matmul.register_fake
-def _(x, weight, scores, bias, bias_scores, t_hard, t_soft, backend):
+def _(x, weight, scores, bias, bias_scores, t_l, t_s, backend):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 _DX = {
     "reference": reference.masked_linear_dx,
-    "triton": lambda dy, w, s, t_hard: _k().masked_matmul_dx(*_contig(dy, w, s), t_hard=t_hard),
+    "triton": lambda dy, w, s, t_l: _k().masked_matmul_dx(*_contig(dy, w, s), t_l=t_l),
 }
 
 
 @torch.library.custom_op("abp::masked_matmul_dx", mutates_args=())
-def masked_matmul_dx(dy: Tensor, weight: Tensor, scores: Tensor, t_hard: Optional[float], backend: str) -> Tensor:
+def masked_matmul_dx(dy: Tensor, weight: Tensor, scores: Tensor, t_l: Optional[float], backend: str) -> Tensor:
     """``dX = dY·(W⊙M)``."""
-    return backends.dispatch("masked_matmul_dx", _DX, dy.device, backend, dy, weight, scores, t_hard)
+    return backends.dispatch("masked_matmul_dx", _DX, dy.device, backend, dy, weight, scores, t_l)
 
 
 @masked_matmul_dx.register_fake
-def _(dy, weight, scores, t_hard, backend):
+def _(dy, weight, scores, t_l, backend):
     return dy.new_empty(dy.shape[0], weight.shape[1])
 
 
-def _score_grad_reference(dy, x, weight, scores, bias, bias_scores, t_soft):
-    return reference.score_grad(dy, x, weight, scores, bias, bias_scores, t_soft)
+def _score_grad_reference(dy, x, weight, scores, bias, bias_scores, t_s):
+    return reference.score_grad(dy, x, weight, scores, bias, bias_scores, t_s)
 
 
 _SCORE_GRAD = {
     "reference": _score_grad_reference,
-    "triton": lambda dy, x, w, s, b, bs, t_soft: _k().score_grad(*_contig(dy, x, w, s, b, bs), t_soft=t_soft),
+    "triton": lambda dy, x, w, s, b, bs, t_s: _k().score_grad(*_contig(dy, x, w, s, b, bs), t_s=t_s),
 }
 
 
 @torch.library.custom_op("abp::score_grad", mutates_args=())
 def score_grad(
     dy: Tensor, x: Tensor, weight: Tensor, scores: Tensor, bias: Optional[Tensor], bias_scores: Optional[Tensor],
-    t_soft: float, backend: str,
+    t_s: float, backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Surrogate score gradient ``(dYᵀX)⊙W⊙σ'`` and the bias-score grad (empty when there are no bias scores)."""
-    ds, dbs = backends.dispatch("score_grad", _SCORE_GRAD, dy.device, backend, dy, x, weight, scores, bias, bias_scores, t_soft)
+    ds, dbs = backends.dispatch("score_grad", _SCORE_GRAD, dy.device, backend, dy, x, weight, scores, bias, bias_scores, t_s)
     return ds, dbs if dbs is not None else scores.new_empty(0)
 
 
 @score_grad.register_fake
-def _(dy, x, weight, scores, bias, bias_scores, t_soft, backend):
+def _(dy, x, weight, scores, bias, bias_scores, t_s, backend):
     return torch.empty_like(scores), (torch.empty_like(bias_scores) if bias_scores is not None else scores.new_empty(0))
 
 
-def _score_grad_update_reference(dy, x, weight, scores, bias, bias_scores, counts, lr, gamma, active, recovery, t_soft):
-    ds, dbs = reference.score_grad(dy, x, weight, scores, bias, bias_scores, t_soft)
+def _score_grad_update_reference(dy, x, weight, scores, bias, bias_scores, counts, lr, gamma, active, recovery, t_s):
+    ds, dbs = reference.score_grad(dy, x, weight, scores, bias, bias_scores, t_s)
     counts[0] += reference.score_update_(scores, ds, lr, gamma, active, recovery)
     if bias_scores is not None:
         counts[1] += reference.score_update_(bias_scores, dbs, lr, gamma, active, recovery)
 
 
-def _score_grad_update_triton(dy, x, weight, scores, bias, bias_scores, counts, lr, gamma, active, recovery, t_soft):
+def _score_grad_update_triton(dy, x, weight, scores, bias, bias_scores, counts, lr, gamma, active, recovery, t_s):
     dy, x, weight, bias = _contig(dy, x, weight, bias)
     _k().score_grad_update_(dy, x, weight, scores, lr=lr, gamma=gamma, active=active, recovery=recovery,
-                            counts=counts, bias=bias, bias_scores=bias_scores, t_soft=t_soft)
+                            counts=counts, bias=bias, bias_scores=bias_scores, t_s=t_s)
 
 
 _SCORE_GRAD_UPDATE = {"reference": _score_grad_update_reference, "triton": _score_grad_update_triton}
@@ -107,23 +107,23 @@ _SCORE_GRAD_UPDATE = {"reference": _score_grad_update_reference, "triton": _scor
 @torch.library.custom_op("abp::score_grad_update_", mutates_args=("scores", "bias_scores", "counts"))
 def score_grad_update_(
     dy: Tensor, x: Tensor, weight: Tensor, scores: Tensor, bias: Optional[Tensor], bias_scores: Optional[Tensor],
-    counts: Tensor, lr: float, gamma: Tensor, active: Tensor, recovery: bool, t_soft: float, backend: str,
+    counts: Tensor, lr: float, gamma: Tensor, active: Tensor, recovery: bool, t_s: float, backend: str,
 ) -> None:
     """Fused score gradient + SGD step in place; ``counts`` ← [#θ≤0 in scores, #θ≤0 in bias_scores]."""
     counts.zero_()
     backends.dispatch("score_grad_update_", _SCORE_GRAD_UPDATE, dy.device, backend,
-                      dy, x, weight, scores, bias, bias_scores, counts, lr, gamma, active, recovery, t_soft)
+                      dy, x, weight, scores, bias, bias_scores, counts, lr, gamma, active, recovery, t_s)
 
 
 @score_grad_update_.register_fake
-def _(dy, x, weight, scores, bias, bias_scores, counts, lr, gamma, active, recovery, t_soft, backend):
+def _(dy, x, weight, scores, bias, bias_scores, counts, lr, gamma, active, recovery, t_s, backend):
     return None
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, scores, bias, bias_scores, t_hard, t_soft, backend = inputs
+    x, weight, scores, bias, bias_scores, t_l, t_s, backend = inputs
     ctx.save_for_backward(x, weight, scores, bias, bias_scores)
-    ctx.t_hard, ctx.t_soft, ctx.backend = t_hard, t_soft, backend
+    ctx.t_l, ctx.t_s, ctx.backend = t_l, t_s, backend
 
 
 def _backward(ctx, dy):
@@ -131,9 +131,9 @@ def _backward(ctx, dy):
     dy = dy.contiguous()
     dx = ds = dbs = None
     if ctx.needs_input_grad[0]:
-        dx = masked_matmul_dx(dy, weight, scores, ctx.t_hard, ctx.backend)
+        dx = masked_matmul_dx(dy, weight, scores, ctx.t_l, ctx.backend)
     if ctx.needs_input_grad[2] or ctx.needs_input_grad[4]:
-        ds, dbs = score_grad(dy, x, weight, scores, bias, bias_scores, ctx.t_soft, ctx.backend)
+        ds, dbs = score_grad(dy, x, weight, scores, bias, bias_scores, ctx.t_s, ctx.backend)
         if bias_scores is None or not ctx.needs_input_grad[4]:
             dbs = None
         if not ctx.needs_input_grad[2]:
@@ -210,7 +210,8 @@ _MULTI_BITMASK = {"reference": reference.multi_bitmask_linear, "cuda": lambda *a
 @torch.library.custom_op("abp::bitmask_linear", mutates_args=())
 def bitmask_linear(x: Tensor, weight: Tensor, packed: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
     """Serving: ``x·(W⊙unpack(bits))ᵀ + b``, reading one bit per weight."""
-    return backends.dispatch("bitmask_linear", _BITMASK, x.device, backend, *_contig(x, weight, packed, bias))
+    return backends.dispatch("bitmask_linear", _BITMASK, x.device, backend, *_contig(x, weight, packed, bias),
+                             tokens=x.shape[0])
 
 
 @bitmask_linear.register_fake
@@ -224,7 +225,7 @@ def multi_bitmask_linear(
 ) -> Tensor:
     """Serving many task masks over one base weight: row ``i`` of ``x`` uses ``packed[task_ids[i]]``."""
     return backends.dispatch("multi_bitmask_linear", _MULTI_BITMASK, x.device, backend,
-                             *_contig(x, weight, packed, task_ids, bias))
+                             *_contig(x, weight, packed, task_ids, bias), tokens=x.shape[0])
 
 
 @multi_bitmask_linear.register_fake

@@ -6,11 +6,15 @@ Backends:
   interpreter when ``TRITON_INTERPRET=1``; that is how CI tests them).
 - ``cuda`` / ``cpp``: the compiled extension ``abp._C`` on CUDA / CPU tensors.
 
-The choice comes from, in order: the ``backend=`` argument of a call (``""`` or None: not given), :func:`use_backend`, the
-``ABP_BACKEND`` environment variable, else ``auto``. ``auto`` takes the fastest backend that can
-run the op on the tensors' device. Asking for a backend that cannot run raises
-:class:`BackendUnavailableError`; ``auto`` on a GPU that lacks its fast path warns once with the reason
-instead of hiding it. :func:`last_backend` tells which backend ran each op.
+The rule, in one place (:func:`select`):
+- a call's own ``backend=`` argument is strict: it runs there, or :class:`BackendUnavailableError` says why not;
+- a *preference* (:func:`prefer` of a layer's or a config's backend, then :func:`use_backend`, then the
+  ``ABP_BACKEND`` environment variable) is honoured where that backend implements the op and can run it here;
+  otherwise the op takes ``auto`` and :func:`last_backend` (``why=True``) says which preference was passed over and
+  why. A preferred backend that implements the op but cannot run (a broken fast path) also warns once;
+- ``auto`` takes the fastest backend that can run the op on the tensors' device, and warns once on a GPU where
+  the fast path is missing, with the reason. The serving ops keep their CUDA kernels to
+  :data:`SERVE_KERNEL_MAX_TOKENS` tokens.
 """
 from __future__ import annotations
 
@@ -41,8 +45,16 @@ _PREFERENCE: dict[str, tuple[str, ...]] = {
 #: Every abp op that goes through the dispatch.
 OPS = tuple(_PREFERENCE)
 
+#: The serving ops' CUDA kernels (csrc/bitmask_linear.cu) are GEMV / skinny-GEMM kernels: ``auto`` gives them at most
+#: this many tokens and takes the reference (unpack, W⊙M, cuBLAS, where tensor cores win) past it; a
+#: ``MaskedLinear`` in inference serves from its packed bits on CUDA up to the same count. Not yet measured on a GPU:
+#: ``bench/bench_bitmask.py`` measures the crossover.
+SERVE_KERNEL_MAX_TOKENS = 16
+_SERVING_OPS = ("bitmask_linear", "multi_bitmask_linear")
+_PREFER = "prefer:"
+
 _override: list[str] = []
-_last: dict[str, str] = {}
+_last: dict[str, tuple[str, str]] = {}  # op -> (backend, what auto passed over)
 _warned: set[tuple[str, str]] = set()
 
 
@@ -51,17 +63,38 @@ class BackendUnavailableError(RuntimeError):
 
 
 def requested(backend: str | None = None) -> str:
-    """The backend in force for a call: argument, then :func:`use_backend`, then ``ABP_BACKEND``."""
-    name = backend or (_override[-1] if _override else None) or os.environ.get("ABP_BACKEND", "auto") or "auto"
+    """The backend name in force for a call (``auto`` when none is named), strict or preferred alike."""
+    return _resolve(backend)[0]
+
+
+def prefer(name: str | None) -> str:
+    """``name`` as a preference for :func:`select` (a layer's or a config's backend): used where it implements the
+    op and can run, else ``auto``. None or ``""``: no preference of its own (``use_backend`` / ``ABP_BACKEND``)."""
+    return _PREFER + _check_name(name) if name else ""
+
+
+def _check_name(name: str) -> str:
     name = name.lower()
     if name not in NAMES:
         raise ValueError(f"unknown abp backend {name!r}; choose one of {', '.join(NAMES)} (ABP_BACKEND or backend=)")
     return name
 
 
+def _resolve(backend: str | None) -> tuple[str, bool, str]:
+    """(name, strict, where it came from) of a call's ``backend`` argument."""
+    if backend and not backend.startswith(_PREFER):
+        return _check_name(backend), True, "backend="
+    if backend:
+        return _check_name(backend[len(_PREFER):]), False, "the layer's backend"
+    if _override:
+        return _check_name(_override[-1]), False, "use_backend"
+    env = os.environ.get("ABP_BACKEND", "")
+    return (_check_name(env), False, "ABP_BACKEND") if env else ("auto", False, "")
+
+
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the ops inside the block on backend ``name`` (``auto`` included)."""
+    """Prefer backend ``name`` (``auto`` included) for the ops inside the block (see :func:`select`)."""
     requested(name)
     _override.append(name)
     try:
@@ -93,35 +126,57 @@ def available(backend: str, op: str, device: torch.device) -> tuple[bool, str]:
     return _ext.has_op(op, device)
 
 
-def select(op: str, device: torch.device, backend: str | None = None) -> str:
-    """Pick the backend for one call of ``op`` on ``device`` and record it."""
-    choice = requested(backend)
-    if choice == "auto":
-        reasons = []
-        for name in _PREFERENCE[op]:
-            if name == "triton" and device.type != "cuda":
-                continue  # the interpreter is for tests: it is never chosen automatically
-            ok, why = available(name, op, device)
-            if ok:
-                if reasons and device.type == "cuda" and (op, name) not in _warned:
-                    _warned.add((op, name))
-                    warnings.warn(f"abp: {op} runs on the {name} backend on {device}: " + "; ".join(reasons), stacklevel=3)
-                _last[op] = name
-                return name
-            reasons.append(why)
-        raise BackendUnavailableError(f"no abp backend can run {op} on {device}: " + "; ".join(reasons))
-    ok, why = available(choice, op, device)
-    if not ok:
-        raise BackendUnavailableError(f"backend {choice!r} cannot run {op} on {device}: {why}")
-    _last[op] = choice
-    return choice
+def select(op: str, device: torch.device, backend: str | None = None, *, tokens: int | None = None) -> str:
+    """Pick the backend for one call of ``op`` on ``device`` (``tokens``: rows of a serving op) and record it."""
+    choice, strict, source = _resolve(backend)
+    passed_over = ""
+    if choice != "auto":
+        ok, why = available(choice, op, device)
+        if ok:
+            return _record(op, choice, "")
+        if strict:
+            raise BackendUnavailableError(f"backend {choice!r} cannot run {op} on {device}: {why}")
+        passed_over = f"{choice} from {source} passed over: {why}"
+        if choice in _PREFERENCE[op] and (op, choice) not in _warned:
+            _warned.add((op, choice))
+            warnings.warn(f"abp: {op} cannot run on the {choice} backend asked for by {source} on {device} ({why}); "
+                          "it takes auto", stacklevel=3)
+    if op in _SERVING_OPS and device.type == "cuda" and tokens is not None and tokens > SERVE_KERNEL_MAX_TOKENS:
+        note = f"{tokens} tokens > SERVE_KERNEL_MAX_TOKENS = {SERVE_KERNEL_MAX_TOKENS}"
+        return _record(op, "reference", "; ".join(filter(None, (passed_over, note))))
+    reasons = []
+    for name in _PREFERENCE[op]:
+        if name == "triton" and device.type != "cuda":
+            continue  # the interpreter is for tests: it is never chosen automatically
+        ok, why = available(name, op, device)
+        if ok:
+            if reasons and device.type == "cuda" and (op, name) not in _warned:
+                _warned.add((op, name))
+                warnings.warn(f"abp: {op} runs on the {name} backend on {device}: " + "; ".join(reasons), stacklevel=3)
+            skipped = reasons if device.type == "cuda" else []  # a missing fast path matters on a GPU
+            return _record(op, name, "; ".join(filter(None, (passed_over, *skipped))))
+        reasons.append(why)
+    raise BackendUnavailableError(f"no abp backend can run {op} on {device}: " + "; ".join(filter(None, (passed_over, *reasons))))
 
 
-def last_backend(op: str | None = None) -> str | dict[str, str] | None:
-    """The backend that ran ``op`` last (or a dict for every op that ran)."""
-    return dict(_last) if op is None else _last.get(op)
+def _record(op: str, name: str, why: str) -> str:
+    _last[op] = (name, why)
+    return name
 
 
-def dispatch(op: str, impls: dict[str, Callable], device: torch.device, backend: str | None, *args, **kwargs):
-    """Run ``impls[select(...)]``."""
-    return impls[select(op, device, backend)](*args, **kwargs)
+def last_backend(op: str | None = None, *, why: bool = False) -> str | dict[str, str] | None:
+    """The backend that ran ``op`` last (or a dict for every op that ran). ``why=True`` adds, in parentheses, what
+    ``auto`` passed over to get there (a preference that could not run, a slower kernel's reason)."""
+    def show(entry: tuple[str, str]) -> str:
+        name, reason = entry
+        return f"{name} ({reason})" if why and reason else name
+
+    if op is None:
+        return {k: show(v) for k, v in _last.items()}
+    return show(_last[op]) if op in _last else None
+
+
+def dispatch(op: str, impls: dict[str, Callable], device: torch.device, backend: str | None, *args,
+             tokens: int | None = None):
+    """Run ``impls[select(op, device, backend, tokens=tokens)](*args)``."""
+    return impls[select(op, device, backend, tokens=tokens)](*args)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -178,10 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("mask", nargs="?", default=None)
     info.set_defaults(func=_cmd_info)
 
-    if importlib.util.find_spec("abp.experiments.cli") is not None:
-        from abp.experiments.cli import add_experiment_parser
+    from abp.experiments.cli import add_experiment_parser
 
-        add_experiment_parser(sub)
+    add_experiment_parser(sub)
     return p
 
 
@@ -195,11 +193,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("abp: interrupted (a checkpoint, if any, is intact: rerun with --resume)", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError, OSError, ArithmeticError) as e:  # bad input or a diverged run: one line
+    except Exception as e:
         if a.verbose:
             raise
-        print(f"abp: error: {e}", file=sys.stderr)
+        print(explain_error(e), file=sys.stderr)
         return 2
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def raised_by_abp(e: BaseException) -> bool:
+    """Whether abp's own code raised ``e`` with a ``raise`` statement (a check of the user's input or of a run's
+    state), not torch, Triton or a library below it (CUDA out of memory, a compile error, NCCL)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE):
+        return False
+    import linecache
+
+    return linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).lstrip().startswith("raise")
+
+
+def explain_error(e: BaseException) -> str:
+    """One line for an error abp raised on bad input; the type, the message and a hint for any other."""
+    if raised_by_abp(e):
+        return f"abp: error: {e}"
+    kind = type(e)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    module = kind.__module__
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        hint = "out of memory: lower --batch-size or --max-length (--grad-accum keeps the effective batch)"
+    elif module.startswith("triton"):
+        hint = "a Triton kernel failed: --backend reference runs without them; `abp info` shows the install"
+    elif module.startswith("torch.distributed") or "NCCL" in str(e):
+        hint = "a collective failed: the other ranks' logs name the first failure"
+    else:
+        hint = "not a check of abp's; `abp info` shows the install"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"abp: error: {name}: {first}\nabp: hint: {hint}; -v shows the traceback"
 
 
 if __name__ == "__main__":

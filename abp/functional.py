@@ -47,7 +47,7 @@ def _check_one_device(name: str, *tensors: Optional[Tensor]) -> None:
         raise ValueError(f"{name}: tensors are on different devices: {sorted(map(str, devices))}")
 
 
-def _check_linear(x: Tensor, weight: Tensor, scores: Tensor, bias, bias_scores, t_hard, t_soft) -> None:
+def _check_linear(x: Tensor, weight: Tensor, scores: Tensor, bias, bias_scores, t_l, t_s) -> None:
     _check_weight_and_input("masked_linear", x, weight)
     if scores.shape != weight.shape:
         raise ValueError(f"masked_linear: scores shape {tuple(scores.shape)} != weight shape {tuple(weight.shape)}")
@@ -65,12 +65,14 @@ def _check_linear(x: Tensor, weight: Tensor, scores: Tensor, bias, bias_scores, 
     if bias_scores is not None:
         if bias is None:
             raise ValueError("masked_linear: bias_scores given without bias")
-        if bias_scores.shape != bias.shape or bias_scores.dtype != torch.float32:
-            raise ValueError(f"masked_linear: bias_scores must be float32 of shape {tuple(bias.shape)}, got {bias_scores.dtype} {tuple(bias_scores.shape)}")
-    if t_hard is not None and not (math.isfinite(t_hard) and t_hard > 0):
-        raise ValueError(f"masked_linear: t_hard must be None (hard mask) or a positive finite number, got {t_hard}")
-    if not (math.isfinite(t_soft) and t_soft > 0):
-        raise ValueError(f"masked_linear: t_soft must be positive and finite, got {t_soft}")
+        if bias_scores.dtype != torch.float32:
+            raise TypeError(f"masked_linear: bias_scores must be float32, got {bias_scores.dtype}")
+        if bias_scores.shape != bias.shape:
+            raise ValueError(f"masked_linear: bias_scores shape {tuple(bias_scores.shape)} != bias shape {tuple(bias.shape)}")
+    if t_l is not None and not (math.isfinite(t_l) and t_l > 0):
+        raise ValueError(f"masked_linear: t_l must be None (hard mask) or a positive finite number, got {t_l}")
+    if not (math.isfinite(t_s) and t_s > 0):
+        raise ValueError(f"masked_linear: t_s must be positive and finite, got {t_s}")
     if _CHECK_FINITE:
         check_finite_scores(scores, "scores")
 
@@ -86,20 +88,20 @@ class _FusedUpdateLinear(torch.autograd.Function):
     """Masked linear whose backward applies the score SGD step in the dθ epilogue: no dθ, no dW."""
 
     @staticmethod
-    def forward(ctx, x, weight, scores, bias, bias_scores, t_hard, t_soft, backend, sgd, counts):
+    def forward(ctx, x, weight, scores, bias, bias_scores, t_l, t_s, backend, sgd, counts):
         ctx.save_for_backward(x, weight, scores, bias, bias_scores)
-        ctx.args = (t_hard, t_soft, backend, sgd, counts)
-        return _ops.masked_matmul(x, weight, scores, bias, bias_scores, t_hard, t_soft, backend)
+        ctx.args = (t_l, t_s, backend, sgd, counts)
+        return _ops.masked_matmul(x, weight, scores, bias, bias_scores, t_l, t_s, backend)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, scores, bias, bias_scores = ctx.saved_tensors
-        t_hard, t_soft, backend, sgd, counts = ctx.args
+        t_l, t_s, backend, sgd, counts = ctx.args
         dy = dy.contiguous()
         # dX first: it must see the mask from before the update.
-        dx = _ops.masked_matmul_dx(dy, weight, scores, t_hard, backend) if ctx.needs_input_grad[0] else None
+        dx = _ops.masked_matmul_dx(dy, weight, scores, t_l, backend) if ctx.needs_input_grad[0] else None
         _ops.score_grad_update_(dy, x, weight, scores, bias, bias_scores, counts, sgd.lr, sgd.gamma, sgd.active,
-                                sgd.recovery, t_soft, backend)
+                                sgd.recovery, t_s, backend)
         return dx, None, None, None, None, None, None, None, None, None
 
 
@@ -121,30 +123,32 @@ def masked_linear(
     bias: Optional[Tensor] = None,
     bias_scores: Optional[Tensor] = None,
     *,
-    t_soft: float = 1.0,
-    t_hard: Optional[float] = None,
+    t_s: float = 1.0,
+    t_l: Optional[float] = None,
     backend: Optional[str] = None,
     fused_update: Optional[ScoreSGD] = None,
     counts: Optional[Tensor] = None,
 ) -> Tensor:
-    """``input @ (weight ⊙ m).T + bias ⊙ m_b`` with ``m = 1[scores > 0]`` (or ``σ(t_hard·scores)``).
+    """``input @ (weight ⊙ m).T + bias ⊙ m_b`` with ``m = 1[scores > 0]`` (or ``σ(t_l·scores)``).
 
     Any leading dims; fp32/fp16/bf16 activations (autocast honoured); fp32 scores; ``weight`` and
     ``bias`` frozen. With ``fused_update`` the backward updates ``scores`` in place (and writes the
     count of pruned scores into ``counts``, int64 [2]) instead of returning a gradient for them.
     """
     amp, input, weight, bias = _autocast_operands(input, weight, bias)
-    _check_linear(input, weight, scores, bias, bias_scores, t_hard, t_soft)
+    _check_linear(input, weight, scores, bias, bias_scores, t_l, t_s)
     lead = input.shape[:-1]
     x2d = input.reshape(-1, input.shape[-1])
     backend = backend or ""  # "": the default choice (use_backend, ABP_BACKEND, auto)
     with torch.autocast(input.device.type, enabled=False) if amp else contextlib.nullcontext():
         if fused_update is None:
-            y = _ops.masked_matmul(x2d, weight, scores, bias, bias_scores, t_hard, t_soft, backend)
+            y = _ops.masked_matmul(x2d, weight, scores, bias, bias_scores, t_l, t_s, backend)
         else:
-            if counts is None or counts.shape != (2,) or counts.dtype != torch.int64:
-                raise ValueError("masked_linear: fused_update needs counts, an int64 tensor of shape [2]")
-            y = _FusedUpdateLinear.apply(x2d, weight, scores, bias, bias_scores, t_hard, t_soft, backend,
+            if counts is None or counts.dtype != torch.int64:
+                raise TypeError("masked_linear: fused_update needs counts, an int64 tensor of shape [2]")
+            if counts.shape != (2,):
+                raise ValueError(f"masked_linear: fused_update needs counts of shape [2], got {tuple(counts.shape)}")
+            y = _FusedUpdateLinear.apply(x2d, weight, scores, bias, bias_scores, t_l, t_s, backend,
                                          fused_update, counts)
     return y.reshape(*lead, weight.shape[0])
 
@@ -153,16 +157,16 @@ class _MaskedRows(torch.autograd.Function):
     """``W[ids] ⊙ m(θ[ids])`` for embeddings: gathers rows, never builds the dense W⊙M."""
 
     @staticmethod
-    def forward(ctx, ids, weight, scores, t_hard, t_soft, padding_idx):
+    def forward(ctx, ids, weight, scores, t_l, t_s, padding_idx):
         ctx.save_for_backward(ids, weight, scores)
-        ctx.t_soft, ctx.padding_idx = t_soft, padding_idx
-        return weight[ids] * reference.mask_from_scores(scores[ids], t_hard).to(weight.dtype)
+        ctx.t_s, ctx.padding_idx = t_s, padding_idx
+        return weight[ids] * reference.mask_from_scores(scores[ids], t_l).to(weight.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         ids, weight, scores = ctx.saved_tensors
         flat = ids.reshape(-1)
-        g = dout.reshape(flat.numel(), -1).float() * weight[flat].float() * reference.surrogate_factor(scores[flat], ctx.t_soft)
+        g = dout.reshape(flat.numel(), -1).float() * weight[flat].float() * reference.surrogate_factor(scores[flat], ctx.t_s)
         if ctx.padding_idx is not None:
             g[flat == ctx.padding_idx] = 0
         dscores = torch.zeros_like(scores).index_add_(0, flat, g)
@@ -170,80 +174,84 @@ class _MaskedRows(torch.autograd.Function):
 
 
 def masked_embedding(
-    ids: Tensor, weight: Tensor, scores: Tensor, *, t_soft: float = 1.0, t_hard: Optional[float] = None,
+    ids: Tensor, weight: Tensor, scores: Tensor, *, t_s: float = 1.0, t_l: Optional[float] = None,
     padding_idx: Optional[int] = None,
 ) -> Tensor:
     """Embedding lookup through a learnt mask, with the surrogate gradient for ``scores``."""
     if ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"masked_embedding: ids must be int32/int64, got {ids.dtype}")
-    if scores.shape != weight.shape or scores.dtype != torch.float32:
-        raise ValueError(f"masked_embedding: scores must be float32 of shape {tuple(weight.shape)}, got {scores.dtype} {tuple(scores.shape)}")
+    if scores.dtype != torch.float32:
+        raise TypeError(f"masked_embedding: scores must be float32, got {scores.dtype}")
+    if scores.shape != weight.shape:
+        raise ValueError(f"masked_embedding: scores shape {tuple(scores.shape)} != weight shape {tuple(weight.shape)}")
     if len({ids.device, weight.device, scores.device}) > 1:
         raise ValueError(f"masked_embedding: ids on {ids.device}, weight on {weight.device}, scores on {scores.device}: "
                          "move them to one device")
-    return _MaskedRows.apply(ids, weight, scores, t_hard, t_soft, padding_idx)
+    return _MaskedRows.apply(ids, weight, scores, t_l, t_s, padding_idx)
 
 
 class _MaskedParam(torch.autograd.Function):
     """``W ⊙ m(θ)`` for small parameters (LayerNorm), with the surrogate gradient."""
 
     @staticmethod
-    def forward(ctx, weight, scores, t_hard, t_soft):
+    def forward(ctx, weight, scores, t_l, t_s):
         ctx.save_for_backward(weight, scores)
-        ctx.t_soft = t_soft
-        return weight * reference.mask_from_scores(scores, t_hard).to(weight.dtype)
+        ctx.t_s = t_s
+        return weight * reference.mask_from_scores(scores, t_l).to(weight.dtype)
 
     @staticmethod
     def backward(ctx, g):
         weight, scores = ctx.saved_tensors
-        return None, g.float() * weight.float() * reference.surrogate_factor(scores, ctx.t_soft), None, None
+        return None, g.float() * weight.float() * reference.surrogate_factor(scores, ctx.t_s), None, None
 
 
-def masked_param(weight: Tensor, scores: Tensor, *, t_soft: float = 1.0, t_hard: Optional[float] = None) -> Tensor:
+def masked_param(weight: Tensor, scores: Tensor, *, t_s: float = 1.0, t_l: Optional[float] = None) -> Tensor:
     """A small parameter seen through its mask (materialised: meant for norms and biases)."""
-    return _MaskedParam.apply(weight, scores, t_hard, t_soft)
+    return _MaskedParam.apply(weight, scores, t_l, t_s)
 
 
 # --------------------------------------------------------------------------- serving from 1-bit masks
+
+def pack_mask(mask: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Bool tensor (any shape) → uint8 bits, 1 bit per element: element ``i`` of the row-major
+    flattened tensor is bit ``i % 8`` (LSB first) of byte ``i // 8``; the last byte is zero-padded."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"pack_mask: expected a bool tensor, got {mask.dtype}")
+    return _ops.pack_mask(mask, backend or "")
+
+
+def unpack_mask(packed: torch.Tensor, shape, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: uint8 bits → bool tensor of ``shape``."""
+    shape = torch.Size(shape)
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise TypeError(f"unpack_mask: expected a 1-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    if packed.numel() != (shape.numel() + 7) // 8:
+        raise ValueError(f"unpack_mask: {packed.numel()} bytes cannot hold a mask of shape {tuple(shape)} "
+                         f"({(shape.numel() + 7) // 8} bytes expected)")
+    return _ops.unpack_mask(packed, shape.numel(), backend or "").view(shape)
+
 
 def _check_serving(name: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
     _check_weight_and_input(name, x, weight)
     if x.dtype not in _FLOATS[:3] or x.dtype != weight.dtype:
         raise TypeError(f"{name}: input and weight must share one of float32/float16/bfloat16, got {x.dtype}/{weight.dtype}")
-    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype):
-        raise ValueError(f"{name}: bias must be {weight.dtype} of shape ({weight.shape[0]},), got {bias.dtype} {tuple(bias.shape)}")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"{name}: bias must be {weight.dtype} like the weight, got {bias.dtype}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"{name}: bias shape {tuple(bias.shape)} != ({weight.shape[0]},)")
     _check_one_device(name, x, weight, bias)
 
 
 def _check_packed(name: str, packed: Tensor, weight: Tensor, ndim: int) -> None:
     nbytes = (weight.numel() + 7) // 8
     want = "[ceil(out·in/8)]" if ndim == 1 else "[tasks, ceil(out·in/8)]"
-    if packed.dtype != torch.uint8 or packed.dim() != ndim or packed.shape[-1] != nbytes:
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"{name}: packed mask must be uint8 (abp.pack_mask), got {packed.dtype}")
+    if packed.dim() != ndim or packed.shape[-1] != nbytes:
         raise ValueError(f"{name}: packed mask must be uint8 {want} = {nbytes} bytes per mask for weight "
                          f"{tuple(weight.shape)} (abp.pack_mask), got {packed.dtype} {tuple(packed.shape)}")
     if packed.device != weight.device:
         raise ValueError(f"{name}: packed mask is on {packed.device} but weight is on {weight.device}")
-
-
-# The CUDA serving kernels are GEMV/skinny-GEMM kernels (csrc/bitmask_linear.cu): past this many tokens ``auto``
-# takes the reference (unpack, W⊙M, cuBLAS), where tensor cores win. ``last_backend()`` says which ran.
-BITMASK_KERNEL_MAX_TOKENS = 64
-
-
-def _serving_choice(backend: Optional[str], x2d: Tensor) -> str:
-    """A backend the caller names is used as asked (or refused clearly). Otherwise ``use_backend`` /
-    ``ABP_BACKEND`` where it implements serving (it may name the training kernels, e.g. triton), else auto;
-    and auto keeps the CUDA kernel to its skinny regime."""
-    from abp import backends
-
-    if backend:
-        return backend
-    b = backends.requested()
-    if b not in backends.implementations("bitmask_linear"):
-        b = "auto"
-    if b == "auto" and x2d.device.type == "cuda" and x2d.shape[0] > BITMASK_KERNEL_MAX_TOKENS:
-        return "reference"
-    return b
 
 
 def bitmask_linear(input: Tensor, weight: Tensor, packed_mask: Tensor, bias: Optional[Tensor] = None, *,
@@ -252,13 +260,14 @@ def bitmask_linear(input: Tensor, weight: Tensor, packed_mask: Tensor, bias: Opt
 
     ``packed_mask`` is :func:`abp.pack_mask` of the ``[out, in]`` bool mask. Any leading dims; no autograd
     (inference). On CUDA a GEMV/skinny-GEMM kernel reads the bits directly: for few tokens the weight read
-    dominates, and a materialised ``W⊙M`` would double it.
+    dominates, and a materialised ``W⊙M`` would double it; past ``backends.SERVE_KERNEL_MAX_TOKENS`` tokens ``auto``
+    takes the reference (unpack, W⊙M, cuBLAS). ``backend``: as for every abp op (:mod:`abp.backends`).
     """
     _, input, weight, bias = _autocast_operands(input, weight, bias)
     _check_serving("bitmask_linear", input, weight, bias)
     _check_packed("bitmask_linear", packed_mask, weight, 1)
     x2d = input.reshape(-1, input.shape[-1])
-    y = _ops.bitmask_linear(x2d, weight, packed_mask, bias, _serving_choice(backend, x2d))
+    y = _ops.bitmask_linear(x2d, weight, packed_mask, bias, backend or "")
     return y.reshape(*input.shape[:-1], weight.shape[0])
 
 
@@ -271,13 +280,15 @@ def multi_bitmask_linear(input: Tensor, weight: Tensor, packed_masks: Tensor, ta
     _check_packed("multi_bitmask_linear", packed_masks, weight, 2)
     if input.dim() != 2:
         raise ValueError(f"multi_bitmask_linear: input must be 2-D [tokens, in] (one task id per row), got {tuple(input.shape)}")
-    if task_ids.dtype not in (torch.int32, torch.int64) or task_ids.shape != (input.shape[0],):
-        raise ValueError(f"multi_bitmask_linear: task_ids must be int32/int64 of shape ({input.shape[0]},), "
-                         f"got {task_ids.dtype} {tuple(task_ids.shape)}")
+    if task_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"multi_bitmask_linear: task_ids must be int32/int64, got {task_ids.dtype}")
+    if task_ids.shape != (input.shape[0],):
+        raise ValueError(f"multi_bitmask_linear: task_ids must have shape ({input.shape[0]},) (one per row), "
+                         f"got {tuple(task_ids.shape)}")
     if task_ids.device != weight.device:
         raise ValueError(f"multi_bitmask_linear: task_ids are on {task_ids.device} but weight is on {weight.device}")
     if task_ids.numel():  # one host sync: a bad id would otherwise trip a device assert that kills the CUDA context
         lo, hi = int(task_ids.min()), int(task_ids.max())
         if lo < 0 or hi >= packed_masks.shape[0]:
             raise ValueError(f"multi_bitmask_linear: task ids must be in [0, {packed_masks.shape[0]}), got [{lo}, {hi}]")
-    return _ops.multi_bitmask_linear(input, weight, packed_masks, task_ids.long(), bias, _serving_choice(backend, input))
+    return _ops.multi_bitmask_linear(input, weight, packed_masks, task_ids.long(), bias, backend or "")

@@ -20,14 +20,14 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from abp import _ops
 from abp._atomic import atomic_path
+from abp.functional import pack_mask, unpack_mask
 from abp.nn import MaskedLinear
 from abp.patch import MaskConfig, mask_model, masked_modules, sparsity
 
 FORMAT = "abp-mask"
-FORMAT_VERSION = "2"  # 2: probe positions in exact integer arithmetic (1: fp32 linspace, wrong past 2**24 weights)
-READABLE_VERSIONS = ("1", "2")
+FORMAT_VERSION = "2"  # the probe positions in exact integer arithmetic (format 1's fp32 linspace was wrong past 2**24)
+READABLE_VERSIONS = ("2",)
 _PROBES = 64
 # Unit roundoff of each weight dtype: probes of the same weights agree once rounded to the coarser dtype.
 _EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -37,42 +37,15 @@ class MaskFileError(ValueError):
     """A task-mask file is unreadable, corrupt, or does not fit the model."""
 
 
-def pack_mask(mask: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
-    """Bool tensor (any shape) → uint8 bits, 1 bit per element: element ``i`` of the row-major
-    flattened tensor is bit ``i % 8`` (LSB first) of byte ``i // 8``; the last byte is zero-padded."""
-    if mask.dtype != torch.bool:
-        raise TypeError(f"pack_mask: expected a bool tensor, got {mask.dtype}")
-    return _ops.pack_mask(mask, backend or "")
+def _probe_positions(n: int) -> torch.Tensor:
+    """Flat positions of the ``_PROBES`` fingerprint values of an ``n``-element weight (exact integer arithmetic)."""
+    return torch.arange(_PROBES, dtype=torch.int64) * (n - 1) // (_PROBES - 1)
 
 
-def unpack_mask(packed: torch.Tensor, shape, *, backend: Optional[str] = None) -> torch.Tensor:
-    """Inverse of :func:`pack_mask`: uint8 bits → bool tensor of ``shape``."""
-    shape = torch.Size(shape)
-    if packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise TypeError(f"unpack_mask: expected a 1-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
-    if packed.numel() != (shape.numel() + 7) // 8:
-        raise ValueError(f"unpack_mask: {packed.numel()} bytes cannot hold a mask of shape {tuple(shape)} "
-                         f"({(shape.numel() + 7) // 8} bytes expected)")
-    return _ops.unpack_mask(packed, shape.numel(), backend or "").view(shape)
-
-
-def _probe_positions(n: int, version: str = FORMAT_VERSION) -> list[torch.Tensor]:
-    """Candidate flat positions of the ``_PROBES`` fingerprint values of an ``n``-element weight.
-
-    Format 2: exact integer arithmetic at any size. Format 1 used an fp32 ``linspace`` (off past 2**24
-    weights, and by one element here and there below), but abp 0.1.0 builds of 2026-12-01 wrote format-1
-    files with the exact positions already, so a format-1 file may hold either: both are tried.
-    """
-    exact = torch.arange(_PROBES, dtype=torch.int64) * (n - 1) // (_PROBES - 1)
-    if version == "1":
-        return [torch.linspace(0, n - 1, _PROBES).long(), exact]
-    return [exact]
-
-
-def _probe(weight: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The weight's fingerprint values at ``positions`` (default: the current format's)."""
+def _probe(weight: torch.Tensor) -> torch.Tensor:
+    """The weight's fingerprint values."""
     flat = weight.detach().reshape(-1)
-    idx = _probe_positions(flat.numel())[0] if positions is None else positions
+    idx = _probe_positions(flat.numel())
     return flat[idx.to(flat.device)].float().cpu()
 
 
@@ -122,12 +95,12 @@ def save_mask(
             key = f"{name}.{which}"
             if not torch.isfinite(scores).all():
                 raise FloatingPointError(f"save_mask: scores of {key} hold NaN/inf; refusing to save a broken mask")
-            tensors[f"mask/{key}"] = pack_mask(scores.detach() > 0, backend="auto").cpu()
+            tensors[f"mask/{key}"] = pack_mask(scores.detach() > 0).cpu()
             shapes[key] = list(scores.shape)
         probes[name] = _probe(m.weight)
         tensors[f"probe/{name}"] = probes[name]
         kinds[name] = type(m).__name__ + (":conv1d" if getattr(m, "source_type", "") == "conv1d" else "")
-        settings[name] = {"t_hard": m.t_hard, "t_soft": m.t_soft}
+        settings[name] = {"t_l": m.t_l, "t_s": m.t_s}
     if head is not None:
         state = head.state_dict() if isinstance(head, nn.Module) else head
         for k, v in state.items():
@@ -193,23 +166,23 @@ def read_mask_file(path: str | os.PathLike) -> MaskFile:
         raise MaskFileError(f"{path} is a safetensors file but not an abp task mask (format={meta.get('format')!r})")
     if meta.get("format_version") not in READABLE_VERSIONS:
         raise MaskFileError(f"{path} has mask format version {meta.get('format_version')}; this abp reads "
-                            f"{', '.join(READABLE_VERSIONS)} (a newer abp wrote it?)")
+                            f"{', '.join(READABLE_VERSIONS)}: load it with the abp version that wrote it")
     try:
         shapes = json.loads(meta["shapes"])
     except (KeyError, json.JSONDecodeError) as e:
         raise MaskFileError(f"mask file {path} has corrupt metadata ({e})") from e
-    if "tensor_digests" in meta:  # files written before digests existed load without this check
-        try:
-            digests = json.loads(meta["tensor_digests"])
-        except json.JSONDecodeError as e:
-            raise MaskFileError(f"mask file {path} has corrupt metadata (tensor_digests: {e})") from e
-        if set(digests) != set(tensors):
-            raise MaskFileError(f"mask file {path} is inconsistent: tensors {sorted(set(digests) ^ set(tensors))[:5]} "
-                                "are missing or were added after it was written")
-        bad = [k for k in sorted(tensors) if _tensor_digest(tensors[k]) != digests[k]]
-        if bad:
-            raise MaskFileError(f"mask file {path} is corrupt: {', '.join(bad[:5])} changed on disk since it was "
-                                "written (digest mismatch)")
+    try:
+        digests = json.loads(meta["tensor_digests"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise MaskFileError(f"mask file {path} has corrupt metadata (tensor_digests: {type(e).__name__}: {e})") from e
+    if not isinstance(digests, dict) or set(digests) != set(tensors):
+        got = set(digests) if isinstance(digests, dict) else set()
+        raise MaskFileError(f"mask file {path} is inconsistent: tensors {sorted(got ^ set(tensors))[:5]} "
+                            "are missing or were added after it was written")
+    bad = [k for k in sorted(tensors) if _tensor_digest(tensors[k]) != digests[k]]
+    if bad:
+        raise MaskFileError(f"mask file {path} is corrupt: {', '.join(bad[:5])} changed on disk since it was "
+                            "written (digest mismatch)")
     masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask/")}
     if set(masks) != set(shapes):
         raise MaskFileError(f"mask file {path} is inconsistent: masks {sorted(set(masks) ^ set(shapes))[:5]} lack shapes or data")
@@ -249,8 +222,7 @@ def _check_fingerprint(mf: MaskFile, name: str, weight: torch.Tensor) -> None:
     if expected is None:
         raise MaskFileError(f"mask file {mf.path} has no fingerprint for {name}")
     file_dtype = getattr(torch, mf.metadata.get("weight_dtype", "float32"), torch.float32)
-    positions = _probe_positions(weight.numel(), mf.metadata["format_version"])
-    if not any(_same_weights(_probe(weight, idx), expected, file_dtype, weight.dtype) for idx in positions):
+    if not _same_weights(_probe(weight), expected, file_dtype, weight.dtype):
         raise MaskFileError(
             f"mask file {mf.path} was made for other base weights: module {name} differs "
             f"(file base model {mf.metadata.get('base_model')!r}, fingerprint {mf.metadata.get('fingerprint')}); "
@@ -319,7 +291,7 @@ def load_mask(model: nn.Module, path: str | os.PathLike, *, head: Optional[nn.Mo
             raise MaskFileError(f"mask file {mf.path}: its task head does not fit the head given ({e})") from e
     for n in modules:
         m = present[n]
-        masks = [unpack_mask(mf.masks[f"{n}.{w}"], mf.shapes[f"{n}.{w}"], backend="auto") for w, _, _ in m.score_pairs()]
+        masks = [unpack_mask(mf.masks[f"{n}.{w}"], mf.shapes[f"{n}.{w}"]) for w, _, _ in m.score_pairs()]
         m.set_mask(*masks)
     return mf
 
@@ -339,6 +311,6 @@ def describe_mask_file(path: str | os.PathLike) -> str:
              "  modules    :"]
     for key, shape in mf.shapes.items():
         n = torch.Size(shape).numel()
-        kept = int(unpack_mask(mf.masks[key], shape, backend="auto").sum())
+        kept = int(unpack_mask(mf.masks[key], shape).sum())
         lines.append(f"    {key:<60} {str(tuple(shape)):>14}  kept {kept / n:6.1%}")
     return "\n".join(lines)

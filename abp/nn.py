@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from abp import backends
-from abp import functional as AF
+from abp.functional import ScoreSGD, bitmask_linear, masked_embedding, masked_linear, masked_param, pack_mask
 
 Tensor = torch.Tensor
 
@@ -55,20 +55,16 @@ def initial_scores(frozen: Tensor, mode: str, mean: float = 0.01, *, spread: flo
     raise ValueError(f"score init mode must be one of {', '.join(SCORE_INIT_MODES)}, got {mode!r}")
 
 
-# Inference through the 1-bit serving kernel up to this many tokens (auto, CUDA). The issue's regime is
-# 1-16 tokens; the crossover against a tensor-core GEMM on W⊙M is for the GPU bench to pin down.
-SERVE_MAX_TOKENS = 16
-
 
 class MaskedModule(nn.Module):
     """Base of every masked module: a frozen ``weight`` (and optional ``bias``), fp32 ``scores``.
 
-    Attributes ``t_hard`` (None = hard mask; the paper's t_l) and ``t_soft`` (the paper's t_s) shape
-    the forward mask and the backward surrogate.
+    Attributes ``t_l`` (the forward temperature: m = σ(t_l·θ); None = its t_l → ∞ limit, the hard mask 1[θ>0]) and
+    ``t_s`` (the surrogate temperature of the backward) are the paper's names.
     """
 
-    t_hard: Optional[float] = None
-    t_soft: float = 1.0
+    t_l: Optional[float] = None
+    t_s: float = 1.0
 
     def score_pairs(self) -> Iterator[tuple[str, Tensor, Tensor]]:
         """``(name, frozen tensor, its scores)`` for every masked tensor of this module."""
@@ -110,7 +106,7 @@ class MaskedLinear(MaskedModule):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  score_init: float = 0.01, score_init_spread: float = 0.0, mask_bias: bool = False,
-                 t_hard: Optional[float] = None, t_soft: float = 1.0):
+                 t_l: Optional[float] = None, t_s: float = 1.0):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         w = torch.empty(out_features, in_features, device=device, dtype=dtype)
@@ -118,7 +114,7 @@ class MaskedLinear(MaskedModule):
         self.weight = _frozen(w)
         self.bias = _frozen(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self._configure(score_init=score_init, score_init_spread=score_init_spread, mask_bias=mask_bias,
-                        t_hard=t_hard, t_soft=t_soft)
+                        t_l=t_l, t_s=t_s)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kw) -> "MaskedLinear":
@@ -143,10 +139,10 @@ class MaskedLinear(MaskedModule):
         return m
 
     def _configure(self, *, score_init: float = 0.01, score_init_spread: float = 0.0, mask_bias: bool = False,
-                   t_hard: Optional[float] = None, t_soft: float = 1.0, source_type: str = "linear") -> None:
-        self.t_hard, self.t_soft = t_hard, t_soft
-        self.backend: Optional[str] = None  # None: ABP_BACKEND / auto
-        self.fused_update: Optional[AF.ScoreSGD] = None  # set by the trainer for the fused-update path
+                   t_l: Optional[float] = None, t_s: float = 1.0, source_type: str = "linear") -> None:
+        self.t_l, self.t_s = t_l, t_s
+        self.backend: Optional[str] = None  # a preference (abp.backends.prefer); None: use_backend / ABP_BACKEND / auto
+        self.fused_update: Optional[ScoreSGD] = None  # set by the trainer for the fused-update path
         self.fused_uses = 0  # forwards since the last score step (must stay <= 1 when fused)
         self.serve_bits: Optional[bool] = None  # inference from the packed mask: None = auto (see _serves_from_bits)
         self._packed: Optional[tuple] = None
@@ -156,9 +152,8 @@ class MaskedLinear(MaskedModule):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._serves_from_bits(x):
-            # the layer's backend names its training kernels; it applies to serving only where it serves
-            serve = self.backend if self.backend in backends.implementations("bitmask_linear") else None
-            return AF.bitmask_linear(x, self.weight, self.packed_mask(), self._served_bias(), backend=serve)
+            return bitmask_linear(x, self.weight, self.packed_mask(), self._served_bias(),
+                                  backend=backends.prefer(self.backend))
         fused = self.fused_update if (self.training and torch.is_grad_enabled()) else None
         if fused is not None:
             # The fused backward updates θ in place: a second use before the step would see a moved mask.
@@ -166,21 +161,22 @@ class MaskedLinear(MaskedModule):
             if self.fused_uses > 1:
                 raise RuntimeError("MaskedLinear with a fused score update was called twice in one step "
                                    "(shared or re-used layer); the update would not be exact: disable fused_update")
-        return AF.masked_linear(x, self.weight, self.scores, self.bias, self.bias_scores, t_soft=self.t_soft,
-                                t_hard=self.t_hard, backend=self.backend, fused_update=fused,
-                                counts=self.fused_counts if fused is not None else None)
+        return masked_linear(x, self.weight, self.scores, self.bias, self.bias_scores, t_s=self.t_s,
+                             t_l=self.t_l, backend=backends.prefer(self.backend), fused_update=fused,
+                             counts=self.fused_counts if fused is not None else None)
 
     # ---------------------------------------------------------------- serving from the 1-bit mask
     def _serves_from_bits(self, x: Tensor) -> bool:
         """Inference (eval mode, no grad) with the hard mask, through :func:`abp.bitmask_linear`?
 
-        ``serve_bits``: True always, False never, None (auto) on CUDA for at most ``SERVE_MAX_TOKENS``
+        ``serve_bits``: True always, False never, None (auto) on CUDA for at most ``backends.SERVE_KERNEL_MAX_TOKENS``
         tokens, the regime where reading one bit per weight instead of ``W⊙M`` pays (bench ``bitmask_linear``).
         """
-        if (self.training or torch.is_grad_enabled() or self.t_hard is not None or self.serve_bits is False
+        if (self.training or torch.is_grad_enabled() or self.t_l is not None or self.serve_bits is False
                 or torch.compiler.is_compiling()):  # (the cache check below is host logic: keep it out of graphs)
             return False
-        return bool(self.serve_bits) or (x.device.type == "cuda" and x.numel() <= SERVE_MAX_TOKENS * self.in_features)
+        tokens = x.numel() // self.in_features
+        return bool(self.serve_bits) or (x.device.type == "cuda" and tokens <= backends.SERVE_KERNEL_MAX_TOKENS)
 
     def packed_mask(self) -> Tensor:
         """``abp.pack_mask(self.mask())``, cached until the scores change.
@@ -192,9 +188,7 @@ class MaskedLinear(MaskedModule):
         """
         key = (self.scores.data_ptr(), self.scores._version, self.scores.device)
         if self._packed is None or self._packed[0] != key:
-            from abp.maskio import pack_mask
-
-            self._packed = (key, pack_mask(self.mask(), backend="auto"))
+            self._packed = (key, pack_mask(self.mask()))
         return self._packed[1]
 
     def invalidate_packed_mask(self) -> None:
@@ -225,14 +219,14 @@ class MaskedLinear(MaskedModule):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"mask_bias={self.bias_scores is not None}, t_hard={self.t_hard}, t_soft={self.t_soft}")
+                f"mask_bias={self.bias_scores is not None}, t_l={self.t_l}, t_s={self.t_s}")
 
 
 class MaskedEmbedding(MaskedModule):
     """Drop-in ``nn.Embedding`` with a learnt mask over its frozen table (rows gathered, never W⊙M)."""
 
     def __init__(self, embedding: nn.Embedding, *, score_init: float = 0.01, score_init_spread: float = 0.0,
-                 t_hard: Optional[float] = None, t_soft: float = 1.0, **_):
+                 t_l: Optional[float] = None, t_s: float = 1.0, **_):
         super().__init__()
         if embedding.max_norm is not None or embedding.sparse:
             raise ValueError("MaskedEmbedding: embeddings with max_norm or sparse=True are not supported")
@@ -240,7 +234,7 @@ class MaskedEmbedding(MaskedModule):
         self.padding_idx = embedding.padding_idx
         self.weight = _frozen(embedding.weight)
         self.bias = None
-        self.t_hard, self.t_soft = t_hard, t_soft
+        self.t_l, self.t_s = t_l, t_s
         self._init_scores(score_init, score_init_spread, False)
 
     @classmethod
@@ -248,7 +242,7 @@ class MaskedEmbedding(MaskedModule):
         return cls(embedding, **kw)
 
     def forward(self, ids: Tensor) -> Tensor:
-        return AF.masked_embedding(ids, self.weight, self.scores, t_soft=self.t_soft, t_hard=self.t_hard,
+        return masked_embedding(ids, self.weight, self.scores, t_s=self.t_s, t_l=self.t_l,
                                    padding_idx=self.padding_idx)
 
     @torch.no_grad()
@@ -266,19 +260,19 @@ class MaskedLayerNorm(MaskedModule):
     """``nn.LayerNorm`` with masked affine weight and bias (optional in :func:`abp.mask_model`)."""
 
     def __init__(self, norm: nn.LayerNorm, *, score_init: float = 0.01, score_init_spread: float = 0.0,
-                 t_hard: Optional[float] = None, t_soft: float = 1.0, **_):
+                 t_l: Optional[float] = None, t_s: float = 1.0, **_):
         super().__init__()
         if norm.weight is None:
             raise ValueError("MaskedLayerNorm: the LayerNorm has no affine weight to mask")
         self.normalized_shape, self.eps = norm.normalized_shape, norm.eps
         self.weight = _frozen(norm.weight)
         self.bias = _frozen(norm.bias) if norm.bias is not None else None
-        self.t_hard, self.t_soft = t_hard, t_soft
+        self.t_l, self.t_s = t_l, t_s
         self._init_scores(score_init, score_init_spread, self.bias is not None)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = AF.masked_param(self.weight, self.scores, t_soft=self.t_soft, t_hard=self.t_hard)
-        b = None if self.bias is None else AF.masked_param(self.bias, self.bias_scores, t_soft=self.t_soft, t_hard=self.t_hard)
+        w = masked_param(self.weight, self.scores, t_s=self.t_s, t_l=self.t_l)
+        b = None if self.bias is None else masked_param(self.bias, self.bias_scores, t_s=self.t_s, t_l=self.t_l)
         return nn.functional.layer_norm(x, self.normalized_shape, w.to(x.dtype), None if b is None else b.to(x.dtype), self.eps)
 
     @torch.no_grad()

@@ -26,7 +26,7 @@ class MaskConfig:
 
     ``include`` / ``exclude`` are regular expressions searched in module names. Task heads
     (:data:`HEAD_PATTERNS`) are excluded on top of ``exclude`` unless ``mask_heads=True``.
-    ``t_hard=None`` is the hard mask (the paper's t_l → ∞); the paper's t_l = 1e5.
+    ``t_l=None`` is the hard mask (the limit t_l → ∞); the paper trains with t_l = 1e5.
     """
 
     linear: bool = True
@@ -41,11 +41,11 @@ class MaskConfig:
     score_init_mode: str = "uniform"  # uniform | normal | magnitude (abp.nn.SCORE_INIT_MODES)
     score_init_std: float = 0.001 ** 0.5  # normal only: the paper's variance 0.001
     freeze: bool = True  # freeze every pre-trained parameter outside the task heads (the paper trains only θ and p)
-    t_hard: Optional[float] = None
-    t_soft: float = 1.0
+    t_l: Optional[float] = None
+    t_s: float = 1.0
 
     def score_kwargs(self) -> dict:
-        return dict(score_init=self.score_init, score_init_spread=self.score_init_spread, t_hard=self.t_hard, t_soft=self.t_soft)
+        return dict(score_init=self.score_init, score_init_spread=self.score_init_spread, t_l=self.t_l, t_s=self.t_s)
 
 
 def _conv1d_type():

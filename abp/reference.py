@@ -6,8 +6,8 @@ clarity over speed: it *does* materialise W⊙M and the dense dW, which the kern
 Conventions shared by every backend (the contract):
 - ``weight`` is ``[N, K]`` (``nn.Linear`` layout), ``x2d`` is ``[M, K]``, ``dy2d`` is ``[M, N]``.
 - ``scores`` are fp32 with the shape of what they mask.
-- Forward mask: ``1[θ > 0]`` when ``t_hard`` is None, else ``σ(t_hard·θ)``.
-- Surrogate backward factor: ``t_soft·σ(t_soft·θ)·(1 − σ(t_soft·θ))``.
+- Forward mask: ``1[θ > 0]`` when ``t_l`` is None, else ``σ(t_l·θ)``.
+- Surrogate backward factor: ``t_s·σ(t_s·θ)·(1 − σ(t_s·θ))``.
 - Score update (plain SGD of the paper): ``θ ← θ − active·(lr·g + γ)``; without connection
   recovery a score that was ``≤ 0`` before the step is clamped to ``≤ 0`` after it.
 - Packed masks: 1 bit per element of the row-major flattened tensor, little-endian within a byte
@@ -24,20 +24,20 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 
-def mask_from_scores(scores: Tensor, t_hard: Optional[float] = None) -> Tensor:
+def mask_from_scores(scores: Tensor, t_l: Optional[float] = None) -> Tensor:
     """The forward mask as fp32: hard ``1[θ>0]`` or the paper's ``σ(t_l·θ)``."""
-    if t_hard is None:
+    if t_l is None:
         return (scores > 0).to(torch.float32)
-    return torch.sigmoid(scores.float() * t_hard)
+    return torch.sigmoid(scores.float() * t_l)
 
 
-def surrogate_factor(scores: Tensor, t_soft: float = 1.0) -> Tensor:
+def surrogate_factor(scores: Tensor, t_s: float = 1.0) -> Tensor:
     """``t_s·σ(t_s·θ)(1−σ(t_s·θ))``: the straight-through surrogate of dm/dθ (fp32).
 
     Computed as ``σ(z)·σ(−z)``: ``1−σ(z)`` in fp32 cancels for large ``z`` (at σ(4) = 0.982 it
     loses ~6 of fp32's 24 bits), ``σ(−z)`` is exact to an ulp at any ``z``."""
-    z = scores.float() * t_soft
-    return t_soft * torch.sigmoid(z) * torch.sigmoid(-z)
+    z = scores.float() * t_s
+    return t_s * torch.sigmoid(z) * torch.sigmoid(-z)
 
 
 def masked_linear_fwd(
@@ -46,21 +46,21 @@ def masked_linear_fwd(
     scores: Tensor,
     bias: Optional[Tensor] = None,
     bias_scores: Optional[Tensor] = None,
-    t_hard: Optional[float] = None,
+    t_l: Optional[float] = None,
 ) -> Tensor:
     """``y = x·(W⊙M)ᵀ + b⊙m_b``."""
     if bias_scores is not None and bias is None:
         raise ValueError("bias_scores given without bias")
-    w_eff = weight * mask_from_scores(scores, t_hard).to(weight.dtype)
+    w_eff = weight * mask_from_scores(scores, t_l).to(weight.dtype)
     b_eff = None
     if bias is not None:
-        b_eff = bias if bias_scores is None else bias * mask_from_scores(bias_scores, t_hard).to(bias.dtype)
+        b_eff = bias if bias_scores is None else bias * mask_from_scores(bias_scores, t_l).to(bias.dtype)
     return F.linear(x2d, w_eff, b_eff)
 
 
-def masked_linear_dx(dy2d: Tensor, weight: Tensor, scores: Tensor, t_hard: Optional[float] = None) -> Tensor:
+def masked_linear_dx(dy2d: Tensor, weight: Tensor, scores: Tensor, t_l: Optional[float] = None) -> Tensor:
     """``dX = dY·(W⊙M)``."""
-    return dy2d @ (weight * mask_from_scores(scores, t_hard).to(weight.dtype))
+    return dy2d @ (weight * mask_from_scores(scores, t_l).to(weight.dtype))
 
 
 def score_grad(
@@ -70,16 +70,16 @@ def score_grad(
     scores: Tensor,
     bias: Optional[Tensor] = None,
     bias_scores: Optional[Tensor] = None,
-    t_soft: float = 1.0,
+    t_s: float = 1.0,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """``dθ = (dYᵀX) ⊙ W ⊙ σ'``, fp32; the bias-score grad ``Σ_m dY ⊙ b ⊙ σ'`` when asked for."""
     dw_eff = dy2d.float().t() @ x2d.float()
-    dscores = dw_eff * weight.float() * surrogate_factor(scores, t_soft)
+    dscores = dw_eff * weight.float() * surrogate_factor(scores, t_s)
     dbias_scores = None
     if bias_scores is not None:
         if bias is None:
             raise ValueError("bias_scores given without bias")
-        dbias_scores = dy2d.float().sum(0) * bias.float() * surrogate_factor(bias_scores, t_soft)
+        dbias_scores = dy2d.float().sum(0) * bias.float() * surrogate_factor(bias_scores, t_s)
     return dscores, dbias_scores
 
 

@@ -76,9 +76,9 @@ def _backbone(name: str, dtype: torch.dtype):
 
 def _eager_forward(eager):
     def forward(self, x):
-        if self.t_hard is not None or self.bias_scores is not None:
+        if self.t_l is not None or self.bias_scores is not None:
             raise ValueError("the eager baseline covers the hard mask without bias scores only")
-        return eager(x, self.weight, self.scores, self.bias, self.t_soft)
+        return eager(x, self.weight, self.scores, self.bias, self.t_s)
     return forward
 
 

@@ -93,7 +93,7 @@ def pytest_collect_file(file_path, parent):
 
 
 def grid_name(config) -> str:
-    """``quick`` | ``gpu`` | ``cpu``: the grid this session runs."""
+    """``quick`` | ``gpu`` | ``cpu``: the grid this run measures."""
     if config.getoption("--abp-quick", default=False) or os.environ.get("ABP_BENCH_QUICK") == "1":
         return "quick"
     return "gpu" if torch.cuda.is_available() else "cpu"
@@ -145,10 +145,10 @@ class EagerMaskedLinear(torch.autograd.Function):
     and a backward that builds the dense ``dW = dYᵀX`` before applying the paper's surrogate to it."""
 
     @staticmethod
-    def forward(ctx, x, weight, scores, bias, t_soft):
+    def forward(ctx, x, weight, scores, bias, t_s):
         w_eff = weight * reference.mask_from_scores(scores).to(weight.dtype)
         ctx.save_for_backward(x, weight, scores, w_eff)
-        ctx.t_soft = t_soft
+        ctx.t_s = t_s
         return F.linear(x, w_eff, bias)
 
     @staticmethod
@@ -158,18 +158,18 @@ class EagerMaskedLinear(torch.autograd.Function):
         ds = None
         if ctx.needs_input_grad[2]:
             dw = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # the dense dW abp never builds
-            ds = dw.float() * weight.float() * reference.surrogate_factor(scores, ctx.t_soft)
+            ds = dw.float() * weight.float() * reference.surrogate_factor(scores, ctx.t_s)
         return dx, None, ds, None, None
 
 
-def eager_masked_linear(x, weight, scores, bias=None, t_soft: float = 1.0):
+def eager_masked_linear(x, weight, scores, bias=None, t_s: float = 1.0):
     """:class:`EagerMaskedLinear` with autocast handled as :func:`abp.masked_linear` does (cast, then run)."""
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
     with torch.autocast(x.device.type, enabled=False):
-        return EagerMaskedLinear.apply(x, weight, scores, bias, t_soft)
+        return EagerMaskedLinear.apply(x, weight, scores, bias, t_s)
 
 
 @pytest.fixture

@@ -35,14 +35,6 @@ C10_HOST_DEVICE inline float score_step(float s, float g, float lr, float gamma,
   return nv;
 }
 
-// Population count of the low 8 bits (portable; the CUDA kernels use __popc instead).
-inline int popcount8(uint32_t v) {
-  v &= 0xFFu;
-  v = v - ((v >> 1) & 0x55u);
-  v = (v & 0x33u) + ((v >> 2) & 0x33u);
-  return static_cast<int>((v + (v >> 4)) & 0x0Fu);
-}
-
 // Calls f(T{}) with T = float, at::Half or at::BFloat16 for the three dtypes the serving and update
 // kernels support (narrower than AT_DISPATCH_FLOATING_TYPES_AND2: no double instances to compile).
 template <typename F>
@@ -75,18 +67,6 @@ inline void check_packed(const char* op, const at::Tensor& packed, int64_t numel
 inline void check_unpack_mask(const at::Tensor& packed, int64_t numel) {
   TORCH_CHECK(numel >= 0, "abp_C::unpack_mask: `numel` must be >= 0, got ", numel);
   check_packed("abp_C::unpack_mask", packed, numel);
-}
-
-inline void check_row_kept_counts(const at::Tensor& packed, int64_t rows, int64_t cols) {
-  TORCH_CHECK(rows >= 0 && cols >= 0, "abp_C::row_kept_counts: `rows` and `cols` must be >= 0, got ", rows, " and ",
-              cols);
-  check_packed("abp_C::row_kept_counts", packed, rows * cols);
-}
-
-inline void check_scores_kept_counts(const at::Tensor& scores) {
-  TORCH_CHECK(scores.dim() == 2, "abp_C::scores_kept_counts: `scores` must be 2-D, got shape ", scores.sizes());
-  TORCH_CHECK(at::isFloatingType(scores.scalar_type()),
-              "abp_C::scores_kept_counts: `scores` must be a floating tensor, got ", scores.scalar_type());
 }
 
 inline void check_multi_score_update(at::TensorList scores, at::TensorList grads, const at::Tensor& gamma,

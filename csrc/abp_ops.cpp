@@ -66,49 +66,6 @@ at::Tensor unpack_mask_cpu(const at::Tensor& packed, int64_t numel) {
   return out;
 }
 
-// Set bits among bits [start, start + len) of a packed mask.
-int64_t count_bits_range(const uint8_t* p, int64_t start, int64_t len) {
-  if (len <= 0) return 0;
-  const int64_t last = start + len - 1;
-  const int64_t b0 = start >> 3, b1 = last >> 3;
-  const int lo = static_cast<int>(start & 7), hi = static_cast<int>(last & 7);
-  if (b0 == b1) return popcount8((p[b0] >> lo) & ((1u << (hi - lo + 1)) - 1u));
-  int64_t c = popcount8(p[b0] >> lo);
-  for (int64_t b = b0 + 1; b < b1; ++b) c += popcount8(p[b]);
-  return c + popcount8(p[b1] & ((1u << (hi + 1)) - 1u));
-}
-
-at::Tensor row_kept_counts_cpu(const at::Tensor& packed, int64_t rows, int64_t cols) {
-  check_row_kept_counts(packed, rows, cols);
-  const at::Tensor p = packed.contiguous();
-  at::Tensor out = at::empty({rows}, p.options().dtype(at::kLong));
-  const uint8_t* src = p.data_ptr<uint8_t>();
-  int64_t* dst = out.data_ptr<int64_t>();
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) dst[r] = count_bits_range(src, r * cols, cols);
-  });
-  return out;
-}
-
-at::Tensor scores_kept_counts_cpu(const at::Tensor& scores) {
-  check_scores_kept_counts(scores);
-  const at::Tensor s = scores.contiguous();
-  const int64_t rows = s.size(0), cols = s.size(1);
-  at::Tensor out = at::empty({rows}, s.options().dtype(at::kLong));
-  int64_t* dst = out.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "scores_kept_counts_cpu", [&] {
-    const scalar_t* src = s.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        int64_t c = 0;
-        for (int64_t k = 0; k < cols; ++k) c += static_cast<float>(src[r * cols + k]) > 0.f;
-        dst[r] = c;
-      }
-    });
-  });
-  return out;
-}
-
 // ----------------------------------------------------------------------------- score update
 
 void multi_score_update_cpu(at::TensorList scores, at::TensorList grads, double lr, const at::Tensor& gamma,
@@ -223,8 +180,6 @@ at::Tensor multi_bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& weigh
 TORCH_LIBRARY(abp_C, m) {
   m.def("pack_mask(Tensor mask) -> Tensor");
   m.def("unpack_mask(Tensor packed, int numel) -> Tensor");
-  m.def("row_kept_counts(Tensor packed, int rows, int cols) -> Tensor");
-  m.def("scores_kept_counts(Tensor scores) -> Tensor");
   m.def(
       "multi_score_update_(Tensor(a!)[] scores, Tensor[] grads, float lr, Tensor gamma, Tensor active, "
       "bool recovery, Tensor(b!) counts) -> ()");
@@ -235,8 +190,6 @@ TORCH_LIBRARY(abp_C, m) {
 TORCH_LIBRARY_IMPL(abp_C, CPU, m) {
   m.impl("pack_mask", &abp::pack_mask_cpu);
   m.impl("unpack_mask", &abp::unpack_mask_cpu);
-  m.impl("row_kept_counts", &abp::row_kept_counts_cpu);
-  m.impl("scores_kept_counts", &abp::scores_kept_counts_cpu);
   m.impl("multi_score_update_", &abp::multi_score_update_cpu);
   m.impl("bitmask_linear", &abp::bitmask_linear_cpu);
   m.impl("multi_bitmask_linear", &abp::multi_bitmask_linear_cpu);

@@ -46,40 +46,6 @@ __global__ void unpack_mask_kernel(const uint8_t* __restrict__ src, bool* __rest
   }
 }
 
-// One warp per row: lanes stride the bytes that hold bits [r·cols, (r+1)·cols).
-__global__ void row_kept_counts_kernel(const uint8_t* __restrict__ p, int64_t* __restrict__ out, int64_t rows,
-                                       int64_t cols) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t warps = (int64_t)gridDim.x * (blockDim.x / kWarpSize);
-  for (int64_t r = blockIdx.x * (int64_t)(blockDim.x / kWarpSize) + threadIdx.x / kWarpSize; r < rows; r += warps) {
-    int64_t c = 0;
-    if (cols > 0) {
-      const int64_t start = r * cols, last = start + cols - 1;
-      const int64_t b0 = start >> 3, b1 = last >> 3;
-      for (int64_t b = b0 + lane; b <= b1; b += kWarpSize) {
-        const int lo = b == b0 ? static_cast<int>(start & 7) : 0;
-        const int hi = b == b1 ? static_cast<int>(last & 7) : 7;
-        c += __popc((static_cast<uint32_t>(p[b]) >> lo) & ((1u << (hi - lo + 1)) - 1u));
-      }
-    }
-    c = warp_sum(c);
-    if (lane == 0) out[r] = c;
-  }
-}
-
-template <typename scalar_t>
-__global__ void scores_kept_counts_kernel(const scalar_t* __restrict__ s, int64_t* __restrict__ out, int64_t rows,
-                                          int64_t cols) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t warps = (int64_t)gridDim.x * (blockDim.x / kWarpSize);
-  for (int64_t r = blockIdx.x * (int64_t)(blockDim.x / kWarpSize) + threadIdx.x / kWarpSize; r < rows; r += warps) {
-    int64_t c = 0;
-    for (int64_t k = lane; k < cols; k += kWarpSize) c += static_cast<float>(s[r * cols + k]) > 0.f;
-    c = warp_sum(c);
-    if (lane == 0) out[r] = c;
-  }
-}
-
 constexpr int kThreads = 256;
 
 int grid_for(int64_t work, int64_t per_block) {
@@ -110,34 +76,6 @@ at::Tensor unpack_mask_cuda(const at::Tensor& packed, int64_t numel) {
   if (nb == 0) return out;
   unpack_mask_kernel<<<grid_for(nb, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       p.data_ptr<uint8_t>(), out.data_ptr<bool>(), numel, nb);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
-
-at::Tensor row_kept_counts_cuda(const at::Tensor& packed, int64_t rows, int64_t cols) {
-  check_row_kept_counts(packed, rows, cols);
-  const c10::cuda::CUDAGuard guard(packed.device());
-  const at::Tensor p = packed.contiguous();
-  at::Tensor out = at::empty({rows}, p.options().dtype(at::kLong));
-  if (rows == 0) return out;
-  row_kept_counts_kernel<<<grid_for(rows, kThreads / kWarpSize), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      p.data_ptr<uint8_t>(), out.data_ptr<int64_t>(), rows, cols);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
-
-at::Tensor scores_kept_counts_cuda(const at::Tensor& scores) {
-  check_scores_kept_counts(scores);
-  const c10::cuda::CUDAGuard guard(scores.device());
-  const at::Tensor s = scores.contiguous();
-  const int64_t rows = s.size(0), cols = s.size(1);
-  at::Tensor out = at::empty({rows}, s.options().dtype(at::kLong));
-  if (rows == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "scores_kept_counts_cuda", [&] {
-    scores_kept_counts_kernel<scalar_t>
-        <<<grid_for(rows, kThreads / kWarpSize), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            s.data_ptr<scalar_t>(), out.data_ptr<int64_t>(), rows, cols);
-  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -261,7 +199,5 @@ void multi_score_update_cuda(at::TensorList scores, at::TensorList grads, double
 TORCH_LIBRARY_IMPL(abp_C, CUDA, m) {
   m.impl("pack_mask", &abp::pack_mask_cuda);
   m.impl("unpack_mask", &abp::unpack_mask_cuda);
-  m.impl("row_kept_counts", &abp::row_kept_counts_cuda);
-  m.impl("scores_kept_counts", &abp::scores_kept_counts_cuda);
   m.impl("multi_score_update_", &abp::multi_score_update_cuda);
 }

@@ -69,3 +69,29 @@ def test_info_on_a_saved_mask(tmp_path, capsys):
     assert main(["info", str(tmp_path / "m.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "rte" in out and "sparsity" in out and "encoder.layer.0.intermediate.dense.weight" in out
+
+
+def test_errors_abp_did_not_raise_show_their_type_and_a_hint():
+    """CUDA out of memory, a Triton compile error or a torch shape error inside abp's code is not a bad-input
+    line: the message names the type and says what to try."""
+    import torch
+
+    from abp import reference
+    from abp.cli import explain_error
+
+    def caught(fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            return e
+        raise AssertionError("no error")
+
+    oom = explain_error(caught(lambda: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory. Tried ..."))))
+    assert oom.startswith("abp: error: torch.OutOfMemoryError: CUDA out of memory") and "--batch-size" in oom
+    # raised by torch's C++ from a line of abp's: not one of abp's checks
+    shape = explain_error(caught(lambda: reference.masked_linear_fwd(torch.randn(2, 3), torch.randn(4, 5),
+                                                                    torch.randn(4, 5))))
+    assert shape.startswith("abp: error: RuntimeError:") and "-v shows the traceback" in shape
+    # abp's own check: the message alone
+    bad = explain_error(caught(lambda: __import__("abp").pack_mask(torch.ones(3))))
+    assert bad == "abp: error: pack_mask: expected a bool tensor, got torch.float32"

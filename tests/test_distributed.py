@@ -208,7 +208,7 @@ def test_ddp_two_processes_equal_one(run_cfg, reference, tmp_path):
     assert m["fused_update"] is False and m["score_update"].startswith("multi-tensor") and "DDP" in m["score_update"]
     assert proc.stdout.count('"mask_file"') == 1  # one summary, from rank 0
     states = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)]
-    assert states[0] == states[1]  # counts, zeros, γ, active, α: identical on every rank, bit for bit
+    assert states[0] == states[1]  # counts, pruned, γ, active, α: identical on every rank, bit for bit
     assert states[0]["phases"] == 3  # DDP rebuilt for warm-up (head), pruning (head + scores), stopped (head)
 
 
@@ -350,7 +350,7 @@ def _worker_prune(cfg_json: str, out: str, *flags: str) -> int:
 
         def finish(self, seconds):
             s = self.scores
-            state = {"counts": s.counts.tolist(), "zeros": int(s.zeros), "gamma": float(s.gamma).hex(),
+            state = {"counts": s.counts.tolist(), "pruned": int(s.pruned), "gamma": float(s.gamma).hex(),
                      "active": float(s.active), "lr": float(s.lr).hex(), "steps": s.steps, "phases": len(phases)}
             Path(f"{out}.rank{self.dist.rank}.json").write_text(json.dumps(state))
             return real_finish(self, seconds)
@@ -449,12 +449,12 @@ def _worker_fsdp_unit() -> int:
             # the update carries the gradients' rounding: tolerance relative to the step and to θ
             tol = 1e-5 * float((sa.detach() - b).abs().max()) + 1e-6 * float(b.abs().max())
             torch.testing.assert_close(sb.full_tensor(), sa.detach(), rtol=0, atol=tol, msg=n)
-        assert ref_opt.counts.tolist() == opt.counts.tolist() and int(ref_opt.zeros) == int(opt.zeros)
+        assert ref_opt.counts.tolist() == opt.counts.tolist() and int(ref_opt.pruned) == int(opt.pruned)
         torch.testing.assert_close(opt.gamma, ref_opt.gamma, rtol=1e-6, atol=0)
         assert float(ref_opt.active) == float(opt.active)
-    assert int(opt.zeros) > 0 and float(opt.active) == 0, "the stop rule should have fired: the test proves little"
+    assert int(opt.pruned) > 0 and float(opt.active) == 0, "the stop rule should have fired: the test proves little"
     every = [None] * world
-    dist.all_gather_object(every, (opt.counts.tolist(), int(opt.zeros), float(opt.gamma).hex()))
+    dist.all_gather_object(every, (opt.counts.tolist(), int(opt.pruned), float(opt.gamma).hex()))
     assert all(e == every[0] for e in every), every  # the same global state on every rank, bit for bit
     assert D.Parallel("fsdp", torch.device("cpu")).sparsity(m) == abp.sparsity(ref)
     dist.destroy_process_group()

@@ -258,6 +258,12 @@ def test_killed_run_resumes_to_the_same_result(tiny_model_dir, tiny_glue, tmp_pa
     b = json.loads((d / "result.json").read_text())
     assert a["metrics"] == b["metrics"] and a["sparsity_reached"] == b["sparsity_reached"]
     assert a["recovery"] == b["recovery"] and b["recovery"]["complete"]
+    # without a report, the record (the file to commit) already holds the finished run
+    from abp.experiments.record import read_record, record_path
+
+    model = R.model_label(exp.model)
+    assert record_path(tmp_path / "b", "sst2", model).is_file()
+    assert read_record(tmp_path / "b")[("sst2", model, "abp-s0.5-seed1")]["metrics"] == b["metrics"]
 
 
 def test_code_version_names_the_commit_only_inside_a_checkout(tmp_path):

@@ -16,17 +16,17 @@ def assert_close(got, ref, dtype, reduction):
     assert err <= 8 * eps * max(reduction, 1) ** 0.5 * scale, f"max error {err:.3g} vs RMS {scale:.3g} ({dtype})"
 
 
-def _oracle(x, w, s, b, bs, dy, t_hard, t_soft):
+def _oracle(x, w, s, b, bs, dy, t_l, t_s):
     """float64 formulas, written out independently of abp.reference."""
     x, w, s, dy = x.double(), w.double(), s.double(), dy.double()
-    m = (s > 0).double() if t_hard is None else torch.sigmoid(t_hard * s)
+    m = (s > 0).double() if t_l is None else torch.sigmoid(t_l * s)
     y = x @ (w * m).T
     if b is not None:
-        mb = 1.0 if bs is None else ((bs > 0).double() if t_hard is None else torch.sigmoid(t_hard * bs.double()))
+        mb = 1.0 if bs is None else ((bs > 0).double() if t_l is None else torch.sigmoid(t_l * bs.double()))
         y = y + b.double() * mb
-    sig = lambda z: torch.sigmoid(t_soft * z.double())  # noqa: E731
-    ds = (dy.T @ x) * w * t_soft * sig(s) * (1 - sig(s))
-    dbs = None if bs is None else dy.sum(0) * b.double() * t_soft * sig(bs) * (1 - sig(bs))
+    sig = lambda z: torch.sigmoid(t_s * z.double())  # noqa: E731
+    ds = (dy.T @ x) * w * t_s * sig(s) * (1 - sig(s))
+    dbs = None if bs is None else dy.sum(0) * b.double() * t_s * sig(bs) * (1 - sig(bs))
     return y, dy @ (w * m), ds, dbs
 
 
@@ -34,10 +34,10 @@ def _oracle(x, w, s, b, bs, dy, t_hard, t_soft):
 @pytest.mark.parametrize("shape", [(1, 1, 1), (7, 13, 5), (97, 33, 130)])
 @pytest.mark.parametrize("density", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("bias", ["none", "bias", "masked_bias"])
-@pytest.mark.parametrize("t_hard", [None, 30.0])
-def test_masked_linear_matches_float64(dtype, shape, density, bias, t_hard):
+@pytest.mark.parametrize("t_l", [None, 30.0])
+def test_masked_linear_matches_float64(dtype, shape, density, bias, t_l):
     M, K, N = shape
-    g = torch.Generator().manual_seed(zlib.crc32(repr((shape, density, bias, t_hard)).encode()))  # not hash(): salted per process
+    g = torch.Generator().manual_seed(zlib.crc32(repr((shape, density, bias, t_l)).encode()))  # not hash(): salted per process
     x = torch.randn(M, K, generator=g).to(dtype).requires_grad_(True)
     w = torch.randn(N, K, generator=g).to(dtype)
     s = (torch.rand(N, K, generator=g) - (1 - density)).float() if 0 < density < 1 else \
@@ -46,10 +46,10 @@ def test_masked_linear_matches_float64(dtype, shape, density, bias, t_hard):
     s.requires_grad_(True)
     b = torch.randn(N, generator=g).to(dtype) if bias != "none" else None
     bs = torch.randn(N, generator=g).float().requires_grad_(True) if bias == "masked_bias" else None
-    y = abp.masked_linear(x, w, s, b, bs, t_hard=t_hard, t_soft=1.5, backend="reference")
+    y = abp.masked_linear(x, w, s, b, bs, t_l=t_l, t_s=1.5, backend="reference")
     dy = torch.randn_like(y)
     y.backward(dy)
-    ry, rdx, rds, rdbs = _oracle(x.detach(), w, s.detach(), b, bs.detach() if bs is not None else None, dy, t_hard, 1.5)
+    ry, rdx, rds, rdbs = _oracle(x.detach(), w, s.detach(), b, bs.detach() if bs is not None else None, dy, t_l, 1.5)
     assert_close(y, ry, dtype, K)
     assert_close(x.grad, rdx, dtype, N)
     assert_close(s.grad, rds, dtype, M)  # fp32, accumulated over the M tokens from dtype inputs
@@ -76,14 +76,14 @@ def test_surrogate_is_not_the_forward_derivative():
     torch.testing.assert_close(s.grad, torch.full((3, 4), 2 * float(sig * (1 - sig))))
 
 
-@pytest.mark.parametrize("t_soft", [1.0, 1.5])
-def test_surrogate_factor_keeps_relative_accuracy_far_from_zero(t_soft):
+@pytest.mark.parametrize("t_s", [1.0, 1.5])
+def test_surrogate_factor_keeps_relative_accuracy_far_from_zero(t_s):
     """σ'(θ) in fp32 to a few ulps *relative* at every θ, not just near 0: ``σ·(1−σ)`` cancels once
     σ → 1 (a random bias score of 3 already lost ~4 bits; past θ ≈ 17 it was exactly 0)."""
     theta = torch.linspace(-40, 40, 8001)
-    z = (theta * t_soft).double()  # the fp32 product is the input; e^−|z| amplifies its rounding by |z|
-    ref = t_soft * torch.sigmoid(z) * torch.sigmoid(-z)
-    got = R.surrogate_factor(theta, t_soft)
+    z = (theta * t_s).double()  # the fp32 product is the input; e^−|z| amplifies its rounding by |z|
+    ref = t_s * torch.sigmoid(z) * torch.sigmoid(-z)
+    got = R.surrogate_factor(theta, t_s)
     assert got.dtype == torch.float32
     rel = ((got.double() - ref).abs() / ref).max().item()
     assert rel <= 4 * torch.finfo(torch.float32).eps, f"worst relative error {rel:.3g}"
@@ -125,13 +125,51 @@ def test_unknown_or_unavailable_backend_is_an_error():
 
 
 def test_backend_recorded_and_env(monkeypatch):
-    abp.masked_linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(4, 3))
+    args = lambda: (torch.randn(2, 3), torch.randn(4, 3), torch.randn(4, 3))  # noqa: E731
+    abp.masked_linear(*args())
     assert abp.last_backend("masked_matmul") == "reference"
+    assert abp.last_backend("masked_matmul", why=True) == "reference"  # nothing passed over on CPU
+    # ABP_BACKEND is a preference: cuda has no masked_matmul, so auto runs it and says why
     monkeypatch.setenv("ABP_BACKEND", "cuda")
-    with pytest.raises(abp.BackendUnavailableError):
-        abp.masked_linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(4, 3))
-    with abp.use_backend("reference"):
-        abp.masked_linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(4, 3))
+    abp.masked_linear(*args())
+    assert abp.last_backend("masked_matmul") == "reference"
+    assert "cuda from ABP_BACKEND passed over" in abp.last_backend("masked_matmul", why=True)
+    # ...while the call's own backend= is strict
+    with pytest.raises(abp.BackendUnavailableError, match="cuda"):
+        abp.masked_linear(*args(), backend="cuda")
+    with abp.use_backend("cpp"):  # use_backend too: cpp implements pack_mask (where the extension is built)
+        abp.pack_mask(torch.ones(9, dtype=torch.bool))
+    from abp import _ext
+
+    want = "cpp" if _ext.has_op("pack_mask", torch.device("cpu"))[0] else "reference"
+    assert abp.last_backend("pack_mask") == want
+    with abp.use_backend("triton"):  # triton has no pack_mask: auto, recorded
+        abp.pack_mask(torch.ones(9, dtype=torch.bool))
+        assert "triton from use_backend passed over: abp has no triton implementation" in abp.last_backend("pack_mask", why=True)
+
+
+def test_a_preferred_backend_that_cannot_run_warns(monkeypatch):
+    """A preference for a backend that implements the op but cannot run here (a broken fast path) is not silent."""
+    from abp import backends
+
+    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends, "available", lambda b, op, dev: (b == "reference", f"{b} is broken here"))
+    with pytest.warns(UserWarning, match="cannot run on the triton backend asked for by use_backend"):
+        with abp.use_backend("triton"):
+            abp.masked_linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(4, 3))
+    assert abp.last_backend("masked_matmul", why=True) == "reference (triton from use_backend passed over: triton is broken here)"
+
+
+def test_a_layers_backend_is_a_preference():
+    """A layer's (a config's) backend names its training kernels; ops it lacks take auto instead of failing."""
+    from abp import backends
+
+    lin = abp.MaskedLinear.from_linear(torch.nn.Linear(3, 4))
+    lin.backend = "cuda"  # cuda implements serving and the score update, not masked_matmul
+    lin(torch.randn(2, 3))
+    assert backends.last_backend("masked_matmul") == "reference"
+    with pytest.raises(ValueError, match="unknown abp backend"):
+        backends.prefer("magic")
 
 
 def test_fused_update_equals_separate_step():
@@ -159,11 +197,44 @@ def test_fused_update_equals_separate_step():
             assert not bool(((s0 <= 0) & (s.detach() > 0)).any())
 
 
-def test_opcheck():
-    x, w = torch.randn(5, 7), torch.randn(3, 7)
-    s = torch.randn(3, 7, requires_grad=True)
-    torch.library.opcheck(torch.ops.abp.masked_matmul.default, (x, w, s, None, None, None, 1.0, "reference"))
-    torch.library.opcheck(torch.ops.abp.pack_mask.default, (torch.rand(13, 5) > 0.5, "reference"))
+def _opcheck_cases() -> dict:
+    """One reference-backend case per abp:: op (schema, fake kernel, autograd registration), by op name."""
+    g = torch.Generator().manual_seed(5)
+    x, w, dy = torch.randn(5, 7, generator=g), torch.randn(3, 7, generator=g), torch.randn(5, 3, generator=g)
+    s, b, bs = torch.randn(3, 7, generator=g), torch.randn(3, generator=g), torch.randn(3, generator=g)
+    mask = torch.rand(3, 7, generator=g) > 0.5
+    packed = abp.pack_mask(mask)
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    ops = torch.ops.abp
+    return {
+        "masked_matmul": (ops.masked_matmul.default, (x, w, s.clone().requires_grad_(True), b, bs, None, 1.0, "reference")),
+        "masked_matmul_dx": (ops.masked_matmul_dx.default, (dy, w, s, 30.0, "reference")),
+        "score_grad": (ops.score_grad.default, (dy, x, w, s, b, bs, 1.0, "reference")),
+        "score_grad_update_": (ops.score_grad_update_.default,
+                               (dy, x, w, s.clone(), b, bs.clone(), torch.zeros(2, dtype=torch.int64), 0.1, f32(1e-3),
+                                f32(1.0), True, 1.0, "reference")),
+        "multi_score_update_": (ops.multi_score_update_.default,
+                                ([s.clone(), bs.clone()], [s, bs], 0.1, f32(1e-3), f32(1.0), False,
+                                 torch.zeros(2, dtype=torch.int64), "reference")),
+        "pack_mask": (ops.pack_mask.default, (mask, "reference")),
+        "unpack_mask": (ops.unpack_mask.default, (packed, mask.numel(), "reference")),
+        "bitmask_linear": (ops.bitmask_linear.default, (x, w, packed, b, "reference")),
+        "multi_bitmask_linear": (ops.multi_bitmask_linear.default,
+                                 (x, w, torch.stack([packed, abp.pack_mask(~mask)]), torch.tensor([0, 1, 1, 0, 1]), b,
+                                  "reference")),
+    }
+
+
+def test_opcheck_covers_every_op():
+    from abp import backends
+
+    assert set(_opcheck_cases()) == set(backends.OPS)
+
+
+@pytest.mark.parametrize("op", sorted(_opcheck_cases()))
+def test_opcheck(op):
+    fn, args = _opcheck_cases()[op]
+    torch.library.opcheck(fn, args)
 
 
 def test_torch_compile_traces_the_op():
@@ -171,3 +242,35 @@ def test_torch_compile_traces_the_op():
     x = torch.randn(3, 8)
     compiled = torch.compile(lin, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), lin(x))
+
+
+def test_a_wrong_dtype_is_a_type_error_and_a_wrong_shape_a_value_error():
+    """One exception type per kind of mistake, across the functional API."""
+    w, s = torch.randn(4, 3), torch.randn(4, 3)
+    lin = abp.MaskedLinear.from_linear(torch.nn.Linear(3, 4))
+    packed = abp.pack_mask(lin.mask())
+    wrong_dtype = [
+        lambda: abp.masked_linear(torch.randn(2, 3), w, s.double()),
+        lambda: abp.masked_linear(torch.randn(2, 3), w, s, torch.zeros(4), torch.zeros(4, dtype=torch.float16)),
+        lambda: abp.masked_embedding(torch.tensor([1.0]), w, s),
+        lambda: abp.masked_embedding(torch.tensor([1]), w, s.half()),
+        lambda: abp.bitmask_linear(torch.randn(2, 3), w, packed, torch.zeros(4, dtype=torch.float16)),
+        lambda: abp.bitmask_linear(torch.randn(2, 3), w, packed.to(torch.int32)),
+        lambda: abp.multi_bitmask_linear(torch.randn(2, 3), w, packed[None], torch.zeros(2)),
+        lambda: abp.pack_mask(torch.ones(3)),
+    ]
+    wrong_shape = [
+        lambda: abp.masked_linear(torch.randn(2, 3), w, s[:2]),
+        lambda: abp.masked_linear(torch.randn(2, 3), w, s, torch.zeros(4), torch.zeros(3)),
+        lambda: abp.masked_embedding(torch.tensor([1]), w, s[:2]),
+        lambda: abp.bitmask_linear(torch.randn(2, 3), w, packed, torch.zeros(3)),
+        lambda: abp.bitmask_linear(torch.randn(2, 3), w, packed[:1]),
+        lambda: abp.multi_bitmask_linear(torch.randn(2, 3), w, packed[None], torch.zeros(3, dtype=torch.long)),
+        lambda: abp.unpack_mask(packed, (5, 5)),
+    ]
+    for i, call in enumerate(wrong_dtype):
+        with pytest.raises(TypeError):
+            call()
+    for i, call in enumerate(wrong_shape):
+        with pytest.raises(ValueError):
+            call()

@@ -79,9 +79,10 @@ def test_same_weights_in_another_dtype_are_accepted(tmp_path):
     _randomise(model, 5)
     path = tmp_path / "m.safetensors"
     abp.save_mask(model, path)
-    half = _bert(0).to(torch.bfloat16)
+    half = loaded = _bert(0).to(torch.bfloat16)
     abp.load_mask(half, path)
     assert abs(abp.sparsity(half) - abp.sparsity(model)) < 1e-9
+    assert all(torch.equal(a.mask(), b.mask()) for (_, a), (_, b) in zip(abp.masked_modules(model), abp.masked_modules(loaded)))
 
 
 def test_refuses_other_architecture(tmp_path):
@@ -229,56 +230,20 @@ def test_layernorm_masks_without_linear_bias_masks_load_onto_a_plain_model(tmp_p
         assert (a.bias_mask() is None) == (b.bias_mask() is None), n
 
 
-def test_format_1_files_still_load(tmp_path):
-    """Files written before the exact probe positions (format 1, fp32 linspace) keep loading, and keep refusing."""
+def test_a_file_of_another_format_version_is_refused(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from abp.maskio import _PROBES
-
     model = abp.mask_model(_bert(0))
-    _randomise(model, 7)
     path = tmp_path / "m.safetensors"
     abp.save_mask(model, path)
     with safe_open(str(path), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    for name, m in abp.masked_modules(model):
-        flat = m.weight.detach().reshape(-1)
-        tensors[f"probe/{name}"] = flat[torch.linspace(0, flat.numel() - 1, _PROBES).long()].float()
-    old = tmp_path / "v1.safetensors"
-    save_file(tensors, str(old), metadata=dict(meta, format_version="1"))
-    fresh = _bert(0)
-    abp.load_mask(fresh, old)
-    assert all(torch.equal(a.mask(), b.mask()) for (_, a), (_, b) in zip(abp.masked_modules(model), abp.masked_modules(fresh)))
-    with pytest.raises(abp.MaskFileError, match="other base weights"):
-        abp.load_mask(_bert(1), old)
-
-
-def test_format_1_files_with_exact_probes_load(tmp_path):
-    """abp builds of 2026-12-01 wrote exact probe positions under format 1 (MiniLM's word embeddings: 17 of 64
-    positions differ from the linspace ones): such files load too, and still refuse other weights."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from abp.maskio import _probe_positions
-
-    emb = torch.nn.Sequential(torch.nn.Embedding(30522, 384))
-    linspace, exact = _probe_positions(emb[0].weight.numel(), "1")
-    assert not torch.equal(linspace, exact)
-    abp.mask_model(emb)
-    _randomise(emb, 3)
-    path = tmp_path / "m.safetensors"
-    abp.save_mask(emb, path)
-    with safe_open(str(path), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    old = tmp_path / "v1.safetensors"
-    save_file(tensors, str(old), metadata=dict(meta, format_version="1"))
-    fresh = torch.nn.Sequential(torch.nn.Embedding(30522, 384))
-    fresh[0].weight.data.copy_(emb[0].weight)
-    abp.load_mask(fresh, old)
-    assert torch.equal(fresh[0].mask(), emb[0].mask())
-    with pytest.raises(abp.MaskFileError, match="other base weights"):
-        abp.load_mask(torch.nn.Sequential(torch.nn.Embedding(30522, 384)), old)
+    for version in ("1", "3"):
+        other = tmp_path / f"v{version}.safetensors"
+        save_file(tensors, str(other), metadata=dict(meta, format_version=version))
+        with pytest.raises(abp.MaskFileError, match=f"mask format version {version}; this abp reads 2"):
+            abp.load_mask(_bert(0), other)
 
 
 def test_fp16_and_bf16_copies_of_the_same_weights_match_even_when_tiny(tmp_path):
@@ -289,13 +254,19 @@ def test_fp16_and_bf16_copies_of_the_same_weights_match_even_when_tiny(tmp_path)
     model = abp.mask_model(copy.deepcopy(base).to(torch.float16))  # the file: fp16 copies of the fp32 weights
     path = tmp_path / "m.safetensors"
     abp.save_mask(model, path)
-    abp.load_mask(copy.deepcopy(base).to(torch.bfloat16), path)  # the model: bf16 copies of the same fp32 weights
+    loaded = copy.deepcopy(base).to(torch.bfloat16)  # the model: bf16 copies of the same fp32 weights
+    abp.load_mask(loaded, path)
+    assert all(torch.equal(a.mask(), b.mask()) for (_, a), (_, b) in zip(abp.masked_modules(model), abp.masked_modules(loaded)))
 
 
 def test_mask_io_ignores_a_training_only_backend(tmp_path, monkeypatch):
-    """ABP_BACKEND names the training kernels; packing the mask file takes the backend that implements it."""
+    """ABP_BACKEND=triton is a preference: Triton has no mask packing, so the mask file's ops take auto."""
     model = abp.mask_model(_bert(0))
+    _randomise(model, 4)
     monkeypatch.setenv("ABP_BACKEND", "triton")
     path = tmp_path / "m.safetensors"
     abp.save_mask(model, path)
-    abp.load_mask(_bert(0), path)
+    loaded = _bert(0)
+    abp.load_mask(loaded, path)
+    assert all(torch.equal(a.mask(), b.mask()) for (_, a), (_, b) in zip(abp.masked_modules(model), abp.masked_modules(loaded)))
+    assert "triton from ABP_BACKEND passed over" in abp.last_backend("unpack_mask", why=True)

@@ -1,5 +1,6 @@
 """Method options beyond the paper: score initialisation modes, Adam on the scores, ``--preset paper``, and the
 grid's named ABP variants (each pins its settings in the run's budget)."""
+import copy
 import json
 import math
 
@@ -89,6 +90,55 @@ def test_adam_step_equals_torch_adam_plus_the_gamma_push():
     assert opt.counts.tolist() == [int((s <= 0).sum()) for s in opt.scores]
 
 
+def test_adam_tensor_step_equals_a_hand_written_oracle():
+    """adam_tensor: Adam's first moment per score, one second moment per tensor (its mean square gradient)."""
+    m = _tiny_bert(score_init_mode="magnitude")
+    b1, b2, lr, gamma, eps = 0.9, 0.999, 1e-3, 3e-4, 1e-12
+    opt = ScoreOptimizer(m, lr=lr, target_sparsity=0.9, prune_steps=50, gamma=gamma, optimizer="adam_tensor", eps=eps)
+    ref = [s.detach().clone().double() for s in opt.scores]
+    mom = [(torch.zeros_like(r), torch.zeros((), dtype=torch.float64)) for r in ref]
+    g = torch.Generator().manual_seed(1)
+    for t in range(1, 5):
+        grads = [torch.randn(s.shape, generator=g) * 10 ** float(torch.randint(-8, -2, (1,), generator=g)) for s in ref]
+        for s, gr in zip(opt.scores, grads):
+            s.grad = gr.clone()
+        opt.step()
+        for i, (r, gr) in enumerate(zip(ref, grads)):
+            mi, vi = mom[i]
+            mi = b1 * mi + (1 - b1) * gr.double()
+            vi = b2 * vi + (1 - b2) * gr.double().square().mean()
+            mom[i] = (mi, vi)
+            r -= lr * (mi / (1 - b1 ** t)) / ((vi / (1 - b2 ** t)).sqrt() + eps) + gamma
+    for s, r in zip(opt.scores, ref):
+        torch.testing.assert_close(s.detach().double(), r, rtol=1e-5, atol=1e-8)
+    assert all(v.dim() == 0 for _, v in opt.moments)  # one second moment per tensor
+
+
+def test_adam_tensor_keeps_the_gradients_ranking_inside_a_tensor():
+    """Its first step is α·g/rms(g) per tensor: scores move in proportion to their gradient (Adam's would not)."""
+    m = _tiny_bert(score_init_mode="magnitude")
+    steps = {}
+    for name in ("adam", "adam_tensor"):
+        opt = ScoreOptimizer(copy.deepcopy(m), lr=1e-3, target_sparsity=0.9, prune_steps=50, gamma=0.0, optimizer=name)
+        before = opt.scores[0].detach().clone()
+        grad = torch.linspace(-1, 1, before.numel()).reshape(before.shape) * 1e-6
+        for s in opt.scores:
+            s.grad = torch.zeros_like(s)
+        opt.scores[0].grad = grad.clone()
+        opt.step()
+        steps[name] = before - opt.scores[0].detach()
+    rms = float(grad.square().mean().sqrt())
+    torch.testing.assert_close(steps["adam_tensor"], 1e-3 * grad / rms, rtol=1e-4, atol=1e-9)
+    assert float(steps["adam"].abs().max() / steps["adam"].abs()[grad.abs() > 1e-7].min()) < 1.01  # Adam: ±α
+
+
+def test_adam_tensor_is_refused_under_fsdp():
+    from abp.train.distributed import ShardedScoreOptimizer
+
+    with pytest.raises(ValueError, match="adam_tensor score optimizer needs each tensor's mean square gradient"):
+        ShardedScoreOptimizer(_tiny_bert(), lr=1e-3, target_sparsity=0.5, prune_steps=3, optimizer="adam_tensor")
+
+
 def test_adam_keeps_no_recovery_and_refuses_the_fused_update():
     m = _tiny_bert(score_init_mode="magnitude")
     with pytest.raises(FusedUpdateError, match="adam score optimizer keeps per-score moments"):
@@ -112,11 +162,13 @@ def test_adam_auto_lr_moves_a_score_ratio_times_init_over_the_window():
     assert math.isclose(adam_score_lr(m, prune_steps=200, ratio=1.5), 1.5 * 0.01 / 200, rel_tol=1e-5)
 
 
-def test_adam_run_resumes_exactly_and_its_moments_are_checkpointed(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
-    cfg = _cfg(tiny_model_dir, tiny_data, score_optimizer="adam", score_init_mode="magnitude")
+@pytest.mark.parametrize("optimizer", ["adam", "adam_tensor"])
+def test_adam_run_resumes_exactly_and_its_moments_are_checkpointed(tiny_model_dir, tiny_data, tmp_path, monkeypatch,
+                                                                   optimizer):
+    cfg = _cfg(tiny_model_dir, tiny_data, score_optimizer=optimizer, score_init_mode="magnitude")
     ref = Trainer(cfg, tmp_path / "a", progress=False)
     metrics = ref.run()
-    assert ref.scores.optimizer == "adam" and not metrics["fused_update"]
+    assert ref.scores.optimizer == optimizer and not metrics["fused_update"]
     ref_scores = {n: s.detach().clone() for n, s in abp.patch.score_tensors(ref.model)}
 
     calls, real_step = {"n": 0}, ScoreOptimizer.step

@@ -192,7 +192,7 @@ def test_compute_metrics_errors():
         M.compute_metrics("stsb", np.array([np.inf, 1.0]), np.array([0.0, 1.0]))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
         M.compute_metrics("sst2", np.zeros((2, 2)), np.array([0, 2]))
-    with pytest.raises(ValueError, match="integer class ids"):
+    with pytest.raises(TypeError, match="integer class ids"):
         M.compute_metrics("sst2", np.zeros((2, 2)), np.array([0.0, 1.0]))
     with pytest.raises(ValueError, match="3 predictions for 2 labels"):
         M.compute_metrics("sst2", np.zeros((3, 2)), np.array([0, 1]))

@@ -21,13 +21,13 @@ def _out(model, ids):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("t_hard", [None, 1e5])
-def test_swap_keeps_outputs_and_heads(family, t_hard):
+@pytest.mark.parametrize("t_l", [None, 1e5])
+def test_swap_keeps_outputs_and_heads(family, t_l):
     torch.manual_seed(0)
     model = FAMILIES[family]().eval()
     ids = torch.randint(1, 99, (2, 11))
     before = _out(model, ids)
-    abp.mask_model(model, t_hard=t_hard)
+    abp.mask_model(model, t_l=t_l)
     names = [n for n, _ in abp.masked_modules(model)]
     assert names and not any(p in n for n in names for p in ("classifier", "lm_head", "score", "pre_classifier"))
     torch.testing.assert_close(_out(model, ids), before, rtol=0, atol=0)

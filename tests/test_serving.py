@@ -48,8 +48,10 @@ def test_serving_bad_input_is_named():
         abp.bitmask_linear(torch.randn(2, 21, dtype=torch.float64), lin.weight, packed)
     with pytest.raises(ValueError, match=r"task ids must be in \[0, 2\)"):
         abp.multi_bitmask_linear(torch.randn(2, 21), lin.weight, torch.stack([packed, packed]), torch.tensor([0, 2]))
-    with pytest.raises(ValueError, match="task_ids must be"):
+    with pytest.raises(TypeError, match="task_ids must be int32/int64"):
         abp.multi_bitmask_linear(torch.randn(2, 21), lin.weight, torch.stack([packed]), torch.tensor([0.0, 0.0]))
+    with pytest.raises(ValueError, match="task_ids must have shape"):
+        abp.multi_bitmask_linear(torch.randn(2, 21), lin.weight, torch.stack([packed]), torch.tensor([0]))
 
 
 def test_masked_linear_serves_from_bits_in_inference_and_tracks_the_scores():
@@ -78,7 +80,7 @@ def test_auto_serving_only_on_cuda_for_few_tokens():
     lin = _layer().eval()
     with torch.no_grad():
         assert not lin._serves_from_bits(torch.randn(2, 21)), "auto never serves from bits on CPU"
-        lin.t_hard = 1e5
+        lin.t_l = 1e5
         lin.serve_bits = True
         assert not lin._serves_from_bits(torch.randn(2, 21)), "a soft forward mask is not the packed hard mask"
 
@@ -126,11 +128,11 @@ def test_cuda_inference_reads_bits_under_autocast():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_auto_serving_kernel_only_in_its_regime():
-    from abp.functional import BITMASK_KERNEL_MAX_TOKENS
+    from abp.backends import SERVE_KERNEL_MAX_TOKENS
 
     lin = _layer(n=256, k=128).cuda()
     packed = abp.pack_mask(lin.mask())
-    for m, want in ((BITMASK_KERNEL_MAX_TOKENS, "cuda"), (BITMASK_KERNEL_MAX_TOKENS + 1, "reference")):
+    for m, want in ((SERVE_KERNEL_MAX_TOKENS, "cuda"), (SERVE_KERNEL_MAX_TOKENS + 1, "reference")):
         x = torch.randn(m, 128, device="cuda")
         y = abp.bitmask_linear(x, lin.weight, packed, lin.bias)
         assert backends.last_backend("bitmask_linear") == want, m

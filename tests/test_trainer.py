@@ -53,7 +53,7 @@ def test_resume_equals_uninterrupted(tiny_model_dir, tiny_data, tmp_path, monkey
     (mfa, ma), (mfb, mb) = _state(tmp_path / "a"), _state(tmp_path / "b")
     assert all(torch.equal(mfa.masks[k], mfb.masks[k]) for k in mfa.masks)
     assert ma["dev_metric"] == mb["dev_metric"] and ma["sparsity"] == mb["sparsity"]
-    assert torch.equal(resumed.scores.counts, ref.scores.counts) and int(resumed.scores.zeros) == int(ref.scores.zeros)
+    assert torch.equal(resumed.scores.counts, ref.scores.counts) and int(resumed.scores.pruned) == int(ref.scores.pruned)
     assert mfb.metadata["task"] == "custom", "a mask trained on custom files must not claim a GLUE task"
 
 
@@ -168,7 +168,7 @@ def test_recount_follows_scores_loaded_from_elsewhere():
             s.copy_(torch.randn(s.shape))
     opt.recount()
     assert opt.counts.tolist() == [int((s <= 0).sum()) for s in opt.scores]
-    assert int(opt.zeros) == sum(int((s <= 0).sum()) for s in opt.scores)
+    assert int(opt.pruned) == sum(int((s <= 0).sum()) for s in opt.scores)
 
 
 def test_fused_update_refuses_a_layer_called_twice_per_forward(minilm_path, tiny_data, tmp_path):
@@ -179,6 +179,17 @@ def test_fused_update_refuses_a_layer_called_twice_per_forward(minilm_path, tiny
     T.AutoTokenizer.from_pretrained(minilm_path).save_pretrained(d)
     with pytest.raises(FusedUpdateError, match="called more than once per forward"):
         Trainer(_cfg(str(d), tiny_data, fused_update="on"), tmp_path / "run", progress=False)
+
+
+def test_fused_update_says_when_its_dry_run_cannot_run(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    """A backbone the layer-reuse check cannot drive is reported as that, not as a layer used twice."""
+    def refuse(self, *a, **kw):
+        raise RuntimeError("this backbone needs pixel_values")
+
+    monkeypatch.setattr(T.BertModel, "forward", refuse)
+    with pytest.raises(FusedUpdateError, match=r"could not run \(RuntimeError: this backbone needs pixel_values") as e:
+        Trainer(_cfg(tiny_model_dir, tiny_data, fused_update="on"), tmp_path / "run", progress=False)
+    assert "called more than once" not in str(e.value)
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -15,7 +15,8 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import nn
 
-from abp.maskio import MaskFile, read_mask_file, unpack_mask
+from abp.functional import unpack_mask
+from abp.maskio import MaskFile, read_mask_file
 from abp.patch import masked_modules
 
 COMPONENTS = ("embeddings", "query", "key", "value", "attention_output", "intermediate", "output", "other")

@@ -23,12 +23,12 @@ from torch import nn
 
 from abp.models import load_backbone, native_pooling
 from abp.patch import MaskConfig, mask_model, masked_modules
-from abp.train import data as D
+from abp.train.data import Batcher, load_split
 from abp.train.config import ABPConfig
 from abp.train.evaluate import dev_batchers, evaluate_model
 from abp.train.heads import Classifier, make_head
 from abp.train.tasks import get_task
-from abp.train.trainer import pick_device
+from abp.train.devices import pick_device
 
 
 @dataclass
@@ -88,8 +88,8 @@ def load_task_data(cfg: ABPConfig):
     if cfg.train_file is not None:
         raise ValueError("experiments run GLUE tasks; custom train_file/dev_file runs are not supported here")
     spec = get_task(cfg.task)
-    train = D.load_split(spec.name, "train", cfg.glue_dir, max_examples=cfg.train_subsample, seed=cfg.seed)
-    devs = {split: sort_dev_by_length(D.load_split(spec.name, split, cfg.glue_dir)) for split in spec.dev_splits}
+    train = load_split(spec.name, "train", cfg.glue_dir, max_examples=cfg.train_subsample, seed=cfg.seed)
+    devs = {split: sort_dev_by_length(load_split(spec.name, split, cfg.glue_dir)) for split in spec.dev_splits}
     return spec, train, devs
 
 
@@ -116,7 +116,7 @@ class FineTuner:
         self.masks: Optional[dict[str, torch.Tensor]] = None
         if masks is not None:
             self.set_masks(masks)
-        self.train_batches = D.Batcher(train, self.tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
+        self.train_batches = Batcher(train, self.tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
                                        shuffle=True, seed=cfg.seed)
         self.dev_batchers = dev_batchers(devs, self.tokenizer, batch_size=max(64, cfg.batch_size),
                                          max_length=cfg.max_length)

@@ -152,7 +152,7 @@ def save_masks(path: str | os.PathLike, masks: Mapping[str, torch.Tensor], metad
     from safetensors.torch import save_file
 
     from abp._atomic import atomic_path
-    from abp.maskio import pack_mask
+    from abp.functional import pack_mask
 
     tensors = {k: pack_mask(v.detach().bool().cpu().contiguous()) for k, v in masks.items()}
     meta = {"shapes": json.dumps({k: list(v.shape) for k, v in masks.items()}), "extra": json.dumps(metadata or {})}
@@ -164,7 +164,7 @@ def load_masks(path: str | os.PathLike) -> tuple[Masks, dict]:
     """Inverse of :func:`save_masks`: ``(masks, metadata)``."""
     from safetensors import safe_open
 
-    from abp.maskio import unpack_mask
+    from abp.functional import unpack_mask
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}

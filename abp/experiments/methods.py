@@ -35,7 +35,8 @@ from torch import nn
 
 import abp
 from abp._atomic import write_text
-from abp.experiments import masks as MK
+from abp.experiments.masks import (apply_masks_, load_masks, magnitude_masks, random_mask_, save_masks, shuffle_masks_,
+                                   wanda_masks)
 from abp.experiments.finetune import FineTuner, FinetuneOptions, load_task_data
 from abp.experiments.trainers import ExperimentTrainer, TrackedTrainer
 from abp.models import DEFAULT_MODEL, load_backbone
@@ -62,6 +63,8 @@ ABP_VARIANTS: dict[str, dict] = {
     "abp_magnitude": {"score_init_mode": "magnitude", "score_optimizer": "sgd"},  # θ0 ∝ |w|, plain SGD
     "abp_adam": {"score_init_mode": "magnitude", "score_optimizer": "adam"},  # θ0 ∝ |w|, Adam
     "abp_uniform_adam": {"score_init_mode": "uniform", "score_optimizer": "adam"},  # θ0 ~ 0.01·U(0, 2), Adam
+    # θ0 ∝ |w|, Adam with one second moment per tensor (steps ∝ the gradient inside a tensor)
+    "abp_adam_tensor": {"score_init_mode": "magnitude", "score_optimizer": "adam_tensor"},
     # θ0 ∝ |w|, Adam, and the embedding rows of tokens absent from the training set first in line (θ0 × 0.01)
     "abp_usage": {"score_init_mode": "magnitude", "score_optimizer": "adam", "unused_token_scale": 0.01},
 }
@@ -261,9 +264,9 @@ def _learnt(exp: ExperimentConfig, cfg: ABPConfig, out: Path, progress: bool,
 def _phase1(path: Path, make: Callable[[], tuple[dict, dict]]) -> tuple[dict, dict]:
     """Masks of a finished phase 1 from ``path``, else ``make()`` them and save them there."""
     if path.is_file():
-        return MK.load_masks(path)
+        return load_masks(path)
     masks, meta = make()
-    MK.save_masks(path, masks, meta)
+    save_masks(path, masks, meta)
     return masks, meta
 
 
@@ -277,7 +280,7 @@ def _mp_masks(exp: ExperimentConfig, cfg: ABPConfig, sparsity: float, progress: 
     def prune(step: int) -> None:
         if t0 <= step <= t1 and ((step - t0) % every == 0 or step == t1):
             s = cubic_sparsity(step, sparsity, t0, t1)
-            ft.set_masks(MK.magnitude_masks(ft.weights, s, previous=ft.masks))
+            ft.set_masks(magnitude_masks(ft.weights, s, previous=ft.masks))
             events.append([step, round(s, 6)])
 
     losses = ft.train(cfg.max_steps, on_step=prune, progress=progress, desc="mp fine-tune")
@@ -297,7 +300,7 @@ def _imp_masks(exp: ExperimentConfig, cfg: ABPConfig, sparsity: float, rounds_di
     for r, target in enumerate(path, 1):
         f = rounds_dir / f"round{r:02d}-s{target:.6f}.safetensors"
         if f.is_file():
-            masks, meta = MK.load_masks(f)
+            masks, meta = load_masks(f)
             seen = meta.get("path", [])
             if len(seen) != r or not all(math.isclose(a, b, abs_tol=1e-9) for a, b in zip(seen, path)):
                 raise RuntimeError(f"{f} was reached through sparsities {seen}, this trajectory is {path[:r]}")
@@ -305,8 +308,8 @@ def _imp_masks(exp: ExperimentConfig, cfg: ABPConfig, sparsity: float, rounds_di
         data = data or load_task_data(cfg)
         ft = FineTuner(cfg, exp.finetune_options(), masks=masks, data=data)  # rewound to the pre-trained weights
         ft.train(steps, progress=progress, desc=f"imp round {r}/{len(path)}")
-        masks = {k: v.cpu() for k, v in MK.magnitude_masks(ft.weights, target, previous=ft.masks).items()}
-        MK.save_masks(f, masks, {"round": r, "sparsity": target, "path": path[:r]})
+        masks = {k: v.cpu() for k, v in magnitude_masks(ft.weights, target, previous=ft.masks).items()}
+        save_masks(f, masks, {"round": r, "sparsity": target, "path": path[:r]})
         computed += 1
         del ft
     return masks, {"rounds": len(path), "trajectory": [round(x, 6) for x in path], "rounds_computed_here": computed,
@@ -317,7 +320,7 @@ def _wanda_masks(exp: ExperimentConfig, cfg: ABPConfig, sparsity: float):
     t_start = time.time()
     ft = FineTuner(cfg, exp.finetune_options())
     norms = ft.input_norms(exp.wanda_batches)
-    masks = MK.wanda_masks(ft.weights, norms, sparsity)
+    masks = wanda_masks(ft.weights, norms, sparsity)
     return masks, {"calibration_batches": exp.wanda_batches, "activation_weighted": sorted(norms),
                    "seconds": round(time.time() - t_start, 1)}
 
@@ -369,7 +372,7 @@ def run_method(method: str, exp: ExperimentConfig, task: str, sparsity: Optional
         res, backbone, recovery = _learnt(exp, cfg, out, progress, mask_init=reinit_weights_(exp.reinit_sigma, seed))
         phase1 = {"reinit_sigma": exp.reinit_sigma}
     elif method == "random":
-        res, backbone = _head_only(cfg, out, lambda bb: MK.random_mask_(bb, s, seed=seed), progress)
+        res, backbone = _head_only(cfg, out, lambda bb: random_mask_(bb, s, seed=seed), progress)
     elif method == "feature_extraction":
         res, backbone = _head_only(cfg, out, None, progress)
         if res["sparsity"] != 0:
@@ -379,7 +382,7 @@ def run_method(method: str, exp: ExperimentConfig, task: str, sparsity: Optional
         make = {"mp": lambda: _mp_masks(exp, cfg, s, progress), "imp": lambda: _imp_masks(exp, cfg, s, rounds_dir, progress),
                 "wanda": lambda: _wanda_masks(exp, cfg, s)}[method]
         masks, phase1 = _phase1(out / "phase1_masks.safetensors", make)
-        res, backbone = _head_only(cfg, out, lambda bb: MK.apply_masks_(bb, masks), progress)
+        res, backbone = _head_only(cfg, out, lambda bb: apply_masks_(bb, masks), progress)
     elif method == "abp_shuffled":
         src = Path(abp_source) if abp_source is not None else None
         if src is None or not (src / RESULT).is_file():
@@ -391,7 +394,7 @@ def run_method(method: str, exp: ExperimentConfig, task: str, sparsity: Optional
 
         def shuffled(bb: nn.Module) -> None:
             abp.load_mask(bb, src_mask)
-            MK.shuffle_masks_(bb, seed=seed)
+            shuffle_masks_(bb, seed=seed)
         res, backbone = _head_only(cfg, out, shuffled, progress)
     else:  # finetune
         ft = FineTuner(cfg, exp.finetune_options())

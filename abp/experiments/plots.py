@@ -14,7 +14,8 @@ _STYLE = {"abp": ("tab:red", "o"), "random": ("tab:gray", "x"), "mp": ("tab:blue
           "wanda": ("tab:green", "^"), "abp_shuffled": ("tab:pink", "v"), "abp_reinit": ("tab:orange", "P"),
           "abp_norecovery": ("tab:brown", "*"), "finetune": ("black", None), "feature_extraction": ("tab:purple", None),
           "abp_paper": ("tab:olive", "<"), "abp_uniform": ("salmon", "o"), "abp_magnitude": ("darkred", "h"),
-          "abp_adam": ("indigo", "p"), "abp_uniform_adam": ("plum", "p"), "abp_usage": ("crimson", "d")}
+          "abp_adam": ("indigo", "p"), "abp_uniform_adam": ("plum", "p"), "abp_usage": ("crimson", "d"),
+          "abp_adam_tensor": ("darkorange", "8")}
 
 
 def _pyplot():

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 from abp._atomic import write_text
 from abp.experiments.methods import (ABP_VARIANTS, DENSE_METHODS, METHODS, RESULT, ExperimentConfig, model_label, read_result,
                                      run_method)
-from abp.experiments.record import read_record, record_path, run_folder
+from abp.experiments.record import collect_results, read_record, record_doc, record_path, run_folder
 from abp.train.tasks import get_task
 
 log = logging.getLogger("abp")
@@ -134,10 +134,21 @@ def _adopt(twin: dict, d: Path, spec: RunSpec) -> None:
     write_text(d / RESULT, json.dumps(result, indent=1))
 
 
+def write_record(output: str | os.PathLike, task: str, model: str) -> Path:
+    """Rewrite the record file of ``(task, model)`` from the record and the finished runs on disk, so that a
+    finished run is in the record (the file to commit) at once. Concurrent grids writing the same record heal
+    each other: each write merges everything on disk."""
+    rs = collect_results(output).get((task, model), [])
+    path = record_path(output, task, model)
+    write_text(path, json.dumps(record_doc(task, model, rs), indent=1))
+    return path
+
+
 def run_grid(exp: ExperimentConfig, tasks: Sequence[str], methods: Sequence[str], sparsities: Sequence[float],
              seeds: Sequence[int], output: str | os.PathLike, *, time_limit: Optional[float] = None,
              progress: bool = True, run_progress: bool = False, report: bool = True, plots: bool = True) -> dict:
-    """Run every missing run of the grid (skipping finished ones), then write the report.
+    """Run every missing run of the grid (skipping finished ones; each finished run goes into the record at
+    once, :func:`write_record`), then write the report.
 
     ``time_limit`` (seconds): no new run starts after it (the one in flight finishes); the rest is listed
     as ``left`` and a later call picks it up. Returns ``{"ran", "skipped", "left", "seconds"}``.
@@ -170,6 +181,7 @@ def run_grid(exp: ExperimentConfig, tasks: Sequence[str], methods: Sequence[str]
         twin = _identical_run(output, exp, record, model, spec)
         if twin is not None:  # another name for the same settings: the same (deterministic) run, not run twice
             _adopt(twin, d, spec)
+            write_record(output, spec.task, model)
             ran.append(f"{spec.task}/{spec.name}")
             (bar.write if progress else log.info)(f"{spec.task} {spec.name}: the same run as {twin['run']}, reused")
             continue
@@ -187,6 +199,7 @@ def run_grid(exp: ExperimentConfig, tasks: Sequence[str], methods: Sequence[str]
             source = src if done is not None and done["budget"] == _want(exp, "abp") else None
         r = run_method(spec.method, exp, spec.task, spec.sparsity, spec.seed, d, abp_source=source,
                        imp_rounds_dir=rounds, progress=run_progress)
+        write_record(output, spec.task, model)
         ran.append(f"{spec.task}/{spec.name}")
         msg = (f"{spec.task} {spec.name}: {r['metric_name']} {r['metrics'][r['metric_name']]:.4f}"
                + (f", sparsity {r['sparsity_reached']:.4f}" if r["sparsity_reached"] is not None else "")

@@ -1,8 +1,8 @@
-"""The Trainer as the experiments use it (subclasses, no change to :mod:`abp.train.trainer`).
+"""The Trainer as the experiments use it, built on its extension points only (see :class:`Trainer`).
 
 :class:`ExperimentTrainer` orders dev sets by length (cheaper evaluation, same metrics);
-:class:`TrackedTrainer` adds connection-recovery tracking (:mod:`abp.experiments.recovery`) around
-``ScoreOptimizer.step`` and saves the tracker beside each checkpoint, so a resumed run keeps its statistics.
+:class:`TrackedTrainer` adds connection-recovery tracking (:mod:`abp.experiments.recovery`) after each score
+step and saves the tracker beside each checkpoint, so a resumed run keeps its statistics.
 """
 from __future__ import annotations
 
@@ -19,9 +19,8 @@ class ExperimentTrainer(Trainer):
     """:class:`Trainer` whose dev sets are ordered by length (see :func:`sort_dev_by_length`): same metrics,
     less padding at evaluation, which is a large share of a short CPU run."""
 
-    def _load_data(self):
-        train, devs = super()._load_data()
-        return train, {split: sort_dev_by_length(ex) for split, ex in devs.items()}
+    def prepare_data(self, train, dev_sets):
+        return train, {split: sort_dev_by_length(ex) for split, ex in dev_sets.items()}
 
 
 class TrackedTrainer(ExperimentTrainer):
@@ -30,26 +29,18 @@ class TrackedTrainer(ExperimentTrainer):
     def __init__(self, cfg, output_dir, *, recovery_every: int = 1, **kw):
         super().__init__(cfg, output_dir, **kw)
         self.tracker = RecoveryTracker(self.model.backbone, every=recovery_every)  # mask-file names
-        step = self.scores.step
 
-        def tracked_step() -> None:
-            was_frozen = self.scores.frozen
-            step()
-            if not was_frozen:
-                self.tracker.observe(self.step + 1)  # the Trainer counts the step right after this call
-
-        self.scores.step = tracked_step
+    def after_score_step(self) -> None:
+        self.tracker.observe(self.step)
 
     @property
     def tracker_path(self) -> Path:
         return self.out / "recovery.safetensors"
 
-    def _save_checkpoint(self, path: Path) -> None:
-        super()._save_checkpoint(path)
+    def save_extra_state(self, checkpoint: Path) -> None:
         self.tracker.save(self.tracker_path, self.step)
 
-    def _restore(self, path: Path) -> None:
-        super()._restore(path)
+    def load_extra_state(self, checkpoint: Path) -> None:
         self.tracker.load(self.tracker_path, self.step)
 
     def recovery_stats(self, mask_file: Optional[str | os.PathLike] = None) -> dict:

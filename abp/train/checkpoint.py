@@ -50,7 +50,7 @@ def save_checkpoint(path: str | os.PathLike, *, scores: dict[str, torch.Tensor],
     tensors.update({f"head/{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
     opt_tensors, opt_meta = _flatten_optimizer(head_opt)
     tensors.update(opt_tensors)
-    for k in ("gamma", "active", "zeros"):
+    for k in ("gamma", "active", "pruned"):
         tensors[f"score_optim/{k}"] = score_state[k].reshape(1)
     for i, (m, v) in enumerate(score_state.get("moments", ())):  # Adam on the scores
         tensors[f"score_moments/{i}/m"] = m.contiguous()
@@ -80,7 +80,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not an abp training checkpoint")
     pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
     so = pick("score_optim/")
-    score_state = {"gamma": so["gamma"][0], "active": so["active"][0], "zeros": so["zeros"][0],
+    score_state = {"gamma": so["gamma"][0], "active": so["active"][0], "pruned": so["pruned"][0],
                    "steps": int(meta["score_steps"]), "lr": float(meta["score_lr"])}
     if "score_moment_steps" in meta:
         steps = json.loads(meta["score_moment_steps"])

@@ -40,8 +40,8 @@ class ABPConfig:
     unused_token_scale: float = 1.0  # input-embedding rows of tokens no training example contains start at
     #   θ0 × this (< 1: pruned first; 1: no data prior). They get no gradient, so only their θ0 orders them
     score_optimizer: str = "adam"  # adam: θ ← θ − α·adam(∇) − γ | sgd: θ ← θ − α∇ − γ (the paper; the only one
-    #   the fused in-backward update runs). Adam's step does not scale with the gradient, whose size spans
-    #   orders of magnitude between tensors
+    #   the fused in-backward update runs) | adam_tensor: Adam with one second moment per tensor. Adam's step does
+    #   not scale with the gradient, whose size spans orders of magnitude between tensors
     recovery: bool = True  # connection recovery: pruned scores may turn positive again
     mask_embeddings: bool = True  # mask the embedding tables too (word, position, type)
     mask_layernorm: bool = False  # mask LayerNorm weights and biases
@@ -68,7 +68,7 @@ class ABPConfig:
     backbone_dtype: str = "auto"  # frozen weights: bf16 on CUDA (they need no fp32 master), fp32 on CPU
     autocast: bool = True  # bf16 autocast on CUDA
     fused_update: str = "auto"  # auto | on | off: score step inside the backward epilogue
-    backend: Optional[str] = None  # abp backend for the masked layers (None = ABP_BACKEND / auto)
+    backend: Optional[str] = None  # preferred abp backend (an op it lacks or cannot run takes auto; None = ABP_BACKEND / auto)
     distributed: str = "auto"  # under torchrun (WORLD_SIZE > 1): auto (= ddp) | ddp | fsdp (FULL_SHARD, FSDP2)
 
     def mask_config(self):
@@ -79,7 +79,7 @@ class ABPConfig:
         return MaskConfig(embeddings=self.mask_embeddings, layernorm=self.mask_layernorm, mask_bias=self.mask_bias,
                           exclude=list(self.exclude), score_init=self.score_init,
                           score_init_spread=self.score_init_spread, score_init_mode=self.score_init_mode,
-                          score_init_std=self.score_init_std, t_hard=self.t_l, t_soft=self.t_s)
+                          score_init_std=self.score_init_std, t_l=self.t_l, t_s=self.t_s)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

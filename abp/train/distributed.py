@@ -18,7 +18,7 @@ mean loss, uneven splits included. The engine is PyTorch's own:
 
 Outputs match the single-process run: rank 0 alone writes (mask file, checkpoints, history,
 metrics; atomically), the others wait at a barrier. Checkpoints hold only global state (full scores,
-head, optimiser, γ/active/zeros, RNG), so a run resumes at any world size. Dev evaluation is gathered:
+head, optimiser, γ/active/pruned count, RNG), so a run resumes at any world size. Dev evaluation is gathered:
 rank ``r`` predicts batches ``r, r+W, ...`` and every rank receives all predictions. Dropout: each
 rank draws its masks from a generator reseeded every step from ``(seed, step, rank)``, so a run is
 reproducible and resumable for a given world size; it cannot equal the single-process dropout masks,
@@ -41,8 +41,8 @@ from torch import nn
 from abp import _ops
 from abp.functional import ScoreSGD
 from abp.patch import masked_modules, score_tensors, sparsity as local_sparsity
-from abp.train import metrics as M
-from abp.train.evaluate import _custom_metrics, evaluate_model, hard_masks
+from abp.train.metrics import custom_metrics, evaluate_splits
+from abp.train.evaluate import evaluate_model, hard_masks
 from abp.train.score_optim import FusedUpdateError, ScoreOptimizer, calibrate_score_lr
 
 log = logging.getLogger("abp")
@@ -76,10 +76,6 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
 
 
 def local_device(device: torch.device) -> torch.device:
@@ -183,7 +179,7 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 # ------------------------------------------------------------------------------------- sharded scores
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
     """The local shard of an FSDP2 DTensor (a view: in-place updates land in the sharded parameter)."""
     return t.to_local() if hasattr(t, "to_local") else t
 
@@ -223,17 +219,20 @@ class ShardedScoreOptimizer(ScoreOptimizer):
         if kw.get("fused"):
             raise FusedUpdateError("fused score update refused under FSDP: the score gradient is reduce-scattered "
                                    "across ranks before any update (use fused_update=off/auto)")
+        if kw.get("optimizer") == "adam_tensor":
+            raise ValueError("the adam_tensor score optimizer needs each tensor's mean square gradient, which FSDP "
+                             "shards across ranks: use adam or sgd under FSDP (DDP runs adam_tensor)")
         super().__init__(model, **kw)
 
     def attach(self) -> None:
         """Re-point at the modules' scores after ``fully_shard`` replaced them; move state to their device."""
         self.scores = [s for _, m in self.modules for _, _, s in m.score_pairs()]
-        device = _local(self.scores[0]).device
+        device = local_shard(self.scores[0]).device
         self.gamma, self.active = self.gamma.to(device), self.active.to(device)
-        self.counts, self.zeros = self.counts.to(device), self.zeros.to(device)
+        self.counts, self.pruned = self.counts.to(device), self.pruned.to(device)
         self._sgd = ScoreSGD(self.lr, self.gamma, self.active, self.recovery)
         if self.moments:  # Adam: moments of this rank's shard (elementwise, so the update equals the unsharded one)
-            self.moments = [(torch.zeros_like(_local(s).detach()), torch.zeros_like(_local(s).detach())) for s in self.scores]
+            self.moments = [(torch.zeros_like(local_shard(s).detach()), torch.zeros_like(local_shard(s).detach())) for s in self.scores]
 
     def full_state_dict(self) -> dict:
         """The state with Adam's moments gathered to full tensors (collective: every rank calls it)."""
@@ -253,9 +252,9 @@ class ShardedScoreOptimizer(ScoreOptimizer):
         """Global counts of θ ≤ 0: each rank counts its shards, then they are summed over ranks."""
         if not any(_is_sharded(s) for s in self.scores):  # still on the full tensors (before attach)
             return super().recount()
-        local = torch.stack([(_local(s) <= 0).sum() for s in self.scores])
+        local = torch.stack([(local_shard(s) <= 0).sum() for s in self.scores])
         dist.all_reduce(local)
-        self.counts, self.zeros = local, local.sum()
+        self.counts, self.pruned = local, local.sum()
 
     @torch.no_grad()
     def step(self) -> None:
@@ -265,10 +264,10 @@ class ShardedScoreOptimizer(ScoreOptimizer):
         if live:
             scores = [self.scores[i] for i in live]
             counts = torch.empty(len(live), dtype=torch.int64, device=self.counts.device)
-            grads = [_local(s.grad) for s in scores]
-            if self.optimizer == "adam":
+            grads = [local_shard(s.grad) for s in scores]
+            if self.optimizer != "sgd":
                 grads = self._adam_directions(live, grads)
-            _ops.multi_score_update_([_local(s) for s in scores], grads, self.lr,
+            _ops.multi_score_update_([local_shard(s) for s in scores], grads, self.lr,
                                      self.gamma, self.active, self.recovery, counts, self.backend)
             dist.all_reduce(counts)  # per-tensor θ ≤ 0 over all shards: the same global counts on every rank
             self.counts[torch.tensor(live, device=counts.device)] = counts
@@ -285,12 +284,12 @@ def sharded_calibrate_score_lr(model: nn.Module, *, prune_steps: int, ratio: flo
     checks it against ``calibrate_score_lr`` on the unsharded model, so the two cannot drift apart.
     """
     pairs = [s for _, m in masked_modules(model) for _, _, s in m.score_pairs()]
-    stats = torch.zeros(len(pairs), 4, dtype=torch.float64, device=_local(pairs[0]).device)
+    stats = torch.zeros(len(pairs), 4, dtype=torch.float64, device=local_shard(pairs[0]).device)
     for i, s in enumerate(pairs):
-        loc = _local(s.detach())
+        loc = local_shard(s.detach())
         stats[i, 0] = loc.double().abs().sum()
         if s.grad is not None:
-            g = _local(s.grad.detach()).double()
+            g = local_shard(s.grad.detach()).double()
             stats[i, 1], stats[i, 2], stats[i, 3] = g.pow(2).sum(), (g != 0).sum(), 1.0
     dist.all_reduce(stats)
     init = [float(stats[i, 0]) / s.numel() for i, s in enumerate(pairs)]
@@ -346,7 +345,7 @@ def gather_predictions(model: nn.Module, batchers: dict, *, autocast: bool = Tru
     collective) makes ranks with fewer batches run a discarded extra forward so all run as many.
     """
     r, world = rank(), world_size()
-    device = _local(next(model.parameters())).device
+    device = local_shard(next(model.parameters())).device
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and autocast) else contextlib.nullcontext()
     was_training = model.training
     model.eval()
@@ -561,9 +560,9 @@ class Parallel:
         if self.kind == "fsdp":
             self.reshard(model)
         if task:
-            return M.evaluate_splits(task, outputs)
+            return evaluate_splits(task, outputs)
         (p, y), = outputs.values()
-        return _custom_metrics(p, y, num_labels)
+        return custom_metrics(p, y, num_labels)
 
     @staticmethod
     def reshard(model: nn.Module) -> None:
@@ -584,8 +583,8 @@ class Parallel:
         for name, s in score_tensors(model):
             if not _is_sharded(s):
                 raise RuntimeError(f"FSDP: {name} is not sharded now (call Parallel.reshard after a no-grad forward)")
-            counts[0] += (_local(s) <= 0).sum()
-            counts[1] += _local(s).numel()
+            counts[0] += (local_shard(s) <= 0).sum()
+            counts[1] += local_shard(s).numel()
         dist.all_reduce(counts)
         return float(counts[0] / counts[1])
 

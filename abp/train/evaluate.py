@@ -8,26 +8,26 @@ from typing import Iterator, Optional
 import torch
 
 from abp.patch import masked_modules
-from abp.train import data as D
-from abp.train import metrics as M
+from abp.train.data import Batcher, load_split
+from abp.train.metrics import custom_metrics, evaluate_splits
 
 
 @contextlib.contextmanager
 def hard_masks(model: torch.nn.Module) -> Iterator[None]:
     """Forward with ``1[θ>0]`` (what a mask file holds) instead of σ(t_l·θ) inside the block."""
-    saved = [(m, m.t_hard) for _, m in masked_modules(model)]
+    saved = [(m, m.t_l) for _, m in masked_modules(model)]
     for m, _ in saved:
-        m.t_hard = None
+        m.t_l = None
     try:
         yield
     finally:
         for m, t in saved:
-            m.t_hard = t
+            m.t_l = t
 
 
 def dev_batchers(dev_sets: dict[str, list], tokenizer, *, batch_size: int = 64, max_length: int = 128) -> dict:
     """One :class:`~abp.train.data.Batcher` per dev split (tokenised once, reused at every eval)."""
-    return {split: D.Batcher(ex, tokenizer, batch_size=batch_size, max_length=max_length, shuffle=False)
+    return {split: Batcher(ex, tokenizer, batch_size=batch_size, max_length=max_length, shuffle=False)
             for split, ex in dev_sets.items()}
 
 
@@ -55,17 +55,9 @@ def evaluate_model(model: torch.nn.Module, batchers: dict, *, task: Optional[str
     finally:
         model.train(was_training)
     if task:
-        return M.evaluate_splits(task, outputs)
+        return evaluate_splits(task, outputs)
     (p, y), = outputs.values()
-    return _custom_metrics(p, y, num_labels)
-
-
-def _custom_metrics(preds: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, float]:
-    """Custom datasets: accuracy for classification, Pearson/Spearman for regression."""
-    if num_labels == 1:
-        p, y = preds.reshape(-1).double().numpy(), labels.double().numpy()
-        return {"pearson": M.pearson(p, y), "spearman": M.spearman(p, y)}
-    return {"accuracy": M.accuracy(preds.argmax(-1).numpy(), labels.numpy())}
+    return custom_metrics(p, y, num_labels)
 
 
 def evaluate_mask_file(mask_path: str, *, model: Optional[str] = None, task: Optional[str] = None,
@@ -79,7 +71,7 @@ def evaluate_mask_file(mask_path: str, *, model: Optional[str] = None, task: Opt
     from abp.models import load_backbone
     from abp.train.heads import Classifier, make_head
     from abp.train.tasks import get_task
-    from abp.train.trainer import pick_device
+    from abp.train.devices import pick_device
 
     mf = abp.read_mask_file(mask_path)
     extra = mf.extra
@@ -101,7 +93,7 @@ def evaluate_mask_file(mask_path: str, *, model: Optional[str] = None, task: Opt
                      pool=extra.get("head_pool", "cls"))
     head.load_state_dict(mf.head)
     clf = Classifier(backbone, head, spec.num_labels).to(pick_device(device))
-    devs = {split: D.load_split(spec.name, split, glue_dir) for split in spec.dev_splits}
+    devs = {split: load_split(spec.name, split, glue_dir) for split in spec.dev_splits}
     batchers = dev_batchers(devs, tok, batch_size=batch_size, max_length=max_length)
     metrics = evaluate_model(clf, batchers, task=spec.name, num_labels=spec.num_labels)
     return {"task": spec.name, "sparsity": abp.sparsity(backbone), "metrics": metrics, "mask_file": str(mask_path)}

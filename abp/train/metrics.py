@@ -155,7 +155,7 @@ def compute_metrics(task: TaskLike, predictions: Any, labels: Any) -> dict[str, 
         return {m: funcs[m](pred, lab) for m in task.metrics}
 
     if not np.issubdtype(lab.dtype, np.integer):
-        raise ValueError(f"task {task.name}: classification labels must be integer class ids, got dtype {lab.dtype}")
+        raise TypeError(f"task {task.name}: classification labels must be integer class ids, got dtype {lab.dtype}")
     if lab.min() < 0 or lab.max() >= task.num_labels:
         raise ValueError(f"task {task.name}: labels must lie in [0, {task.num_labels}), got [{lab.min()}, {lab.max()}]")
     cls = _class_predictions(task, pred).astype(np.int64)
@@ -200,3 +200,11 @@ def primary_metric(task: TaskLike) -> str:
     """The key a trainer selects on (higher is better): e.g. ``accuracy`` for SST-2, ``pearson`` for
     STS-B, ``matthews`` for CoLA, ``f1`` for MRPC/QQP, ``accuracy_matched`` for MNLI."""
     return get_task(task).primary_metric
+
+
+def custom_metrics(preds: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, float]:
+    """Custom datasets: accuracy for classification, Pearson/Spearman for regression."""
+    if num_labels == 1:
+        p, y = preds.reshape(-1).double().numpy(), labels.double().numpy()
+        return {"pearson": pearson(p, y), "spearman": spearman(p, y)}
+    return {"accuracy": accuracy(preds.argmax(-1).numpy(), labels.numpy())}

@@ -26,25 +26,17 @@ import abp
 from abp._atomic import write_text
 from abp.models import load_backbone, native_pooling, resolve_model
 from abp.patch import mask_model, masked_modules, score_tensors
-from abp.train import data as D
+from abp.train.data import Batcher, load_custom, load_split, subsample
 from abp.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from abp.train.config import RESUMABLE_CHANGES, ABPConfig
-from abp.train.distributed import Parallel
+from abp.train.devices import pick_device
+from abp.train.distributed import Parallel, local_shard
 from abp.train.heads import Classifier, make_head
 from abp.train.evaluate import dev_batchers
 from abp.train.score_optim import FusedUpdateError, adam_score_lr
 from abp.train.tasks import get_task
 
 log = logging.getLogger("abp")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for, but torch sees no CUDA device")
-    return dev
 
 
 class Trainer:
@@ -64,7 +56,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.task = get_task(cfg.task) if cfg.train_file is None else None
         self.num_labels = self.task.num_labels if self.task else cfg.num_labels
-        train_set, dev_sets = self._load_data()  # before the model: bad data fails fast
+        train_set, dev_sets = self.prepare_data(*self._load_data())  # before the model: bad data fails fast
         if cfg.epochs is not None:  # the budget in epochs (the paper's): resolved once, recorded in checkpoints
             cfg = self.cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * len(train_set) / cfg.batch_size)))
             log.info("abp: %g epochs of %d examples = %d steps of batch %d", cfg.epochs, len(train_set), cfg.max_steps,
@@ -92,17 +84,33 @@ class Trainer:
         self.scores = self.dist.score_optimizer(self.model, lr=cfg.score_lr or 0.0, target_sparsity=cfg.target_sparsity,
                                                 prune_steps=max(1, int(cfg.prune_fraction * cfg.max_steps)), gamma=cfg.gamma,
                                                 recovery=cfg.recovery, fused=self.fused, schedule=cfg.schedule,
-                                                backend=self._score_update_backend(), optimizer=cfg.score_optimizer)
+                                                backend=abp.backends.prefer(cfg.backend), optimizer=cfg.score_optimizer)
         if not learn_mask:
             self.scores.freeze()
         self.dist.prepare(self.model, self.scores)  # FSDP: shard now that the scores' state is built
         opt = torch.optim.AdamW if cfg.head_optimizer == "adamw" else torch.optim.SGD
         self.head_opt = opt(self.model.head.parameters(), lr=cfg.head_lr)
-        self.train_batches = D.Batcher(train_set, self.tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
+        self.train_batches = Batcher(train_set, self.tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
                                        shuffle=True, seed=cfg.seed)
         self.dev_batchers = dev_batchers(dev_sets, self.tokenizer, batch_size=max(64, cfg.batch_size),
                                          max_length=cfg.max_length)
         self.step, self.history, self.best = 0, [], {"metric": -math.inf, "step": None, "sparsity": None}
+
+    # ------------------------------------------------------------------ extension points
+    # What a method built on the Trainer overrides (abp.experiments.trainers); the loop calls these and
+    # subclasses need nothing private.
+    def prepare_data(self, train: list, dev_sets: dict[str, list]) -> tuple[list, dict[str, list]]:
+        """The loaded examples (train, dev split → examples), before tokenisation; returns what the run uses."""
+        return train, dev_sets
+
+    def after_score_step(self) -> None:
+        """Called after each score update of the pruning phase (``self.step`` counts it; not once pruning stopped)."""
+
+    def save_extra_state(self, checkpoint: Path) -> None:
+        """Write state of the subclass's own beside ``checkpoint`` (every rank calls it, after the checkpoint)."""
+
+    def load_extra_state(self, checkpoint: Path) -> None:
+        """Restore what :meth:`save_extra_state` wrote, at resume (after the Trainer's own state)."""
 
     # ------------------------------------------------------------------ setup helpers
     @torch.no_grad()
@@ -129,13 +137,6 @@ class Trainer:
             return torch.bfloat16 if self.device.type == "cuda" else None
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[want]
 
-    def _score_update_backend(self) -> str:
-        """The backend asked for (``cfg.backend``, else ``ABP_BACKEND``) names the masked layers' kernels; the
-        multi-tensor score update takes it where that backend implements it (Triton has no multi-tensor update),
-        else ``auto``. metrics.json records which backend ran each op."""
-        b = abp.backends.requested(self.cfg.backend)
-        return b if b in abp.backends.implementations("multi_score_update_") else "auto"
-
     @property
     def score_update_path(self) -> str:
         """Which score update runs (recorded in metrics.json)."""
@@ -154,7 +155,7 @@ class Trainer:
         if self.cfg.fused_update == "on" or (self.cfg.fused_update == "auto" and self.device.type == "cuda" and not why):
             reused = self._masked_linears_called_twice()
             if reused:
-                why.append(f"masked layers called more than once per forward (shared layers, as in ALBERT): {reused[:3]}")
+                why.append(reused)
         if self.cfg.fused_update == "on" and why:
             raise FusedUpdateError("fused score update refused: it would not be exact with " + " and ".join(why))
         if self.cfg.fused_update == "auto":
@@ -164,9 +165,10 @@ class Trainer:
         return self.cfg.fused_update == "on"
 
     @torch.no_grad()
-    def _masked_linears_called_twice(self) -> list[str]:
-        """Names of masked linear layers that one forward of the backbone calls twice (one tiny dry run):
-        the in-backward update of such a layer would move its mask between its two uses."""
+    def _masked_linears_called_twice(self) -> str:
+        """Why the fused update is not known to be exact here, or ``""``: masked linear layers that one forward of the
+        backbone calls twice (one tiny dry run; the in-backward update of such a layer would move its mask between
+        its two uses), or a dry run that could not run at all (then nothing is known either way)."""
         calls: dict[str, int] = {}
         linears = [(name, m) for name, m in masked_modules(self.model.backbone) if isinstance(m, abp.MaskedLinear)]
         hooks = [m.register_forward_pre_hook(lambda mod, args, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
@@ -182,26 +184,28 @@ class Trainer:
             with torch.random.fork_rng(devices=devices), self._autocast():
                 backbone.eval()
                 backbone(input_ids=ids, attention_mask=torch.ones_like(ids))
-        except Exception as e:  # a backbone this probe cannot drive: not known to be safe for the fused update
-            return [f"(dry run failed: {type(e).__name__}: {e})"]
+        except Exception as e:  # a backbone this probe cannot drive (e.g. it needs other inputs): nothing is known
+            return (f"the check for masked layers used twice per forward could not run ({type(e).__name__}: {e}; "
+                    "its dry run feeds input_ids and attention_mask only)")
         finally:
             backbone.train(was_training)
             for h in hooks:
                 h.remove()
             for m, was in serving:
                 m.serve_bits = was
-        return sorted(n for n, c in calls.items() if c > 1)
+        twice = sorted(n for n, c in calls.items() if c > 1)
+        return f"masked layers called more than once per forward (shared layers, as in ALBERT): {twice[:3]}" if twice else ""
 
     def _load_data(self):
         cfg = self.cfg
         if self.task is None:
             cols = tuple(cfg.text_columns)
-            train = D.load_custom(cfg.train_file, text_columns=cols, label_column=cfg.label_column, num_labels=cfg.num_labels)
-            train = D.subsample(train, cfg.train_subsample, cfg.seed)
-            dev = D.load_custom(cfg.dev_file, text_columns=cols, label_column=cfg.label_column, num_labels=cfg.num_labels)
+            train = load_custom(cfg.train_file, text_columns=cols, label_column=cfg.label_column, num_labels=cfg.num_labels)
+            train = subsample(train, cfg.train_subsample, cfg.seed)
+            dev = load_custom(cfg.dev_file, text_columns=cols, label_column=cfg.label_column, num_labels=cfg.num_labels)
             return train, {"dev": dev}
-        train = D.load_split(self.task.name, "train", cfg.glue_dir, max_examples=cfg.train_subsample, seed=cfg.seed)
-        devs = {split: D.load_split(self.task.name, split, cfg.glue_dir) for split in self.task.dev_splits}
+        train = load_split(self.task.name, "train", cfg.glue_dir, max_examples=cfg.train_subsample, seed=cfg.seed)
+        devs = {split: load_split(self.task.name, split, cfg.glue_dir) for split in self.task.dev_splits}
         return train, devs
 
     # ------------------------------------------------------------------ evaluation
@@ -284,11 +288,14 @@ class Trainer:
                     self._calibrate()
             for i in range(cfg.grad_accum):
                 run_loss += self._backward(next(batches), cfg.grad_accum, last=i == cfg.grad_accum - 1)
+            pruning = self.learn_mask and self.step >= warm and not self.scores.frozen
             if self.learn_mask and self.step >= warm:
                 self.scores.step()
             self.head_opt.step()
             self.head_opt.zero_grad(set_to_none=True)
             self.step += 1
+            if pruning:
+                self.after_score_step()
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 self._log_point(run_loss, bar)
@@ -311,10 +318,10 @@ class Trainer:
 
     def _calibrate(self) -> None:
         """Auto α from the gradient scale of the next batch (no update is applied); Adam needs no gradient."""
-        if self.cfg.score_optimizer == "adam":
+        if self.cfg.score_optimizer != "sgd":
             lr = adam_score_lr(self.model, prune_steps=self.scores.prune_steps, ratio=self.cfg.score_lr_ratio)
             self.scores.set_lr(lr)
-            log.info("abp: score learning rate α (adam) set to %.4g", lr)
+            log.info("abp: score learning rate α (%s) set to %.4g", self.cfg.score_optimizer, lr)
             return
         fused = [(m, m.fused_update) for m in self.scores.fused_modules]
         for m, _ in fused:
@@ -394,6 +401,7 @@ class Trainer:
             "train_seconds_this_process": round(seconds, 1),
             "device": str(self.device),
             "backends": abp.last_backend(),
+            "backend_notes": {op: s for op, s in abp.last_backend(why=True).items() if s != abp.last_backend(op)},
             "fused_update": self.fused,
             "score_update": self.score_update_path,
             "distributed": self.dist.describe(),
@@ -407,11 +415,9 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _check_finite_scores(self) -> None:
         """Refuse to go on (and to overwrite the last good checkpoint) once a score is NaN/inf."""
-        from abp.train.distributed import _local
-
         bad = torch.zeros((), dtype=torch.float64, device=self.device)
         for _, s in score_tensors(self.model):
-            bad += (~torch.isfinite(_local(s).detach())).sum()
+            bad += (~torch.isfinite(local_shard(s).detach())).sum()
         anywhere = float(self.dist.average((bad > 0).double())) > 0  # one sync, at evals and checkpoints only
         if anywhere:
             where = f"{int(bad)} here" if self.dist.world > 1 else f"{int(bad)}"
@@ -426,6 +432,7 @@ class Trainer:
             save_checkpoint(path, scores=dict(score_tensors(full)), head=self.model.head, head_opt=self.head_opt,
                             score_state=score_state, info=info)
         self.dist.barrier()
+        self.save_extra_state(path)
 
     def _restore(self, path: Path) -> None:
         ck = load_checkpoint(path)
@@ -451,6 +458,7 @@ class Trainer:
         self.step, self.history, self.best = info["step"], info["history"], info["best"]
         if self.best["metric"] is None:
             self.best["metric"] = -math.inf
+        self.load_extra_state(path)
         log.info("abp: resumed from %s at step %d", path, self.step)
 
 

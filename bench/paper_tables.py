@@ -1,0 +1,67 @@
+"""The README's grid tables, built from a grid's record (``abp experiment`` output): mean ± std over seeds.
+
+    python -P bench/paper_tables.py bench/results/paper          # prints the markdown tables
+
+Cells with one run say ``(n = 1)``; a run that missed its target sparsity is marked with the sparsity it reached.
+The rows and their labels are the README's; a method the record lacks is left out.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+from collections import defaultdict
+
+from abp.experiments.record import collect_results
+from abp.train.tasks import get_task
+
+ROWS = [
+    ("abp", "ABP, abp's default (θ0 ∝ \\|w\\|, Adam)"),
+    ("abp_adam_tensor", "ABP, θ0 ∝ \\|w\\| + Adam with one second moment per tensor"),
+    ("abp_uniform", "ABP, uniform θ0 + plain SGD"),
+    ("abp_magnitude", "ABP, θ0 ∝ \\|w\\| + plain SGD"),
+    ("abp_uniform_adam", "ABP, uniform θ0 + Adam"),
+    ("abp_usage", "ABP default + unused token rows first"),
+    ("abp_paper", "ABP with the paper's α, β, γ, θ0"),
+    ("random", "random mask (head trained)"),
+    ("mp", "magnitude pruning (Zhu & Gupta, mask on the original weights)"),
+    ("imp", "IMP (rewinding; one trajectory per seed)"),
+    ("wanda", "Wanda (training-free)"),
+    ("feature_extraction", "feature extraction (dense, frozen)"),
+    ("finetune", "full fine-tuning (dense)"),
+]
+SPARSITIES = (0.2, 0.5, 0.7, 0.9, 0.95, 0.99)
+
+
+def cell(runs: list[dict], metric: str) -> str:
+    vals = [float(r["metrics"][metric]) for r in runs]
+    if not vals:
+        return ""
+    missed = [r["sparsity_reached"] for r in runs
+              if r.get("sparsity") is not None and r.get("sparsity_reached") is not None
+              and r["sparsity_reached"] < r["sparsity"] - 0.005]
+    note = f" [s {min(missed):.3f}]" if missed else ""
+    if len(vals) == 1:
+        return f"{vals[0]:.3f} (n = 1){note}"
+    return f"{statistics.fmean(vals):.3f} ± {statistics.stdev(vals):.3f}{note}" + ("" if len(vals) == 3 else f" (n = {len(vals)})")
+
+
+def tables(output: str) -> str:
+    out = []
+    for (task, _model), results in collect_results(output).items():
+        metric = get_task(task).primary_metric
+        by = defaultdict(list)
+        for r in results:
+            by[(r["method"], r["sparsity"])].append(r)
+        out += [f"| {task} dev {metric} | dense | " + " | ".join(f"s = {s:g}" for s in SPARSITIES) + " |",
+                "|---|---|" + "---|" * len(SPARSITIES)]
+        for method, label in ROWS:
+            if not any(m == method for m, _ in by):
+                continue
+            cells = [cell(by.get((method, None), []), metric)] + [cell(by.get((method, s), []), metric) for s in SPARSITIES]
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(tables(sys.argv[1] if len(sys.argv) > 1 else "bench/results/paper"))
