@@ -85,7 +85,7 @@ def _resolve(backend: str | None) -> tuple[str, bool, str]:
     if backend and not backend.startswith(_PREFER):
         return _check_name(backend), True, "backend="
     if backend:
-        return _check_name(backend[len(_PREFER):]), False, "the layer's backend"
+        return _check_name(backend[len(_PREFER):]), False, "the layer's (or run's) backend"
     if _override:
         return _check_name(_override[-1]), False, "use_backend"
     env = os.environ.get("ABP_BACKEND", "")

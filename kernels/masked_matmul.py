@@ -3,7 +3,7 @@
 One Triton kernel serves both: it computes ``out[M, N] = A[M, K] @ B[K, N]`` where ``B`` is a
 strided view of the weight (``Wᵀ`` for the forward, ``W`` for dX). Each K-step loads the weight
 tile and the fp32 score tile, turns the scores into the mask in registers (``1[θ>0]`` through a
-constexpr branch, or ``σ(t_hard·θ)``) and multiplies before ``tl.dot``: ``W⊙M`` never exists in
+constexpr branch, or ``σ(t_l·θ)``) and multiplies before ``tl.dot``: ``W⊙M`` never exists in
 memory. Accumulation is fp32; output in the activation dtype. Tiling follows Triton tutorial 03
 (``BLOCK_M/N/K`` with ``GROUP_SIZE_M`` swizzle for L2 reuse, row/column indices wrapped modulo
 the size so only the K tail needs a load mask, stores masked).
@@ -35,12 +35,12 @@ _MAX_NUMEL = 2**31 - 1
 def check_tensor(name: str, t, *, ndim: int, dtypes=None, shape=None) -> None:
     """Raise ValueError unless ``t`` is a tensor with ``ndim`` dims, an allowed dtype and shape."""
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise ValueError(f"{name} must have dtype {allowed}; got {str(t.dtype).replace('torch.', '')}")
+        raise TypeError(f"{name} must have dtype {allowed}; got {str(t.dtype).replace('torch.', '')}")
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.numel() > _MAX_NUMEL:
@@ -83,7 +83,7 @@ def check_device(**tensors: Optional[Tensor]) -> torch.device:
     if not ok:
         raise ValueError(why)
     if configs.INTERPRET and any(v.dtype == torch.bfloat16 for v in present.values()):
-        raise ValueError("bfloat16 is not supported under the Triton interpreter (it has no bf16 "
+        raise TypeError("bfloat16 is not supported under the Triton interpreter (it has no bf16 "
                          "arithmetic); run bf16 on a GPU")
     return device
 
@@ -110,14 +110,14 @@ def tile_coords(pid, ROWS, COLS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, G
 
 
 @triton.jit
-def apply_mask(w, s, t_hard, HARD: tl.constexpr):
-    """``w ⊙ mask(s)`` in fp32 registers: ``1[s>0]`` if ``HARD`` else ``σ(t_hard·s)``."""
+def apply_mask(w, s, t_l, HARD: tl.constexpr):
+    """``w ⊙ mask(s)`` in fp32 registers: ``1[s>0]`` if ``HARD`` else ``σ(t_l·s)``."""
     w = w.to(tl.float32)
     if HARD:
         return tl.where(s > 0.0, w, 0.0)
     else:
-        # clamped: σ(±88) is 0/1 to fp32 precision, and exp never overflows (t_hard = 1e5 makes |s·t_hard| huge)
-        return w * tl.sigmoid(tl.minimum(tl.maximum(s * t_hard, -88.0), 88.0))
+        # clamped: σ(±88) is 0/1 to fp32 precision, and exp never overflows (t_l = 1e5 makes |s·t_l| huge)
+        return w * tl.sigmoid(tl.minimum(tl.maximum(s * t_l, -88.0), 88.0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def _masked_mm_kernel(
     stride_wk, stride_wn,
     stride_sk, stride_sn,
     stride_om, stride_on,
-    t_hard,
+    t_l,
     # meta-parameters
     HARD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_SCORES: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -158,7 +158,7 @@ def _masked_mm_kernel(
         k_in = offs_k[:, None] < k_left
         w = tl.load(w_ptrs, mask=k_in, other=0.0)
         s = tl.load(s_ptrs, mask=k_in, other=0.0)
-        wm = apply_mask(w, s, t_hard, HARD).to(a.dtype)
+        wm = apply_mask(w, s, t_l, HARD).to(a.dtype)
         acc = tl.dot(a, wm, acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
@@ -167,7 +167,7 @@ def _masked_mm_kernel(
     if HAS_BIAS:
         b = tl.load(b_ptr + offs_n)
         if HAS_BIAS_SCORES:
-            b = apply_mask(b, tl.load(bs_ptr + offs_n), t_hard, HARD)
+            b = apply_mask(b, tl.load(bs_ptr + offs_n), t_l, HARD)
         acc += b.to(tl.float32)[None, :]
 
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
@@ -177,12 +177,12 @@ def _masked_mm_kernel(
 # Two tuners over the one kernel: forward and dX have different shapes and operand layouts,
 # so each keeps its own (M, N, K) → config cache.
 _TILE_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_SIZE_M")
-_fwd_kernel = configs.autotune(*_TILE_NAMES, key=["M_BUCKET", "N", "K"])(_masked_mm_kernel)
-_dx_kernel = configs.autotune(*_TILE_NAMES, key=["M_BUCKET", "N", "K"])(_masked_mm_kernel)
+_fwd_kernel = configs.autotune("masked_matmul", *_TILE_NAMES, key=["M_BUCKET", "N", "K"])(_masked_mm_kernel)
+_dx_kernel = configs.autotune("masked_matmul_dx", *_TILE_NAMES, key=["M_BUCKET", "N", "K"])(_masked_mm_kernel)
 
 
 def _launch(tuner, a: Tensor, w_kn_strides, weight: Tensor, scores: Tensor, s_kn_strides,
-            out: Tensor, K: int, t_hard, bias=None, bias_scores=None) -> Tensor:
+            out: Tensor, K: int, t_l, bias=None, bias_scores=None) -> Tensor:
     M, N = out.shape
     if out.numel() == 0:
         return out
@@ -199,8 +199,8 @@ def _launch(tuner, a: Tensor, w_kn_strides, weight: Tensor, scores: Tensor, s_kn
         a.stride(0), a.stride(1),
         *w_kn_strides, *s_kn_strides,
         out.stride(0), out.stride(1),
-        float(t_hard) if t_hard is not None else 0.0,
-        HARD=t_hard is None, HAS_BIAS=bias is not None, HAS_BIAS_SCORES=bias_scores is not None,
+        float(t_l) if t_l is not None else 0.0,
+        HARD=t_l is None, HAS_BIAS=bias is not None, HAS_BIAS_SCORES=bias_scores is not None,
         INPUT_PRECISION=configs.input_precision(a.dtype),
     )
     return out
@@ -212,13 +212,13 @@ def masked_matmul(
     scores: Tensor,
     bias: Optional[Tensor] = None,
     bias_scores: Optional[Tensor] = None,
-    t_hard: Optional[float] = None,
+    t_l: Optional[float] = None,
 ) -> Tensor:
     """``y = x2d·(W⊙M)ᵀ + b⊙m_b`` → ``[M, N]`` in ``x2d.dtype`` (see :func:`abp.reference.masked_linear_fwd`).
 
     ``x2d`` [M, K] and ``weight`` [N, K] in one of fp32/fp16/bf16, ``scores`` fp32 [N, K];
     ``bias`` [N] (weight dtype) and ``bias_scores`` fp32 [N] optional (the latter needs the former).
-    ``t_hard=None`` → mask ``1[θ>0]``; a finite float → ``σ(t_hard·θ)``.
+    ``t_l=None`` → mask ``1[θ>0]``; a finite float → ``σ(t_l·θ)``.
     """
     check_tensor("x2d", x2d, ndim=2, dtypes=ACTIVATION_DTYPES)
     check_weight_and_scores(weight, scores, x2d.dtype)
@@ -227,7 +227,7 @@ def masked_matmul(
     if weight.shape[1] != K:
         raise ValueError(f"x2d is [M, K]=[{M}, {K}] but weight is {tuple(weight.shape)}, expected [N, {K}]")
     check_bias(bias, bias_scores, N, weight.dtype)
-    check_temperature("t_hard", t_hard, allow_none=True)
+    check_temperature("t_l", t_l, allow_none=True)
     check_device(x2d=x2d, weight=weight, scores=scores, bias=bias, bias_scores=bias_scores)
 
     x2d, weight, scores = x2d.contiguous(), weight.contiguous(), scores.contiguous()
@@ -236,13 +236,13 @@ def masked_matmul(
     out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     # B[k, n] = W[n, k]: the weight read transposed through its strides.
     return _launch(_fwd_kernel, x2d, (weight.stride(1), weight.stride(0)), weight, scores,
-                   (scores.stride(1), scores.stride(0)), out, K, t_hard, bias, bias_scores)
+                   (scores.stride(1), scores.stride(0)), out, K, t_l, bias, bias_scores)
 
 
-def masked_matmul_dx(dy2d: Tensor, weight: Tensor, scores: Tensor, t_hard: Optional[float] = None) -> Tensor:
+def masked_matmul_dx(dy2d: Tensor, weight: Tensor, scores: Tensor, t_l: Optional[float] = None) -> Tensor:
     """``dX = dy2d·(W⊙M)`` → ``[M, K]`` in ``dy2d.dtype`` (see :func:`abp.reference.masked_linear_dx`).
 
-    ``dy2d`` [M, N] and ``weight`` [N, K] in one dtype, ``scores`` fp32 [N, K]; ``t_hard`` as in
+    ``dy2d`` [M, N] and ``weight`` [N, K] in one dtype, ``scores`` fp32 [N, K]; ``t_l`` as in
     :func:`masked_matmul` (the forward's mask, not the backward surrogate).
     """
     check_tensor("dy2d", dy2d, ndim=2, dtypes=ACTIVATION_DTYPES)
@@ -251,11 +251,11 @@ def masked_matmul_dx(dy2d: Tensor, weight: Tensor, scores: Tensor, t_hard: Optio
     if weight.shape[0] != N:
         raise ValueError(f"dy2d is [M, N]=[{M}, {N}] but weight is {tuple(weight.shape)}, expected [{N}, K]")
     K = weight.shape[1]
-    check_temperature("t_hard", t_hard, allow_none=True)
+    check_temperature("t_l", t_l, allow_none=True)
     check_device(dy2d=dy2d, weight=weight, scores=scores)
 
     dy2d, weight, scores = dy2d.contiguous(), weight.contiguous(), scores.contiguous()
     out = torch.empty((M, K), dtype=dy2d.dtype, device=dy2d.device)
     # Generic kernel sizes: out [M, K], reduction over N; B[n, k] = W[n, k] read as stored.
     return _launch(_dx_kernel, dy2d, (weight.stride(0), weight.stride(1)), weight, scores,
-                   (scores.stride(0), scores.stride(1)), out, N, t_hard)
+                   (scores.stride(0), scores.stride(1)), out, N, t_l)

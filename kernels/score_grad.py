@@ -42,7 +42,7 @@ Tensor = torch.Tensor
 
 
 @triton.jit
-def _score_epilogue(acc, w, theta_ptrs, out_ptrs, valid, gamma_ptr, active_ptr, count_ptr, lr, t_soft,
+def _score_epilogue(acc, w, theta_ptrs, out_ptrs, valid, gamma_ptr, active_ptr, count_ptr, lr, t_s,
                     UPDATE: tl.constexpr, RECOVERY: tl.constexpr):
     """``dθ = acc ⊙ w ⊙ σ'(θ)``; store it, or step ``θ`` in place and count ``θ ≤ 0``.
 
@@ -50,8 +50,8 @@ def _score_epilogue(acc, w, theta_ptrs, out_ptrs, valid, gamma_ptr, active_ptr, 
     order is that of :func:`abp.reference.score_grad` and :func:`abp.reference.score_update_`.
     """
     theta = tl.load(theta_ptrs, mask=valid, other=0.0)
-    z = theta * t_soft
-    grad = acc * w.to(tl.float32) * (t_soft * tl.sigmoid(z) * tl.sigmoid(-z))  # σ(−z), not 1−σ(z): no cancellation
+    z = theta * t_s
+    grad = acc * w.to(tl.float32) * (t_s * tl.sigmoid(z) * tl.sigmoid(-z))  # σ(−z), not 1−σ(z): no cancellation
     if UPDATE:
         gamma = tl.load(gamma_ptr)
         active = tl.load(active_ptr)
@@ -72,7 +72,7 @@ def _weight_score_program(
     M, N, K,
     stride_dym, stride_dyn, stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk,
     stride_on, stride_ok,
-    lr, t_soft,
+    lr, t_s,
     UPDATE: tl.constexpr, RECOVERY: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_SIZE_N: tl.constexpr,
 ):
@@ -101,13 +101,13 @@ def _weight_score_program(
     _score_epilogue(acc, w,
                     s_ptr + rows[:, None] * stride_sn + cols[None, :] * stride_sk,
                     out_ptr + rows[:, None] * stride_on + cols[None, :] * stride_ok,
-                    valid, gamma_ptr, active_ptr, counts_ptr, lr, t_soft, UPDATE, RECOVERY)
+                    valid, gamma_ptr, active_ptr, counts_ptr, lr, t_s, UPDATE, RECOVERY)
 
 
 @triton.jit
 def _bias_score_program(
     pid, dy_ptr, b_ptr, bs_ptr, bout_ptr, gamma_ptr, active_ptr, counts_ptr,
-    M, N, stride_dym, stride_dyn, lr, t_soft,
+    M, N, stride_dym, stride_dyn, lr, t_s,
     UPDATE: tl.constexpr, RECOVERY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """One ``BLOCK_N`` strip of the bias-score grad: ``Σ_m dY[m, n]``, then the epilogue."""
@@ -123,7 +123,7 @@ def _bias_score_program(
         dy_ptrs += BLOCK_M * stride_dym
     b = tl.load(b_ptr + offs_n, mask=valid, other=0.0)
     _score_epilogue(acc, b, bs_ptr + offs_n, bout_ptr + offs_n, valid,
-                    gamma_ptr, active_ptr, counts_ptr, lr, t_soft, UPDATE, RECOVERY)
+                    gamma_ptr, active_ptr, counts_ptr, lr, t_s, UPDATE, RECOVERY)
 
 
 @triton.jit
@@ -137,7 +137,7 @@ def _score_grad_kernel(
     # strides (bias tensors are contiguous)
     stride_dym, stride_dyn, stride_xm, stride_xk,
     stride_wn, stride_wk, stride_sn, stride_sk, stride_on, stride_ok,
-    lr, t_soft,
+    lr, t_s,
     # meta-parameters
     HAS_BIAS_GRAD: tl.constexpr, UPDATE: tl.constexpr, RECOVERY: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -148,30 +148,30 @@ def _score_grad_kernel(
         n_bias = tl.cdiv(N, BLOCK_N)
         if pid < n_bias:
             _bias_score_program(pid, dy_ptr, b_ptr, bs_ptr, bout_ptr, gamma_ptr, active_ptr, counts_ptr + 1,
-                                M, N, stride_dym, stride_dyn, lr, t_soft,
+                                M, N, stride_dym, stride_dyn, lr, t_s,
                                 UPDATE, RECOVERY, BLOCK_N, BLOCK_M)
         else:
             _weight_score_program(pid - n_bias, dy_ptr, x_ptr, w_ptr, s_ptr, out_ptr,
                                   gamma_ptr, active_ptr, counts_ptr, M, N, K,
                                   stride_dym, stride_dyn, stride_xm, stride_xk, stride_wn, stride_wk,
-                                  stride_sn, stride_sk, stride_on, stride_ok, lr, t_soft,
+                                  stride_sn, stride_sk, stride_on, stride_ok, lr, t_s,
                                   UPDATE, RECOVERY, INPUT_PRECISION, BLOCK_N, BLOCK_K, BLOCK_M, GROUP_SIZE_N)
     else:
         _weight_score_program(pid, dy_ptr, x_ptr, w_ptr, s_ptr, out_ptr,
                               gamma_ptr, active_ptr, counts_ptr, M, N, K,
                               stride_dym, stride_dyn, stride_xm, stride_xk, stride_wn, stride_wk,
-                              stride_sn, stride_sk, stride_on, stride_ok, lr, t_soft,
+                              stride_sn, stride_sk, stride_on, stride_ok, lr, t_s,
                               UPDATE, RECOVERY, INPUT_PRECISION, BLOCK_N, BLOCK_K, BLOCK_M, GROUP_SIZE_N)
 
 
 _TILE_NAMES = ("BLOCK_N", "BLOCK_K", "BLOCK_M", "GROUP_SIZE_N")
-_grad_kernel = configs.autotune(*_TILE_NAMES, key=["M_BUCKET", "N", "K"])(_score_grad_kernel)
+_grad_kernel = configs.autotune("score_grad", *_TILE_NAMES, key=["M_BUCKET", "N", "K"])(_score_grad_kernel)
 # The update writes θ and the counts in place: restore them after each config the tuner tries.
-_update_kernel = configs.autotune(*_TILE_NAMES, key=["M_BUCKET", "N", "K"],
+_update_kernel = configs.autotune("score_grad_update", *_TILE_NAMES, key=["M_BUCKET", "N", "K"],
                                   restore_value=["s_ptr", "bs_ptr", "counts_ptr"])(_score_grad_kernel)
 
 
-def _check_inputs(dy2d, x2d, weight, scores, bias, bias_scores, t_soft) -> tuple[int, int, int]:
+def _check_inputs(dy2d, x2d, weight, scores, bias, bias_scores, t_s) -> tuple[int, int, int]:
     check_tensor("x2d", x2d, ndim=2, dtypes=ACTIVATION_DTYPES)
     M, K = x2d.shape
     check_tensor("dy2d", dy2d, ndim=2, dtypes=(x2d.dtype,))
@@ -183,12 +183,12 @@ def _check_inputs(dy2d, x2d, weight, scores, bias, bias_scores, t_soft) -> tuple
         raise ValueError(f"weight must be [N, K]=[{N}, {K}] for dy2d [M, N] and x2d [M, K]; "
                          f"got {tuple(weight.shape)}")
     check_bias(bias, bias_scores, N, weight.dtype)
-    check_temperature("t_soft", t_soft, allow_none=False)
+    check_temperature("t_s", t_s, allow_none=False)
     return M, N, K
 
 
 def _launch(tuner, dy2d, x2d, weight, scores, out, bias, bias_scores, bias_out,
-            gamma, active, counts, lr, t_soft, update: bool, recovery: bool) -> None:
+            gamma, active, counts, lr, t_s, update: bool, recovery: bool) -> None:
     M, K = x2d.shape
     N = dy2d.shape[1]
     has_bias_grad = bias_scores is not None
@@ -212,7 +212,7 @@ def _launch(tuner, dy2d, x2d, weight, scores, out, bias, bias_scores, bias_out,
         dy2d.stride(0), dy2d.stride(1), x2d.stride(0), x2d.stride(1),
         weight.stride(0), weight.stride(1), scores.stride(0), scores.stride(1),
         out.stride(0) if out is not None else 0, out.stride(1) if out is not None else 0,
-        float(lr), float(t_soft),
+        float(lr), float(t_s),
         HAS_BIAS_GRAD=has_bias_grad, UPDATE=update, RECOVERY=recovery,
         INPUT_PRECISION=configs.input_precision(x2d.dtype),
     )
@@ -225,7 +225,7 @@ def score_grad(
     scores: Tensor,
     bias: Optional[Tensor] = None,
     bias_scores: Optional[Tensor] = None,
-    t_soft: float = 1.0,
+    t_s: float = 1.0,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """``(dθ fp32 [N, K], dθ_b fp32 [N] or None)`` as :func:`abp.reference.score_grad`, without ``dW``.
 
@@ -233,7 +233,7 @@ def score_grad(
     [N, K]; the bias-score grad is computed when ``bias_scores`` (fp32 [N]) is given, which needs
     ``bias`` [N].
     """
-    M, N, K = _check_inputs(dy2d, x2d, weight, scores, bias, bias_scores, t_soft)
+    M, N, K = _check_inputs(dy2d, x2d, weight, scores, bias, bias_scores, t_s)
     check_device(dy2d=dy2d, x2d=x2d, weight=weight, scores=scores, bias=bias, bias_scores=bias_scores)
     dy2d, x2d, weight, scores = dy2d.contiguous(), x2d.contiguous(), weight.contiguous(), scores.contiguous()
     bias = bias.contiguous() if bias is not None else None
@@ -242,7 +242,7 @@ def score_grad(
     dscores = torch.empty((N, K), dtype=torch.float32, device=scores.device)
     dbias = torch.empty((N,), dtype=torch.float32, device=scores.device) if bias_scores is not None else None
     _launch(_grad_kernel, dy2d, x2d, weight, scores, dscores, bias, bias_scores, dbias,
-            None, None, None, 0.0, t_soft, update=False, recovery=True)
+            None, None, None, 0.0, t_s, update=False, recovery=True)
     return dscores, dbias
 
 
@@ -268,7 +268,7 @@ def score_grad_update_(
     counts: Tensor,
     bias: Optional[Tensor] = None,
     bias_scores: Optional[Tensor] = None,
-    t_soft: float = 1.0,
+    t_s: float = 1.0,
 ) -> None:
     """:func:`score_grad` then :func:`abp.reference.score_update_` on ``scores`` (and ``bias_scores``), fused.
 
@@ -279,9 +279,9 @@ def score_grad_update_(
     caller never synchronises with the host; ``lr`` is a Python float. Neither ``dW`` nor ``dθ``
     is allocated. The score tensors must be contiguous (they are written in place).
     """
-    M, N, K = _check_inputs(dy2d, x2d, weight, scores, bias, bias_scores, t_soft)
+    M, N, K = _check_inputs(dy2d, x2d, weight, scores, bias, bias_scores, t_s)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-        raise ValueError(f"lr must be a Python float, got {type(lr).__name__}")
+        raise TypeError(f"lr must be a Python float, got {type(lr).__name__}")
     if not isinstance(recovery, bool):
         raise ValueError(f"recovery must be a bool, got {type(recovery).__name__}")
     device = check_device(dy2d=dy2d, x2d=x2d, weight=weight, scores=scores, bias=bias, bias_scores=bias_scores)
@@ -297,4 +297,4 @@ def score_grad_update_(
     dy2d, x2d, weight = dy2d.contiguous(), x2d.contiguous(), weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     _launch(_update_kernel, dy2d, x2d, weight, scores, None, bias, bias_scores, None,
-            gamma, active, counts, lr, t_soft, update=True, recovery=recovery)
+            gamma, active, counts, lr, t_s, update=True, recovery=recovery)

@@ -313,32 +313,33 @@ def _bad_calls():
         return lambda: K.score_grad_update_(dy, x, w, scores, **args)
 
     return [
-        ("scores fp16", lambda: K.masked_matmul(x, w, s.to(f16)), "scores must have dtype float32"),
-        ("weight dtype", lambda: K.masked_matmul(x, w.to(f16), s), "weight must have dtype float32"),
-        ("x int", lambda: K.masked_matmul(x.long(), w, s), "x2d must have dtype"),
-        ("K mismatch", lambda: K.masked_matmul(torch.ones(4, 7), w, s), "expected \\[N, 7\\]"),
-        ("scores shape", lambda: K.masked_matmul(x, w, s[:4]), "scores must have shape"),
-        ("x 3-D", lambda: K.masked_matmul(x[None], w, s), "x2d must be 2-D"),
-        ("bias_scores alone", lambda: K.masked_matmul(x, w, s, None, bs), "bias_scores given without bias"),
-        ("bias shape", lambda: K.masked_matmul(x, w, s, torch.ones(4)), "bias must have shape"),
-        ("t_l inf", lambda: K.masked_matmul(x, w, s, t_l=float("inf")), "t_l must be"),
-        ("dx N mismatch", lambda: K.masked_matmul_dx(torch.ones(4, 6), w, s), "expected \\[6, K\\]"),
-        ("grad dy rows", lambda: K.score_grad(torch.ones(3, 5), x, w, s), "dy2d has 3 rows"),
-        ("grad dy dtype", lambda: K.score_grad(dy.to(f16), x, w, s), "dy2d must have dtype float32"),
-        ("grad t_s", lambda: K.score_grad(dy, x, w, s, t_s=None), "t_s must be a finite float"),
-        ("gamma float", upd(gamma=0.1), "gamma must be a 0-d"),
-        ("active fp16", upd(active=a.to(f16)), "active must be a 0-d"),
-        ("counts int32", upd(counts=c.int()), "counts must have dtype int64"),
-        ("counts shape", upd(counts=torch.zeros(3, dtype=torch.int64)), "counts must have shape"),
-        ("lr tensor", upd(lr=torch.tensor(0.1)), "lr must be a Python float"),
-        ("scores strided", upd(scores=torch.ones(8, 5).t()), "scores must be contiguous"),
+        ("scores fp16", TypeError, lambda: K.masked_matmul(x, w, s.to(f16)), "scores must have dtype float32"),
+        ("weight dtype", TypeError, lambda: K.masked_matmul(x, w.to(f16), s), "weight must have dtype float32"),
+        ("x int", TypeError, lambda: K.masked_matmul(x.long(), w, s), "x2d must have dtype"),
+        ("K mismatch", ValueError, lambda: K.masked_matmul(torch.ones(4, 7), w, s), "expected \\[N, 7\\]"),
+        ("scores shape", ValueError, lambda: K.masked_matmul(x, w, s[:4]), "scores must have shape"),
+        ("x 3-D", ValueError, lambda: K.masked_matmul(x[None], w, s), "x2d must be 2-D"),
+        ("bias_scores alone", ValueError, lambda: K.masked_matmul(x, w, s, None, bs), "bias_scores given without bias"),
+        ("bias shape", ValueError, lambda: K.masked_matmul(x, w, s, torch.ones(4)), "bias must have shape"),
+        ("t_l inf", ValueError, lambda: K.masked_matmul(x, w, s, t_l=float("inf")), "t_l must be"),
+        ("dx N mismatch", ValueError, lambda: K.masked_matmul_dx(torch.ones(4, 6), w, s), "expected \\[6, K\\]"),
+        ("grad dy rows", ValueError, lambda: K.score_grad(torch.ones(3, 5), x, w, s), "dy2d has 3 rows"),
+        ("grad dy dtype", TypeError, lambda: K.score_grad(dy.to(f16), x, w, s), "dy2d must have dtype float32"),
+        ("grad t_s", ValueError, lambda: K.score_grad(dy, x, w, s, t_s=None), "t_s must be a finite float"),
+        ("gamma float", ValueError, upd(gamma=0.1), "gamma must be a 0-d"),
+        ("active fp16", ValueError, upd(active=a.to(f16)), "active must be a 0-d"),
+        ("counts int32", TypeError, upd(counts=c.int()), "counts must have dtype int64"),
+        ("counts shape", ValueError, upd(counts=torch.zeros(3, dtype=torch.int64)), "counts must have shape"),
+        ("lr tensor", TypeError, upd(lr=torch.tensor(0.1)), "lr must be a Python float"),
+        ("scores strided", ValueError, upd(scores=torch.ones(8, 5).t()), "scores must be contiguous"),
     ]
 
 
 @needs_kernels
-@pytest.mark.parametrize("call,match", [c[1:] for c in _bad_calls()], ids=[c[0] for c in _bad_calls()])
-def test_bad_inputs_raise(call, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("error,call,match", [c[1:] for c in _bad_calls()], ids=[c[0] for c in _bad_calls()])
+def test_bad_inputs_raise(error, call, match):
+    """A wrong dtype or Python type is a TypeError, a wrong shape or value a ValueError."""
+    with pytest.raises(error, match=match):
         call()
 
 
