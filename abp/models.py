@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2 (embedded)"
-_ALIASES = {None, "", "default", "minilm", "all-minilm-l6-v2", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
+DEFAULT_MODEL_ALIASES = {None, "", "default", "minilm", "all-minilm-l6-v2", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
 
 
 def default_model_path() -> str:
@@ -21,7 +21,7 @@ def default_model_path() -> str:
 
 def resolve_model(name_or_path: str | None) -> str:
     """A loadable id or path: aliases of the embedded model map to its folder."""
-    if name_or_path in _ALIASES:
+    if name_or_path in DEFAULT_MODEL_ALIASES:
         local = os.environ.get("ABP_MODEL_DIR")  # e.g. an fp16 copy carried to a GPU machine
         return local or default_model_path()
     return str(name_or_path)

@@ -6,6 +6,7 @@ Multi-process cases start ``python -m torch.distributed.run --standalone`` (a fr
 file: run as a script it is the worker, which calls ``abp.cli.main`` (the `torchrun -m abp prune` path)
 with the task heads' dropout set to 0 so that 1 and N processes draw no different random masks.
 """
+import gc
 import json
 import os
 import shutil
@@ -457,8 +458,13 @@ def _worker_fsdp_unit() -> int:
     dist.all_gather_object(every, (opt.counts.tolist(), int(opt.pruned), float(opt.gamma).hex()))
     assert all(e == every[0] for e in every), every  # the same global state on every rank, bit for bit
     assert D.Parallel("fsdp", torch.device("cpu")).sparsity(m) == abp.sparsity(ref)
+    print(f"rank {rank}: fsdp unit ok", flush=True)
+    # as abp.train.distributed.shutdown does: free the FSDP state and gloo work objects before the group goes
+    # (freed at interpreter exit instead, they abort the process: "terminate called without an active exception")
+    del m, opt, ref, ref_opt
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
-    print(f"rank {rank}: fsdp unit ok")
     return 0
 
 

@@ -76,16 +76,16 @@ def write_budget_curve(folders: Sequence[str | Path], output: str | Path, *, met
 
 
 def _plot(rows: Sequence[dict], sparsity: float, path: Path, *, title: str) -> None:
-    from abp.experiments.plots import _STYLE, _pyplot, finish_line_plot
+    from abp.experiments.plots import METHOD_STYLE, pyplot, finish_line_plot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for method in sorted({r["method"] for r in rows}, key=method_order):
         pts = sorted((r for r in rows if r["method"] == method and r["sparsity"] in (sparsity, None)
                       and (r["sparsity"] is None) == (method in DENSE_METHODS)), key=lambda r: r["steps"])
         if not pts:
             continue
-        color, marker = _STYLE.get(method, ("k", "."))
+        color, marker = METHOD_STYLE.get(method, ("k", "."))
         ax.errorbar([r["steps"] for r in pts], [r["mean"] for r in pts], yerr=[r["std"] for r in pts],
                     color=color, marker=marker or "o", ls="--" if method in DENSE_METHODS else "-", capsize=3,
                     label=method)

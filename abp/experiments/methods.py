@@ -166,9 +166,9 @@ class ExperimentConfig:
 
 def model_label(model: Optional[str]) -> str:
     """Short model name for file names and tables (``all-MiniLM-L6-v2`` for the embedded default)."""
-    from abp.models import _ALIASES
+    from abp.models import DEFAULT_MODEL_ALIASES
 
-    if model in _ALIASES:
+    if model in DEFAULT_MODEL_ALIASES:
         return DEFAULT_MODEL.split(" ")[0]
     name = str(model).rstrip("/")
     if os.path.isdir(name):  # a local folder: its name

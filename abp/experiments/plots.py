@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 from abp.experiments.analysis import COMPONENTS
 from abp.experiments.methods import DENSE_METHODS, METHODS
 
-_STYLE = {"abp": ("tab:red", "o"), "random": ("tab:gray", "x"), "mp": ("tab:blue", "s"), "imp": ("tab:cyan", "D"),
+METHOD_STYLE = {"abp": ("tab:red", "o"), "random": ("tab:gray", "x"), "mp": ("tab:blue", "s"), "imp": ("tab:cyan", "D"),
           "wanda": ("tab:green", "^"), "abp_shuffled": ("tab:pink", "v"), "abp_reinit": ("tab:orange", "P"),
           "abp_norecovery": ("tab:brown", "*"), "finetune": ("black", None), "feature_extraction": ("tab:purple", None),
           "abp_paper": ("tab:olive", "<"), "abp_uniform": ("salmon", "o"), "abp_magnitude": ("darkred", "h"),
@@ -18,7 +18,7 @@ _STYLE = {"abp": ("tab:red", "o"), "random": ("tab:gray", "x"), "mp": ("tab:blue
           "abp_adam_tensor": ("darkorange", "8")}
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,7 +39,7 @@ def _x(sparsity: float) -> float:
 def plot_metric_vs_sparsity(rows: Sequence[Mapping], metric: str, path: str | os.PathLike, *, title: str = "") -> None:
     """Fig. 2: one line per sparse method (mean ± std over seeds as error bars), dense methods
     (fine-tuning, feature extraction) as horizontal lines with a ±std band."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     rows = [r for r in rows if r["metric"] == metric]
     sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] is not None})
@@ -47,7 +47,7 @@ def plot_metric_vs_sparsity(rows: Sequence[Mapping], metric: str, path: str | os
         mine = [r for r in rows if r["method"] == method]
         if not mine:
             continue
-        color, marker = _STYLE.get(method, ("k", "."))
+        color, marker = METHOD_STYLE.get(method, ("k", "."))
         if method in DENSE_METHODS:
             m, s = _mean_std([r["value"] for r in mine])
             ax.axhline(m, color=color, ls="--", lw=1.2, label=f"{method} (n={len(mine)})")
@@ -86,7 +86,7 @@ def plot_sparsity_profile(profiles: Mapping[str, Mapping[str, Mapping]], path: s
                           title: str = "") -> None:
     """Fig. 3: ``profiles[label] = {"layers": {layer: sparsity}, "components": {component: sparsity}}``
     (e.g. label ``"abp s=0.5"``): sparsity per layer (left) and per component (right)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     labels = list(profiles)
     for i, label in enumerate(labels):
