@@ -114,6 +114,48 @@ def test_adam_tensor_step_equals_a_hand_written_oracle():
     assert all(v.dim() == 0 for _, v in opt.moments)  # one second moment per tensor
 
 
+def test_adam_floor_step_equals_a_hand_written_oracle():
+    """adam_floor: Adam whose per-score v̂ is floored at its tensor's mean v̂ (gradients 1e-8 … 1e-3 apart)."""
+    m = _tiny_bert(score_init_mode="magnitude")
+    b1, b2, lr, gamma, eps = 0.9, 0.999, 1e-3, 3e-4, 1e-12
+    opt = ScoreOptimizer(m, lr=lr, target_sparsity=0.9, prune_steps=50, gamma=gamma, optimizer="adam_floor", eps=eps)
+    ref = [s.detach().clone().double() for s in opt.scores]
+    mom = [(torch.zeros_like(r), torch.zeros_like(r)) for r in ref]
+    g = torch.Generator().manual_seed(2)
+    for t in range(1, 5):
+        grads = [torch.randn(s.shape, generator=g) * 10.0 ** torch.randint(-8, -2, s.shape, generator=g) for s in ref]
+        for s, gr in zip(opt.scores, grads):
+            s.grad = gr.clone()
+        opt.step()
+        for i, (r, gr) in enumerate(zip(ref, grads)):
+            mi, vi = mom[i]
+            mi = b1 * mi + (1 - b1) * gr.double()
+            vi = b2 * vi + (1 - b2) * gr.double().square()
+            mom[i] = (mi, vi)
+            vhat = vi / (1 - b2 ** t)
+            r -= lr * (mi / (1 - b1 ** t)) / (torch.maximum(vhat, vhat.mean()).sqrt() + eps) + gamma
+    for s, r in zip(opt.scores, ref):
+        torch.testing.assert_close(s.detach().double(), r, rtol=1e-5, atol=1e-8)
+    assert all(v.shape == s.shape for (_, v), s in zip(opt.moments, opt.scores))  # one second moment per score
+
+
+def test_adam_floor_moves_strong_gradients_by_alpha_and_weak_ones_in_proportion():
+    """First step: |Δθ| = α where |g| ≥ rms(g) of its tensor (Adam), α·|g|/rms(g) below it (adam_tensor)."""
+    m = _tiny_bert(score_init_mode="magnitude")
+    opt = ScoreOptimizer(m, lr=1e-3, target_sparsity=0.9, prune_steps=50, gamma=0.0, optimizer="adam_floor")
+    before = opt.scores[0].detach().clone()
+    grad = torch.linspace(-1, 1, before.numel()).reshape(before.shape) * 1e-6
+    for s in opt.scores:
+        s.grad = torch.zeros_like(s)
+    opt.scores[0].grad = grad.clone()
+    opt.step()
+    step = before - opt.scores[0].detach()
+    rms = float(grad.square().mean().sqrt())
+    want = 1e-3 * grad / torch.maximum(grad.abs(), torch.tensor(rms))
+    torch.testing.assert_close(step, want, rtol=1e-4, atol=1e-9)
+    assert float(step.abs().max()) <= 1e-3 * (1 + 1e-5) and bool((step.abs() < 1e-3 * 0.5).any())
+
+
 def test_adam_tensor_keeps_the_gradients_ranking_inside_a_tensor():
     """Its first step is α·g/rms(g) per tensor: scores move in proportion to their gradient (Adam's would not)."""
     m = _tiny_bert(score_init_mode="magnitude")
@@ -132,11 +174,12 @@ def test_adam_tensor_keeps_the_gradients_ranking_inside_a_tensor():
     assert float(steps["adam"].abs().max() / steps["adam"].abs()[grad.abs() > 1e-7].min()) < 1.01  # Adam: ±α
 
 
-def test_adam_tensor_is_refused_under_fsdp():
+@pytest.mark.parametrize("optimizer", ["adam_tensor", "adam_floor"])
+def test_per_tensor_statistics_are_refused_under_fsdp(optimizer):
     from abp.train.distributed import ShardedScoreOptimizer
 
-    with pytest.raises(ValueError, match="adam_tensor score optimizer needs each tensor's mean square gradient"):
-        ShardedScoreOptimizer(_tiny_bert(), lr=1e-3, target_sparsity=0.5, prune_steps=3, optimizer="adam_tensor")
+    with pytest.raises(ValueError, match=f"{optimizer} score optimizer needs each tensor's mean square gradient"):
+        ShardedScoreOptimizer(_tiny_bert(), lr=1e-3, target_sparsity=0.5, prune_steps=3, optimizer=optimizer)
 
 
 def test_adam_keeps_no_recovery_and_refuses_the_fused_update():
@@ -162,7 +205,7 @@ def test_adam_auto_lr_moves_a_score_ratio_times_init_over_the_window():
     assert math.isclose(adam_score_lr(m, prune_steps=200, ratio=1.5), 1.5 * 0.01 / 200, rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "adam_tensor"])
+@pytest.mark.parametrize("optimizer", ["adam", "adam_tensor", "adam_floor"])
 def test_adam_run_resumes_exactly_and_its_moments_are_checkpointed(tiny_model_dir, tiny_data, tmp_path, monkeypatch,
                                                                    optimizer):
     cfg = _cfg(tiny_model_dir, tiny_data, score_optimizer=optimizer, score_init_mode="magnitude")
