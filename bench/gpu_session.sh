@@ -3,7 +3,7 @@
 # first, every stage under its own limit and the whole under one deadline, so that a slow stage cannot eat
 # the next and whatever was measured is under $OUT when the command stops.
 #
-#   bash bench/gpu_session.sh [all|rehearse]
+#   bash bench/gpu_session.sh [all|tests|rehearse]
 #
 #   all       build abp._C for sm_90/sm_90a (falls back to the CPU ops if the CUDA build fails: the Triton
 #             kernels need no extension, and every bench row names the backend that ran), then
@@ -13,6 +13,8 @@
 #             3. the rest of the goal subset while time is left (forward only, LLaMA-7B shapes at 4k/16k tokens,
 #                1-bit serving, the ABP step at 32x128 and on MiniLM);
 #             4. the markdown report of every row measured.
+#   tests     build, then the GPU tests only (ABP_GPU_TESTS: pytest arguments, default the list below), for a
+#             short second lease or a lease's remaining minutes.
 #   rehearse  the same stages on CPU with tiny shapes and no build (the quick bench grid, one small test file):
 #             proves the plumbing (limits, logs, result files, report) without a GPU; tests/test_gpu_session.py
 #             runs it in the CPU suite.
@@ -35,7 +37,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-all}
-case "$MODE" in all|rehearse) ;; *) echo "usage: $0 [all|rehearse]" >&2; exit 2 ;; esac
+case "$MODE" in all|tests|rehearse) ;; *) echo "usage: $0 [all|tests|rehearse]" >&2; exit 2 ;; esac
 OUT=${OUT:-/tmp/abp-gpu-out}
 PY=${PYTHON:-python3}
 TOTAL_S=${TOTAL_S:-520}
@@ -89,9 +91,11 @@ bench() {
 
 gpu_tests() {
   local lim files
-  lim=$(limit 120)
+  lim=$(limit "${ABP_GPU_TEST_S:-120}")
   if [ "$MODE" = rehearse ]; then
     files=(tests/test_maskio.py -k "pack")
+  elif [ -n "${ABP_GPU_TESTS:-}" ]; then
+    read -r -a files <<<"$ABP_GPU_TESTS"
   else
     files=(tests/test_triton_kernels.py tests/test_csrc.py tests/test_functional.py tests/test_serving.py
            tests/test_maskio.py tests/test_patch.py -m "not slow")
@@ -121,6 +125,11 @@ else
 fi
 
 build || { say "no build, nothing to measure"; exit 1; }
+if [ "$MODE" = tests ]; then
+  gpu_tests
+  say "done; files under $OUT: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"
+  exit 0
+fi
 bench headline 210 "$HEADLINE"
 gpu_tests
 bench more 150 "$MORE"
