@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from abp.train.distributed import Parallel, shard_batch, shard_rows, step_seed
+from abp.train.distributed import shard_batch, shard_rows, step_seed
+from abp.train.strategy import DDP, MultiProcess, Strategy
 
-_REAL_SEED_STEP = Parallel.seed_step
+# every strategy starts a step in seed_step: the one-process body (Strategy) or the per-rank one (MultiProcess)
+_REAL_SEED_STEP = {cls: cls.__dict__["seed_step"] for cls in (Strategy, MultiProcess)}
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[1]
 STEPS, DIE_AT = 16, 6  # checkpoints every 4 steps: a run killed at the start of step 6 resumes from step 4
@@ -153,12 +155,13 @@ def _single(cfg: dict, out: Path, monkeypatch, *, die_at=None, resume=False) -> 
 def _die_at(step: int, setattr_=setattr):
     """Simulate a crash at the start of ``step`` (on every rank at once: no rank is left waiting)."""
 
-    def dying(self, seed, s):
-        if s == step:
-            raise KeyboardInterrupt
-        _REAL_SEED_STEP(self, seed, s)
+    for cls, real in _REAL_SEED_STEP.items():
+        def dying(self, seed, s, real=real):
+            if s == step:
+                raise KeyboardInterrupt
+            real(self, seed, s)
 
-    setattr_(Parallel, "seed_step", dying)
+        setattr_(cls, "seed_step", dying)
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +272,8 @@ def test_adam_on_two_processes_follows_one_and_resumes_across_world_sizes(run_cf
     _single(cfg, tmp_path / "one", monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _single(cfg, tmp_path / "two", monkeypatch, die_at=DIE_AT)
-    monkeypatch.setattr(Parallel, "seed_step", _REAL_SEED_STEP)
+    for cls, real in _REAL_SEED_STEP.items():
+        monkeypatch.setattr(cls, "seed_step", real)
     _ok(_launch(2, "prune", json.dumps(dict(cfg, distributed=strategy)), str(tmp_path / "two"), "--resume"))
     _near_run(tmp_path / "one", tmp_path / "two")
     _outputs_are_single(tmp_path / "two")
@@ -341,9 +345,9 @@ def _worker_prune(cfg_json: str, out: str, *flags: str) -> int:
     if "--die-at" in flags:
         _die_at(int(flags[flags.index("--die-at") + 1]))
     if "--dump" in flags:
-        real_finish, real_module, phases = trainer_mod.Trainer._finish, Parallel.module, []
+        real_finish, real_module, phases = trainer_mod.Trainer._finish, DDP.module, []
 
-        def module(self, model):
+        def module(self, model):  # the modules DDP's training forwards ran through, one per phase
             net = real_module(self, model)
             if not phases or phases[-1] is not net:
                 phases.append(net)
@@ -356,7 +360,7 @@ def _worker_prune(cfg_json: str, out: str, *flags: str) -> int:
             Path(f"{out}.rank{self.dist.rank}.json").write_text(json.dumps(state))
             return real_finish(self, seconds)
 
-        Parallel.module = module
+        DDP.module = module
         trainer_mod.Trainer._finish = finish
     argv = ["prune", *_args(cfg), "--output", out, "--quiet"] + (["--resume"] if "--resume" in flags else [])
     return abp.cli.main(argv)
@@ -392,7 +396,8 @@ def _worker_fsdp_unit() -> int:
     from torch.distributed.device_mesh import init_device_mesh
 
     import abp
-    from abp.train import distributed as D
+    from abp.train.distributed import ShardedScoreOptimizer, is_sharded
+    from abp.train.fsdp import FSDP, fully_shard_model
     from abp.train.score_optim import ScoreOptimizer, calibrate_score_lr
 
     dist.init_process_group("gloo")
@@ -413,7 +418,7 @@ def _worker_fsdp_unit() -> int:
     # rounding (the order in which bf16 gradient contributions are summed differs under FSDP's hooks)
     m = _tiny_masked_bert(torch.bfloat16)
     ref = copy.deepcopy(m)
-    D.fully_shard_model(m, mesh)
+    fully_shard_model(m, mesh)
     loss_of(ref).backward()
     loss_of(m).backward()
     for (n, sa), (_, sb) in pairs(ref, m):
@@ -425,10 +430,11 @@ def _worker_fsdp_unit() -> int:
     ref = copy.deepcopy(m)
     kw = dict(lr=0.0, target_sparsity=0.4, prune_steps=3, recovery=True)
     ref_opt = ScoreOptimizer(ref, **kw)
-    opt = D.ShardedScoreOptimizer(m, **kw)
-    D.fully_shard_model(m, mesh)
+    opt = ShardedScoreOptimizer(m, **kw)
+    fully_shard_model(m, mesh)
     opt.attach()
-    assert all(D._is_sharded(s) for _, s in abp.patch.score_tensors(m))
+    assert all(is_sharded(s) for _, s in abp.patch.score_tensors(m))
+    strategy = FSDP(torch.device("cpu"))  # the trainer's calls on sharded scores
     for step in range(4):
         la, lb = loss_of(ref), loss_of(m)
         torch.testing.assert_close(lb, la, rtol=1e-6, atol=1e-8)
@@ -439,7 +445,7 @@ def _worker_fsdp_unit() -> int:
             torch.testing.assert_close(sb.grad.full_tensor(), sa.grad, rtol=0, atol=tol, msg=n)
         if step == 0:
             lr_ref = calibrate_score_lr(ref, prune_steps=3, ratio=1.5)
-            lr = D.sharded_calibrate_score_lr(m, prune_steps=3, ratio=1.5)
+            lr = strategy.calibrate_score_lr(m, prune_steps=3, ratio=1.5)  # shard statistics summed over ranks
             assert abs(lr - lr_ref) <= 1e-5 * lr_ref, (lr, lr_ref)
             ref_opt.set_lr(lr_ref)
             opt.set_lr(lr_ref)
@@ -457,7 +463,7 @@ def _worker_fsdp_unit() -> int:
     every = [None] * world
     dist.all_gather_object(every, (opt.counts.tolist(), int(opt.pruned), float(opt.gamma).hex()))
     assert all(e == every[0] for e in every), every  # the same global state on every rank, bit for bit
-    assert D.Parallel("fsdp", torch.device("cpu")).sparsity(m) == abp.sparsity(ref)
+    assert strategy.sparsity(m) == abp.sparsity(ref)
     print(f"rank {rank}: fsdp unit ok", flush=True)
     # as abp.train.distributed.shutdown does: free the FSDP state and gloo work objects before the group goes
     # (freed at interpreter exit instead, they abort the process: "terminate called without an active exception")

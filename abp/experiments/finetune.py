@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -25,7 +24,7 @@ from abp.models import load_backbone, native_pooling
 from abp.patch import MaskConfig, mask_model, masked_modules
 from abp.train.data import Batcher, load_split
 from abp.train.config import ABPConfig
-from abp.train.evaluate import dev_batchers, evaluate_model
+from abp.train.evaluate import autocast_context, dev_batchers, evaluate_model
 from abp.train.heads import Classifier, make_head
 from abp.train.tasks import get_task
 from abp.train.devices import pick_device
@@ -162,9 +161,7 @@ class FineTuner:
             epoch += 1
 
     def _autocast(self):
-        if self.device.type == "cuda" and self.cfg.autocast:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        return autocast_context(self.device, self.cfg.autocast)
 
     def train(self, steps: int, *, on_step: Optional[Callable[[int], None]] = None, progress: bool = False,
               desc: str = "finetune") -> list[float]:

@@ -18,7 +18,7 @@ backward (:class:`abp.ScoreSGD`), all others get one multi-tensor launch after t
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -52,22 +52,30 @@ def adam_score_lr(model: nn.Module, *, prune_steps: int, ratio: float) -> float:
     return ratio * max(sum(init) / len(init), 1e-4) / prune_steps
 
 
-def calibrate_score_lr(model: nn.Module, *, prune_steps: int, ratio: float = 4.0) -> float:
+def calibrate_score_lr(model: nn.Module, *, prune_steps: int, ratio: float = 4.0,
+                       reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> float:
     """α such that a score with a typical gradient moves ``ratio × init`` over the pruning window.
 
     "Typical" is the median over tensors of each tensor's RMS over its non-zero entries (embedding rows
     absent from the batch, and modules the loss does not reach, carry no signal). Call after one
     backward. Plain SGD keeps this α for the whole run: it only spares users the paper's hand-tuning.
+
+    ``reduce`` is for sharded scores (FSDP2 DTensors): each process then reads only its own shards
+    (``to_local()``), and ``reduce`` returns the per-tensor sums below added up over the processes (an
+    all-reduce), so that every process computes the α of the whole tensors.
     """
-    rms, init = [], []
-    for _, m in masked_modules(model):
-        for _, _, s in m.score_pairs():
-            init.append(float(s.detach().abs().mean()))
-            if s.grad is not None:
-                g = s.grad.detach().float()
-                g = g[g != 0]
-                if g.numel():
-                    rms.append(float(g.pow(2).mean().sqrt()))
+    scores = [s for _, m in masked_modules(model) for _, _, s in m.score_pairs()]
+    local = (lambda t: t.to_local()) if reduce is not None else (lambda t: t)
+    # per tensor: Σ|θ|, Σg², how many gradient entries are non-zero, whether it has a gradient (float64 sums)
+    stats = torch.zeros(len(scores), 4, dtype=torch.float64, device=local(scores[0]).device if scores else None)
+    for i, s in enumerate(scores):
+        stats[i, 0] = local(s.detach()).abs().sum(dtype=torch.float64)
+        if s.grad is not None:
+            g = local(s.grad.detach()).float()
+            stats[i, 1], stats[i, 2], stats[i, 3] = g.square().sum(dtype=torch.float64), g.count_nonzero(), 1.0
+    rows = (reduce(stats) if reduce is not None else stats).tolist()
+    init = [r[0] / s.numel() for r, s in zip(rows, scores)]
+    rms = [math.sqrt(r[1] / r[2]) for r in rows if r[3] > 0 and r[2] > 0]
     if not rms:
         raise RuntimeError("calibrate_score_lr: no score has a gradient; run a backward through the masked model first")
     typical = sorted(rms)[len(rms) // 2]

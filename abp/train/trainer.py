@@ -4,8 +4,8 @@ the target sparsity, keep training the head, keep the best mask by dev metric, r
 Writes into ``output_dir``: ``mask.safetensors`` (packed mask + head), ``metrics.json``,
 ``history.json`` (every eval) and ``checkpoint.safetensors`` (for ``resume=True``).
 
-Under ``torchrun`` the same loop runs data-parallel; everything that differs lives in
-:mod:`abp.train.distributed` and is reached through ``self.dist`` (single process: no-ops).
+Under ``torchrun`` the same loop runs data-parallel; everything that differs lives in the run's
+:class:`~abp.train.strategy.Strategy` (:mod:`abp.train.parallel`), reached through ``self.dist``.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -30,9 +29,10 @@ from abp.train.data import Batcher, load_custom, load_split, subsample
 from abp.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from abp.train.config import RESUMABLE_CHANGES, ABPConfig
 from abp.train.devices import pick_device
-from abp.train.distributed import Parallel, local_shard
+from abp.train.distributed import local_shard
 from abp.train.heads import Classifier, make_head
-from abp.train.evaluate import dev_batchers
+from abp.train.evaluate import autocast_context, dev_batchers
+from abp.train.parallel import make_strategy
 from abp.train.score_optim import FusedUpdateError, adam_score_lr
 from abp.train.tasks import get_task
 
@@ -51,7 +51,7 @@ class Trainer:
         cfg.validate()
         self.cfg, self.out, self.progress = cfg, Path(output_dir), progress
         # torchrun: join the process group; this rank's device (cuda:LOCAL_RANK)
-        self.dist = Parallel.setup(cfg.distributed, pick_device(cfg.device), grad_accum=cfg.grad_accum)
+        self.dist = make_strategy(cfg.distributed, pick_device(cfg.device), grad_accum=cfg.grad_accum)
         self.device = self.dist.device
         torch.manual_seed(cfg.seed)
         self.task = get_task(cfg.task) if cfg.train_file is None else None
@@ -222,9 +222,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def _autocast(self):
-        if self.device.type == "cuda" and self.cfg.autocast:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        return autocast_context(self.device, self.cfg.autocast)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
