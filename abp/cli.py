@@ -102,11 +102,21 @@ def _cmd_prune(a: argparse.Namespace) -> int:
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
-    from abp.train.evaluate import evaluate_mask_file
+    if len(a.mask) == 1:
+        from abp.train.evaluate import evaluate_mask_file
 
-    metrics = evaluate_mask_file(a.mask, model=a.model, task=a.task, glue_dir=a.glue_dir, batch_size=a.batch_size,
-                                 max_length=a.max_length, device=a.device)
-    print(json.dumps(metrics, indent=1))
+        metrics = evaluate_mask_file(a.mask[0], model=a.model, task=a.task, glue_dir=a.glue_dir,
+                                     batch_size=a.batch_size, max_length=a.max_length, device=a.device)
+        print(json.dumps(metrics, indent=1))
+        return 0
+    if a.task is not None:
+        raise ValueError("--task names the task of a single mask; several masks are each evaluated on the task "
+                         "they record")
+    from abp.multitask import evaluate_masks
+
+    results = evaluate_masks(a.mask, model=a.model, glue_dir=a.glue_dir, batch_size=a.batch_size,
+                             max_length=a.max_length, device=a.device)
+    print(json.dumps(results, indent=1))
     return 0
 
 
@@ -163,12 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=_cmd_prune)
 
-    ev = sub.add_parser("eval", help="evaluate a task-mask file on a task's dev set")
-    ev.add_argument("--mask", required=True)
+    ev = sub.add_parser("eval", help="evaluate task-mask files on their tasks' dev sets; several are served "
+                                     "together over one base model, each batch mixing their tasks")
+    ev.add_argument("--mask", required=True, nargs="+", help="one or more task-mask files")
     ev.add_argument("--model", default=None, help="base model (default: the one recorded in the mask, else the embedded MiniLM)")
     ev.add_argument("--task", default=None, help="task (default: the one recorded in the mask)")
     ev.add_argument("--glue-dir", default=None)
-    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--batch-size", type=int, default=64,
+                    help="rows per forward (several masks: shared among their dev splits)")
     ev.add_argument("--max-length", type=int, default=None, help="default: the one the mask was trained with")
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=_cmd_eval)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"
-BENCH_ORDER = ("linear_fwd", "linear_fwd_bwd", "abp_step", "bitmask_linear", "multi_bitmask_linear")
+BENCH_ORDER = ("linear_fwd", "linear_fwd_bwd", "abp_step", "bitmask_linear", "multi_bitmask_linear", "multitask_serve")
 IMPL_ORDER = ("dense", "finetune", "frozen", "dense_per_task", "eager", "compile", "materialise", "reference", "abp",
               "abp_fused_update", "abp_adam")
 ROW_KEYS = ("bench", "impl", "dtype", "shape", "median_ms")
@@ -29,7 +29,7 @@ ROW_KEYS = ("bench", "impl", "dtype", "shape", "median_ms")
 # --------------------------------------------------------------------------- loading
 
 # The "dense" baseline of each bench (``x_dense``); ``x_eager`` is always relative to impl "eager".
-DENSE_BASELINE = {"abp_step": "finetune", "multi_bitmask_linear": "dense_per_task"}
+DENSE_BASELINE = {"abp_step": "finetune", "multi_bitmask_linear": "dense_per_task", "multitask_serve": "dense_per_task"}
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -122,6 +122,7 @@ COLUMNS = [  # header, row → cell
     ("impl", lambda r: r["impl"]),
     ("backend", lambda r: r.get("backend") or ""),
     ("ms", lambda r: _fmt(r.get("median_ms")) if r.get("median_ms") is not None else f"skipped: {r.get('error', '?')}"),
+    ("req/s", lambda r: _fmt(r.get("requests_per_s"))),
     ("TFLOP/s", lambda r: _fmt(r.get("tflops"))),
     ("×dense", lambda r: _ratio(r.get("x_dense"))),
     ("×eager", lambda r: _ratio(r.get("x_eager"))),
@@ -182,7 +183,7 @@ def plots(results: dict[str, dict], out_dir: Path) -> list[Path]:
             if bench == "abp_step":
                 written.append(_step_bars(plt, dev, dtype, rs, out_dir))
                 continue
-            xkey = "tasks" if bench == "multi_bitmask_linear" else "tokens"
+            xkey = "tasks" if bench in ("multi_bitmask_linear", "multitask_serve") else "tokens"
             metrics = [("speed", "TFLOP/s", "tflops")] if bench.startswith("linear") else [("time", "ms", "median_ms")]
             metrics.append(("mem", "peak MB", "peak_mem_mb"))
             for tag, label, field in metrics:
@@ -196,7 +197,8 @@ def _lines(plt, dev, bench, dtype, rows, xkey, label, field, path):
         s = parse_shape(r["shape"])
         if r.get(field) is None or xkey not in s:
             continue
-        panels[f"in={s.get('in')} out={s.get('out')}"][r["impl"]].append((s[xkey], r[field]))
+        panel = f"model={s['model']}" if "model" in s else f"in={s.get('in')} out={s.get('out')}"
+        panels[panel][r["impl"]].append((s[xkey], r[field]))
     if not panels:
         return None
     names = sorted(panels, key=lambda n: [int(x) for x in re.findall(r"\d+", n)])

@@ -41,7 +41,7 @@ def _run_suite(out: Path, *extra, files=("bench/",)):
 
 def _expected_cases():
     cases = []
-    for name in ("bench_linear", "bench_step", "bench_bitmask"):
+    for name in ("bench_linear", "bench_step", "bench_bitmask", "bench_multitask"):
         cases += _module(name).cases("quick")
     return {(c["bench"], c["impl"], c["dtype"], c["shape"]) for c in cases}
 
@@ -63,7 +63,7 @@ def test_one_row_per_case_and_wellformed_header(quick_run):
     assert len(got) == len(set(got)), "duplicate rows"
     assert set(got) == _expected_cases()
     assert {r["bench"] for r in data["rows"]} == {"linear_fwd", "linear_fwd_bwd", "abp_step", "bitmask_linear",
-                                                  "multi_bitmask_linear"}
+                                                  "multi_bitmask_linear", "multitask_serve"}
 
 
 def test_rows_fields(quick_run):
@@ -79,7 +79,10 @@ def test_rows_fields(quick_run):
         assert r["rounds"] >= 3 and r["timer"] in ("perf_counter", "cuda_events")
         assert isinstance(r["backend"], str) and r["backend"] and "?" not in r["backend"], r
         assert r["peak_mem_mb"] is not None and r["peak_mem_mb"] >= 0, r
-        if r["bench"] != "abp_step":
+        if r["bench"] == "multitask_serve":  # whole-model serving: requests per second, no FLOP count
+            assert r["tflops"] is None and r["stored_mb"] > 0, r
+            assert r["requests_per_s"] == pytest.approx(r["requests"] / (r["median_ms"] * 1e-3), rel=1e-9)
+        elif r["bench"] != "abp_step":
             s = dict(p.split("=") for p in r["shape"].split(","))
             flops = 2 * int(s["tokens"]) * int(s["in"]) * int(s["out"]) * (3 if r["bench"] == "linear_fwd_bwd" else 1)
             assert r["tflops"] == pytest.approx(flops / (r["median_ms"] * 1e-3) / 1e12, rel=1e-9)
@@ -89,7 +92,7 @@ def test_rows_fields(quick_run):
 
 def test_ratios_refer_to_baselines(quick_run):
     rows = quick_run[0]["rows"]
-    base = {"abp_step": "finetune", "multi_bitmask_linear": "dense_per_task"}
+    base = {"abp_step": "finetune", "multi_bitmask_linear": "dense_per_task", "multitask_serve": "dense_per_task"}
     times = {(r["bench"], r["dtype"], r["shape"], r["impl"]): r["median_ms"] for r in rows}
     for r in rows:
         if r["median_ms"] is None:
@@ -119,7 +122,7 @@ def test_report_renders_table_and_plots(quick_run, tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "report.py"), str(path), "--include-quick",
                            "--plots-dir", str(plots)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    for bench in ("linear_fwd", "linear_fwd_bwd", "abp_step", "bitmask_linear", "multi_bitmask_linear"):
+    for bench in ("linear_fwd", "linear_fwd_bwd", "abp_step", "bitmask_linear", "multi_bitmask_linear", "multitask_serve"):
         assert f"#### {bench}\n" in proc.stdout
     assert "| shape | dtype | impl |" in proc.stdout
     pngs = sorted(plots.glob("*.png"))

@@ -39,6 +39,40 @@ from abp.train.tasks import get_task
 log = logging.getLogger("abp")
 
 
+
+def masked_linears_called_twice(backbone: torch.nn.Module, device: torch.device, autocast) -> str:
+    """Why the fused update is not known to be exact for ``backbone``, or ``""``: masked linear layers that one
+    forward of it calls twice (one tiny dry run; the in-backward update of such a layer would move its mask between
+    its two uses), or a dry run that could not run at all (then nothing is known either way). ``autocast``: a
+    context-manager factory giving the precision of a training forward."""
+    calls: dict[str, int] = {}
+    linears = [(name, m) for name, m in masked_modules(backbone) if isinstance(m, abp.MaskedLinear)]
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
+             for name, m in linears]
+    serving = [(m, m.serve_bits) for _, m in linears]
+    for m, _ in serving:  # the training path, as in a step (and no packed masks cached by a probe)
+        m.serve_bits = False
+    was_training = backbone.training
+    devices = [device] if device.type == "cuda" else []
+    try:  # eval mode and a forked RNG: the dry run leaves dropout streams and the run's results untouched
+        vocab = int(getattr(backbone.config, "vocab_size", None) or 2)
+        ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
+        with torch.random.fork_rng(devices=devices), autocast():
+            backbone.eval()
+            backbone(input_ids=ids, attention_mask=torch.ones_like(ids))
+    except Exception as e:  # a backbone this probe cannot drive (e.g. it needs other inputs): nothing is known
+        return (f"the check for masked layers used twice per forward could not run ({type(e).__name__}: {e}; "
+                "its dry run feeds input_ids and attention_mask only)")
+    finally:
+        backbone.train(was_training)
+        for h in hooks:
+            h.remove()
+        for m, was in serving:
+            m.serve_bits = was
+    twice = sorted(n for n, c in calls.items() if c > 1)
+    return f"masked layers called more than once per forward (shared layers, as in ALBERT): {twice[:3]}" if twice else ""
+
+
 class Trainer:
     """One ABP run. ``Trainer(cfg, output_dir).run(resume=...)`` returns the final metrics dict.
 
@@ -153,7 +187,7 @@ class Trainer:
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             why.append("a DDP gradient all-reduce")
         if self.cfg.fused_update == "on" or (self.cfg.fused_update == "auto" and self.device.type == "cuda" and not why):
-            reused = self._masked_linears_called_twice()
+            reused = masked_linears_called_twice(self.model.backbone, self.device, self._autocast)
             if reused:
                 why.append(reused)
         if self.cfg.fused_update == "on" and why:
@@ -165,36 +199,6 @@ class Trainer:
         return self.cfg.fused_update == "on"
 
     @torch.no_grad()
-    def _masked_linears_called_twice(self) -> str:
-        """Why the fused update is not known to be exact here, or ``""``: masked linear layers that one forward of the
-        backbone calls twice (one tiny dry run; the in-backward update of such a layer would move its mask between
-        its two uses), or a dry run that could not run at all (then nothing is known either way)."""
-        calls: dict[str, int] = {}
-        linears = [(name, m) for name, m in masked_modules(self.model.backbone) if isinstance(m, abp.MaskedLinear)]
-        hooks = [m.register_forward_pre_hook(lambda mod, args, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
-                 for name, m in linears]
-        serving = [(m, m.serve_bits) for _, m in linears]
-        for m, _ in serving:  # the training path, as in a step (and no packed masks cached by a probe)
-            m.serve_bits = False
-        backbone, was_training = self.model.backbone, self.model.backbone.training
-        devices = [self.device] if self.device.type == "cuda" else []
-        try:  # eval mode and a forked RNG: the dry run leaves dropout streams and the run's results untouched
-            vocab = int(getattr(backbone.config, "vocab_size", None) or 2)
-            ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(self.device)
-            with torch.random.fork_rng(devices=devices), self._autocast():
-                backbone.eval()
-                backbone(input_ids=ids, attention_mask=torch.ones_like(ids))
-        except Exception as e:  # a backbone this probe cannot drive (e.g. it needs other inputs): nothing is known
-            return (f"the check for masked layers used twice per forward could not run ({type(e).__name__}: {e}; "
-                    "its dry run feeds input_ids and attention_mask only)")
-        finally:
-            backbone.train(was_training)
-            for h in hooks:
-                h.remove()
-            for m, was in serving:
-                m.serve_bits = was
-        twice = sorted(n for n, c in calls.items() if c > 1)
-        return f"masked layers called more than once per forward (shared layers, as in ALBERT): {twice[:3]}" if twice else ""
 
     def _load_data(self):
         cfg = self.cfg
