@@ -189,9 +189,10 @@ setup(
         "numpy",
     ],
     extras_require={
-        # scipy: the independent oracle for the GLUE metrics in tests/test_metrics.py
-        "dev": ["pytest", "pytest-benchmark", "datasets", "accelerate", "scipy"],
-        "test": ["pytest", "pytest-benchmark", "datasets", "accelerate", "scipy"],
+        # scipy: the independent oracle for the GLUE metrics in tests/test_metrics.py; hypothesis: the fuzz tests
+        # of the file readers (tests/test_fuzz_files.py)
+        "dev": ["pytest", "pytest-benchmark", "datasets", "accelerate", "scipy", "hypothesis"],
+        "test": ["pytest", "pytest-benchmark", "datasets", "accelerate", "scipy", "hypothesis"],
         "hub": ["datasets"],
     },
     entry_points={"console_scripts": ["abp = abp.cli:main"]},

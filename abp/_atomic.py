@@ -20,9 +20,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should get the user's usual permissions
     try:
         yield tmp
+        # mkstemp makes 0600, and so does a writer that replaces the file (safetensors writes its own temporary
+        # file and renames it over tmp): set the user's usual permissions on what was written
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

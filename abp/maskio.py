@@ -49,7 +49,7 @@ def _probe(weight: torch.Tensor) -> torch.Tensor:
     return flat[idx.to(flat.device)].float().cpu()
 
 
-def _base_weight(module: nn.Module) -> torch.Tensor:
+def base_weight(module: nn.Module) -> torch.Tensor:
     """A module's weight in ``[out, in]`` layout (GPT-2's ``Conv1D`` stores it transposed)."""
     conv1d = type(module).__name__ == "Conv1D"
     return module.weight.t() if conv1d else module.weight
@@ -149,13 +149,42 @@ class MaskFile:
         return json.loads(self.metadata.get("extra", "{}"))
 
 
+def _json(path: str, meta: dict[str, str], key: str, kind: type, default: Any = None) -> Any:
+    """Metadata entry ``key`` parsed as JSON of type ``kind`` (``default`` if absent and given)."""
+    if key not in meta and default is not None:
+        return default
+    try:
+        value = json.loads(meta[key])
+    except KeyError:
+        raise MaskFileError(f"mask file {path} has corrupt metadata: {key} is missing") from None
+    except (ValueError, TypeError, RecursionError) as e:  # not JSON, too deep, a number past Python's limits
+        raise MaskFileError(f"mask file {path} has corrupt metadata ({key}: {type(e).__name__}: {e})") from e
+    if not isinstance(value, kind):
+        raise MaskFileError(f"mask file {path} has corrupt metadata: {key} is a {type(value).__name__}, "
+                            f"not a {kind.__name__}")
+    return value
+
+
+def _shape_numel(shape: Any) -> Optional[int]:
+    """Elements of a JSON shape (a list of non-negative ints torch can hold), or None if it is not one."""
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**62 for d in shape):
+        return None
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def read_mask_file(path: str | os.PathLike) -> MaskFile:
     """Read and validate a task-mask file without touching a model."""
     from safetensors import safe_open
 
     path = str(path)
+    if os.path.isdir(path):
+        raise MaskFileError(f"mask file {path} is a directory, not a mask file")
     if not os.path.isfile(path):
-        raise MaskFileError(f"mask file {path} does not exist")
+        raise MaskFileError(f"mask file {path} does not exist" if not os.path.exists(path) else
+                            f"mask file {path} is not a regular file")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
@@ -167,17 +196,10 @@ def read_mask_file(path: str | os.PathLike) -> MaskFile:
     if meta.get("format_version") not in READABLE_VERSIONS:
         raise MaskFileError(f"{path} has mask format version {meta.get('format_version')}; this abp reads "
                             f"{', '.join(READABLE_VERSIONS)}: load it with the abp version that wrote it")
-    try:
-        shapes = json.loads(meta["shapes"])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise MaskFileError(f"mask file {path} has corrupt metadata ({e})") from e
-    try:
-        digests = json.loads(meta["tensor_digests"])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise MaskFileError(f"mask file {path} has corrupt metadata (tensor_digests: {type(e).__name__}: {e})") from e
-    if not isinstance(digests, dict) or set(digests) != set(tensors):
-        got = set(digests) if isinstance(digests, dict) else set()
-        raise MaskFileError(f"mask file {path} is inconsistent: tensors {sorted(got ^ set(tensors))[:5]} "
+    shapes = _json(path, meta, "shapes", dict)
+    digests = _json(path, meta, "tensor_digests", dict)
+    if set(digests) != set(tensors):
+        raise MaskFileError(f"mask file {path} is inconsistent: tensors {sorted(set(digests) ^ set(tensors))[:5]} "
                             "are missing or were added after it was written")
     bad = [k for k in sorted(tensors) if _tensor_digest(tensors[k]) != digests[k]]
     if bad:
@@ -187,14 +209,32 @@ def read_mask_file(path: str | os.PathLike) -> MaskFile:
     if set(masks) != set(shapes):
         raise MaskFileError(f"mask file {path} is inconsistent: masks {sorted(set(masks) ^ set(shapes))[:5]} lack shapes or data")
     for key, packed in masks.items():
-        n = torch.Size(shapes[key]).numel()
-        if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
+        n = _shape_numel(shapes[key])
+        if n is None:
+            raise MaskFileError(f"mask file {path} has corrupt metadata: the shape of {key} is {shapes[key]!r}")
+        if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (n + 7) // 8:
             raise MaskFileError(f"mask file {path} is corrupt: {key} holds {packed.numel()} bytes for {n} weights")
+    probes = {k[6:]: v for k, v in tensors.items() if k.startswith("probe/")}
+    for name, p in probes.items():
+        if not p.is_floating_point() or tuple(p.shape) != (_PROBES,):
+            raise MaskFileError(f"mask file {path} is corrupt: the fingerprint of {name} is {p.dtype} "
+                                f"{list(p.shape)}, not {_PROBES} floats")
+    try:
+        sp = float(meta["sparsity"])
+    except (KeyError, ValueError) as e:
+        raise MaskFileError(f"mask file {path} has corrupt metadata (sparsity: {type(e).__name__}: {e})") from e
+    if not 0.0 <= sp <= 1.0:
+        raise MaskFileError(f"mask file {path} has corrupt metadata: sparsity {meta['sparsity']!r} is not in [0, 1]")
+    wd = getattr(torch, meta.get("weight_dtype", "float32"), None)
+    if not (isinstance(wd, torch.dtype) and wd.is_floating_point):
+        raise MaskFileError(f"mask file {path} has corrupt metadata: weight_dtype {meta.get('weight_dtype')!r} "
+                            "is not a floating-point torch dtype")
+    _json(path, meta, "extra", dict, default={})
     return MaskFile(
         path=path,
         metadata=meta,
         masks=masks,
-        probes={k[6:]: v for k, v in tensors.items() if k.startswith("probe/")},
+        probes=probes,
         head={k[5:]: v for k, v in tensors.items() if k.startswith("head/")},
     )
 
@@ -217,7 +257,8 @@ def _same_weights(got: torch.Tensor, expected: torch.Tensor, file_dtype: torch.d
     return bool(((a - b).abs() <= 2 * eps[coarse] * torch.maximum(a.abs(), b.abs()) + atol).all())
 
 
-def _check_fingerprint(mf: MaskFile, name: str, weight: torch.Tensor) -> None:
+def check_fingerprint(mf: MaskFile, name: str, weight: torch.Tensor) -> None:
+    """The file's probes of module ``name`` match ``weight`` (the base weights the mask was learnt on)."""
     expected = mf.probes.get(name)
     if expected is None:
         raise MaskFileError(f"mask file {mf.path} has no fingerprint for {name}")
@@ -229,7 +270,7 @@ def _check_fingerprint(mf: MaskFile, name: str, weight: torch.Tensor) -> None:
             f"load the base model the mask was trained on")
 
 
-def _check_head(mf: MaskFile, head: nn.Module) -> None:
+def check_head(mf: MaskFile, head: nn.Module) -> None:
     """The file's head state fits ``head``: same parameter and buffer names, same shapes."""
     if not mf.head:
         raise MaskFileError(f"mask file {mf.path} holds no task head")
@@ -250,8 +291,9 @@ def load_mask(model: nn.Module, path: str | os.PathLike, *, head: Optional[nn.Mo
     mf = read_mask_file(path)
     modules = sorted({k.rsplit(".", 1)[0] for k in mf.masks})
     if head is not None:
-        _check_head(mf, head)
+        check_head(mf, head)
     present = dict(masked_modules(model))
+    undo = None
     if not present:  # check the plain model fully first: masking it is the first change
         names = dict(model.named_modules())
         missing = [n for n in modules if n not in names]
@@ -259,17 +301,48 @@ def load_mask(model: nn.Module, path: str | os.PathLike, *, head: Optional[nn.Mo
             raise MaskFileError(f"mask file {mf.path} (base model {mf.metadata.get('base_model')!r}) names modules this "
                                 f"model lacks: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         for n in modules:
-            base = _base_weight(names[n])
-            _check_fingerprint(mf, n, base)
+            if not isinstance(getattr(names[n], "weight", None), torch.Tensor):
+                raise MaskFileError(f"mask file {mf.path} names module {n!r}, a {type(names[n]).__name__} "
+                                    "without a weight to mask")
+            base = base_weight(names[n])
+            check_fingerprint(mf, n, base)
             if f"{n}.weight" in mf.shapes and list(base.shape) != mf.shapes[f"{n}.weight"]:
                 raise MaskFileError(f"mask file {mf.path}: {n}.weight has shape {mf.shapes[f'{n}.weight']}, "
                                     f"the model's is {list(base.shape)}")
-        mask_model(model, MaskConfig(include=[f"^{re.escape(n)}$" for n in modules], mask_heads=True, layernorm=True,
-                                     mask_bias=any(k.endswith(".bias") for k in mf.masks)))
+        grads = {k: p.requires_grad for k, p in model.named_parameters()}
+        undo = lambda: _restore_plain(model, names, grads)  # noqa: E731  a refused file changes nothing
+        try:
+            mask_model(model, MaskConfig(include=[f"^{re.escape(n)}$" for n in modules], mask_heads=True,
+                                         layernorm=True, mask_bias=any(k.endswith(".bias") for k in mf.masks)))
+        except ValueError as e:
+            undo()
+            raise MaskFileError(f"mask file {mf.path} names modules this model cannot mask ({e})") from e
         present = dict(masked_modules(model))
         for n, m in present.items():  # bias scores only where the file masks that module's bias
             if isinstance(m, MaskedLinear) and m.bias_scores is not None and f"{n}.bias" not in mf.masks:
                 m.bias_scores = None
+    try:
+        _check_fit(mf, modules, present)
+        if head is not None:  # the head first, restored if it does not load: a refused file changes nothing
+            before = {k: v.detach().clone() for k, v in head.state_dict().items()}
+            try:
+                head.load_state_dict(mf.head)
+            except (RuntimeError, TypeError, ValueError) as e:
+                head.load_state_dict(before)
+                raise MaskFileError(f"mask file {mf.path}: its task head does not fit the head given ({e})") from e
+    except Exception:
+        if undo is not None:
+            undo()
+        raise
+    for n in modules:
+        m = present[n]
+        masks = [unpack_mask(mf.masks[f"{n}.{w}"], mf.shapes[f"{n}.{w}"]) for w, _, _ in m.score_pairs()]
+        m.set_mask(*masks)
+    return mf
+
+
+def _check_fit(mf: MaskFile, modules: list[str], present: dict[str, nn.Module]) -> None:
+    """The file masks exactly the model's masked modules, made for these base weights, with these shapes."""
     missing = [n for n in modules if n not in present]
     extra = [n for n in present if n not in modules]
     if missing or extra:
@@ -277,23 +350,21 @@ def load_mask(model: nn.Module, path: str | os.PathLike, *, head: Optional[nn.Mo
                             f"masked modules without a mask in the file {extra[:5]}")
     for n in modules:  # check everything before changing anything
         m = present[n]
-        _check_fingerprint(mf, n, m.weight)
+        check_fingerprint(mf, n, m.weight)
         for which, _, scores in m.score_pairs():
             key = f"{n}.{which}"
             if key not in mf.masks or list(scores.shape) != mf.shapes[key]:
                 raise MaskFileError(f"mask file {mf.path}: {key} has shape {mf.shapes.get(key)}, the model's is {list(scores.shape)}")
-    if head is not None:  # the head first, restored if it does not load: a refused file changes nothing
-        before = {k: v.detach().clone() for k, v in head.state_dict().items()}
-        try:
-            head.load_state_dict(mf.head)
-        except RuntimeError as e:
-            head.load_state_dict(before)
-            raise MaskFileError(f"mask file {mf.path}: its task head does not fit the head given ({e})") from e
-    for n in modules:
-        m = present[n]
-        masks = [unpack_mask(mf.masks[f"{n}.{w}"], mf.shapes[f"{n}.{w}"]) for w, _, _ in m.score_pairs()]
-        m.set_mask(*masks)
-    return mf
+
+
+def _restore_plain(model: nn.Module, originals: dict[str, nn.Module], requires_grad: dict[str, bool]) -> None:
+    """Undo a refused load's masking: the original modules back in place, ``requires_grad`` as it was."""
+    for name, _ in list(masked_modules(model)):
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, originals[name])
+    for k, p in model.named_parameters():
+        if k in requires_grad:
+            p.requires_grad_(requires_grad[k])
 
 
 def describe_mask_file(path: str | os.PathLike) -> str:

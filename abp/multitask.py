@@ -50,7 +50,7 @@ from torch import nn
 
 from abp import backends
 from abp.functional import multi_bitmask_linear, pack_mask
-from abp.maskio import MaskFile, MaskFileError, _base_weight, _check_fingerprint, _check_head, read_mask_file
+from abp.maskio import MaskFile, MaskFileError, base_weight, check_fingerprint, check_head, read_mask_file
 from abp.nn import MaskedModule, _frozen
 
 Tensor = torch.Tensor
@@ -254,8 +254,8 @@ def _check_file(mf: MaskFile, modules: dict[str, nn.Module]) -> dict[str, str]:
         if kind == "embedding" and (m.max_norm is not None or m.sparse):
             raise MaskFileError(f"mask file {mf.path} names modules this model cannot mask ({n}: embeddings with "
                                 "max_norm or sparse=True are not supported)")
-        base = _base_weight(m)
-        _check_fingerprint(mf, n, base)
+        base = base_weight(m)
+        check_fingerprint(mf, n, base)
         want = {"weight": list(base.shape)}
         if kind in ("linear", "conv1d", "layernorm") and m.bias is not None:
             want["bias"] = list(m.bias.shape)
@@ -297,7 +297,7 @@ def _build_head(mf: MaskFile, config, given: Optional[nn.Module]) -> nn.Module:
         extra = mf.extra
         given = make_head(extra.get("head", "paper"), config.hidden_size, config.num_hidden_layers + 1,
                           _num_labels(mf), pool=extra.get("head_pool", "cls"))
-    _check_head(mf, given)
+    check_head(mf, given)
     return given
 
 
@@ -387,7 +387,7 @@ class MultiTaskModel(nn.Module):
         swaps = {}  # built first, swapped in once the heads loaded: nothing changes before everything is ready
         for n in sorted(kinds):  # union of the files' modules: one multi-task module each
             base = modules[n]
-            w = _base_weight(base)
+            w = base_weight(base)
 
             def stack(which: str, numel: int, need: bool) -> Optional[Tensor]:
                 if not need:

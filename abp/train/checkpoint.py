@@ -2,10 +2,14 @@
 
 Holds everything a resumed run needs to end exactly where an uninterrupted one would: scores, head,
 head-optimiser state, the score optimiser's γ/stop state, RNG states, step, history and best.
+A SHA-256 digest over every tensor and metadata entry (format version 2) refuses a checkpoint changed on
+disk since it was written, so a flipped bit cannot silently steer a resumed run.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from typing import Any
 
@@ -16,6 +20,22 @@ from abp._atomic import atomic_path
 
 class CheckpointError(ValueError):
     """A checkpoint is unreadable or belongs to another run."""
+
+
+FORMAT_VERSION = "2"  # 2 adds the digest; version-1 checkpoints (no digest) still load
+
+
+def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """SHA-256 of every tensor's name, dtype, shape and bytes and of every metadata entry but the digest."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    for k in sorted(meta):
+        if k != "digest":
+            h.update(f"{k}\0{meta[k]}\0".encode())
+    return h.hexdigest()
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -58,18 +78,28 @@ def save_checkpoint(path: str | os.PathLike, *, scores: dict[str, torch.Tensor],
     tensors["rng/cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
-    meta = {"format": "abp-checkpoint", "info": json.dumps(info), "opt": json.dumps(opt_meta),
-            "score_steps": str(score_state["steps"]), "score_lr": repr(score_state["lr"])}
+    meta = {"format": "abp-checkpoint", "format_version": FORMAT_VERSION, "info": json.dumps(info),
+            "opt": json.dumps(opt_meta), "score_steps": str(score_state["steps"]), "score_lr": repr(score_state["lr"])}
     if "moment_steps" in score_state:
         meta["score_moment_steps"] = json.dumps(score_state["moment_steps"])
+    meta["digest"] = _digest(tensors, meta)
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint into ``{scores, head, head_opt, score_state, rng, info}`` (CPU tensors)."""
+    """Read a checkpoint into ``{scores, head, head_opt, score_state, rng, info}`` (CPU tensors).
+
+    Anything but an intact checkpoint (missing, a directory, truncated, a changed bit, missing or malformed
+    entries) raises :class:`CheckpointError` naming the file and the problem.
+    """
     from safetensors import safe_open
 
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file")
+    if not os.path.isfile(path):  # (also keeps a FIFO from blocking the open)
+        raise CheckpointError(f"checkpoint {path} does not exist" if not os.path.exists(path) else
+                              f"checkpoint {path} is not a regular file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -78,24 +108,59 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e})") from e
     if meta.get("format") != "abp-checkpoint":
         raise CheckpointError(f"{path} is not an abp training checkpoint")
+    version = meta.get("format_version", "1")
+    if version not in ("1", FORMAT_VERSION):
+        raise CheckpointError(f"checkpoint {path} has format version {version!r}; this abp reads 1 and "
+                              f"{FORMAT_VERSION}")
+    if version != "1" or "digest" in meta:
+        if meta.get("digest") != _digest(tensors, meta):
+            raise CheckpointError(f"checkpoint {path} is corrupt: its contents changed since it was written "
+                                  "(digest mismatch)")
+    try:
+        return _assemble(tensors, meta, path)
+    except CheckpointError:
+        raise
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError, RecursionError) as e:
+        what = f"lacks {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"checkpoint {path} is incomplete or malformed ({what})") from e
+
+
+def _assemble(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's parts, each checked for the type a resume needs (a wrong one raises)."""
+    def parsed(key: str, kind: type) -> Any:
+        value = json.loads(meta[key])
+        if not isinstance(value, kind):
+            raise TypeError(f"{key} is a {type(value).__name__}, not a {kind.__name__}")
+        return value
+
     pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
     so = pick("score_optim/")
+    for k in ("gamma", "active", "pruned"):
+        if so[k].numel() != 1:
+            raise ValueError(f"score_optim/{k} holds {so[k].numel()} values, not 1")
     score_state = {"gamma": so["gamma"][0], "active": so["active"][0], "pruned": so["pruned"][0],
                    "steps": int(meta["score_steps"]), "lr": float(meta["score_lr"])}
+    if not math.isfinite(score_state["lr"]):
+        raise ValueError(f"score_lr is {meta['score_lr']}")
     if "score_moment_steps" in meta:
-        steps = json.loads(meta["score_moment_steps"])
+        steps = parsed("score_moment_steps", list)
         try:
             score_state["moments"] = [(tensors[f"score_moments/{i}/m"], tensors[f"score_moments/{i}/v"])
                                       for i in range(len(steps))]
         except KeyError as e:
             raise CheckpointError(f"checkpoint {path} lacks the score optimiser's Adam moment {e}") from e
         score_state["moment_steps"] = steps
+    opt = parsed("opt", dict)
+    if not isinstance(opt.get("param_groups"), list) or not isinstance(opt.get("plain"), dict):
+        raise TypeError("opt lacks its param_groups list or plain dict")
+    rng = tensors["rng/cpu"]
+    if rng.dtype != torch.uint8 or rng.dim() != 1:
+        raise TypeError(f"rng/cpu is {rng.dtype} {list(rng.shape)}, not a 1-d uint8 tensor")
     return {
         "scores": pick("scores/"),
         "head": pick("head/"),
-        "head_opt": _unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith("opt/")},
-                                         json.loads(meta["opt"])),
+        "head_opt": _unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith("opt/")}, opt),
         "score_state": score_state,
-        "rng": {"cpu": tensors["rng/cpu"], "cuda": tensors.get("rng/cuda")},
-        "info": json.loads(meta["info"]),
+        "rng": {"cpu": rng, "cuda": tensors.get("rng/cuda")},
+        "info": parsed("info", dict),
     }

@@ -129,6 +129,9 @@ class Trainer:
         self.dev_batchers = dev_batchers(dev_sets, self.tokenizer, batch_size=max(64, cfg.batch_size),
                                          max_length=cfg.max_length)
         self.step, self.history, self.best = 0, [], {"metric": -math.inf, "step": None, "sparsity": None}
+        # {op: "backend (why)"} of every process of this run so far (checkpointed): metrics.json reports the whole
+        # run's kernels, also when the process that writes it resumed late and ran few or none of them
+        self.backends_run: dict[str, str] = {}
 
     # ------------------------------------------------------------------ extension points
     # What a method built on the Trainer overrides (abp.experiments.trainers); the loop calls these and
@@ -402,8 +405,8 @@ class Trainer:
             "steps": self.step,
             "train_seconds_this_process": round(seconds, 1),
             "device": str(self.device),
-            "backends": abp.last_backend(),
-            "backend_notes": {op: s for op, s in abp.last_backend(why=True).items() if s != abp.last_backend(op)},
+            "backends": {op: s.split(" (", 1)[0] for op, s in self._backends_so_far().items()},
+            "backend_notes": {op: s for op, s in self._backends_so_far().items() if " (" in s},
             "fused_update": self.fused,
             "score_update": self.score_update_path,
             "distributed": self.dist.describe(),
@@ -426,8 +429,13 @@ class Trainer:
             raise FloatingPointError(f"mask scores are NaN/inf at step {self.step} ({where}; learning rate too high?); "
                                      f"the last checkpoint in {self.out} is intact")
 
+    def _backends_so_far(self) -> dict[str, str]:
+        """Each op's backend (with ``auto``'s reasons) in this run: this process's choices over earlier ones'."""
+        return {**self.backends_run, **abp.last_backend(why=True)}
+
     def _save_checkpoint(self, path: Path) -> None:
-        info = {"step": self.step, "config": self.cfg.to_dict(), "history": self.history, "best": self.best}
+        info = {"step": self.step, "config": self.cfg.to_dict(), "history": self.history, "best": self.best,
+                "backends": self._backends_so_far()}
         full = self.dist.full_model(self.model)  # FSDP: gathers the scores (all ranks take part)
         score_state = self.scores.full_state_dict()  # FSDP: gathers Adam's moments (all ranks take part)
         if self.dist.is_main:  # global state only: any world size can resume from it
@@ -458,6 +466,7 @@ class Trainer:
             torch.cuda.set_rng_state(ck["rng"]["cuda"])
         info = ck["info"]
         self.step, self.history, self.best = info["step"], info["history"], info["best"]
+        self.backends_run = dict(info.get("backends", {}))
         if self.best["metric"] is None:
             self.best["metric"] = -math.inf
         self.load_extra_state(path)
