@@ -138,7 +138,7 @@ def masked_linear(
     amp, input, weight, bias = _autocast_operands(input, weight, bias)
     _check_linear(input, weight, scores, bias, bias_scores, t_l, t_s)
     lead = input.shape[:-1]
-    x2d = input.reshape(-1, input.shape[-1])
+    x2d = input.reshape(lead.numel(), input.shape[-1])  # not -1: ambiguous when in_features is 0
     backend = backend or ""  # "": the default choice (use_backend, ABP_BACKEND, auto)
     with torch.autocast(input.device.type, enabled=False) if amp else contextlib.nullcontext():
         if fused_update is None:

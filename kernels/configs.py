@@ -227,7 +227,11 @@ def matmul_configs(kernel: str, rows: str, cols: str, red: str, group: str) -> l
 
 def offered(kernel: str, major: int, act_dtype: torch.dtype, autotune_on: bool = True) -> set[tuple]:
     """The tiles the pruning hook keeps for ``kernel`` on a GPU of capability major ``major`` with
-    ``act_dtype`` activations (``autotune_on=False``: ``ABP_TRITON_AUTOTUNE=0``, the fixed tile)."""
+    ``act_dtype`` activations (``autotune_on=False``: ``ABP_TRITON_AUTOTUNE=0``, the fixed tile).
+    Empty for a dtype other than fp32/fp16/bf16: no table was measured for it, so the hook raises
+    rather than run another dtype's tiles."""
+    if act_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return set()
     if not autotune_on:
         return {_FIXED_TILE}
     return set(candidates(kernel, arch_of(major), dtype_class(act_dtype)))

@@ -9,10 +9,13 @@ from abp import reference as R
 
 def assert_close(got, ref, dtype, reduction):
     """max error within 8·eps·sqrt(reduction) of the reference's RMS (a length-``reduction`` dot product
-    in ``dtype``; fp64 inputs still meet fp32 masks, so they get fp32's eps)."""
+    in ``dtype``; fp64 inputs still meet fp32 masks, so they get fp32's eps). Shapes must match."""
+    assert got.shape == ref.shape, f"shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    if not ref.numel():
+        return
     eps = torch.finfo(torch.float32 if dtype == torch.float64 else dtype).eps
     scale = ref.double().pow(2).mean().sqrt().item() + 1e-30
-    err = (got.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
+    err = (got.double() - ref.double()).abs().max().item()
     assert err <= 8 * eps * max(reduction, 1) ** 0.5 * scale, f"max error {err:.3g} vs RMS {scale:.3g} ({dtype})"
 
 
@@ -274,3 +277,110 @@ def test_a_wrong_dtype_is_a_type_error_and_a_wrong_shape_a_value_error():
     for i, call in enumerate(wrong_shape):
         with pytest.raises(ValueError):
             call()
+
+
+def _triton_on_cpu():
+    from abp import _triton_bridge
+
+    return _triton_bridge.available(torch.device("cpu"))
+
+
+_TRITON_CPU = _triton_on_cpu()
+BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(not _TRITON_CPU[0], reason=_TRITON_CPU[1]))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead,K,N", [((0,), 6, 5), ((2, 0), 6, 5), ((4,), 0, 5), ((4,), 6, 0)],
+                         ids=["no-tokens", "no-tokens-3d", "no-inputs", "no-outputs"])
+def test_zero_size_dims(backend, lead, K, N):
+    """A dimension of size 0 (no tokens, in_features 0 or out_features 0): the forward has shape
+    ``(*lead, N)``, every gradient has its tensor's shape and the float64 value (an empty sum is 0:
+    with no tokens the score grads are exactly zero; with no inputs ``y`` is the masked bias and the
+    bias scores still get their gradient)."""
+    g = torch.Generator().manual_seed(zlib.crc32(repr((lead, K, N)).encode()))
+    x = torch.randn(*lead, K, generator=g).requires_grad_(True)
+    w, b = torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    s = torch.randn(N, K, generator=g).requires_grad_(True)
+    bs = torch.randn(N, generator=g).requires_grad_(True)
+    y = abp.masked_linear(x, w, s, b, bs, t_s=1.5, backend=backend)
+    assert y.shape == (*lead, N)
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy)
+    assert x.grad.shape == x.shape and s.grad.shape == s.shape and bs.grad.shape == bs.shape
+    M = x.shape[:-1].numel()
+    ry, rdx, rds, rdbs = _oracle(x.detach().reshape(M, K), w, s.detach(), b, bs.detach(), dy.reshape(M, N), None, 1.5)
+    assert_close(y.reshape(M, N), ry, torch.float32, K)
+    assert_close(x.grad.reshape(M, K), rdx, torch.float32, N)
+    assert_close(s.grad, rds, torch.float32, M)
+    assert_close(bs.grad, rdbs, torch.float32, M)
+    if M == 0:
+        assert not s.grad.any() and not bs.grad.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("recovery", [True, False])
+def test_fused_update_without_tokens_still_applies_gamma(backend, recovery):
+    """An empty batch through the fused-update path: the backward still runs the step, which with a zero
+    gradient is ``θ ← θ − active·γ`` (the reference's, bit for bit), and counts the θ ≤ 0 it leaves."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(0, 7, generator=g).requires_grad_(True)
+    w, b = torch.randn(5, 7, generator=g), torch.randn(5, generator=g)
+    s0, bs0 = torch.randn(5, 7, generator=g) * 0.05, torch.randn(5, generator=g) * 0.05
+    s0[0, :3] = bs0[0] = 0.0  # with γ < 0 and recovery=False the clamp keeps these at 0
+    gamma, active = torch.tensor(0.01 if recovery else -0.02), torch.tensor(1.0)
+    s, bs = s0.clone(), bs0.clone()
+    counts = torch.full((2,), 99, dtype=torch.int64)
+    sgd = abp.ScoreSGD(lr=0.5, gamma=gamma, active=active, recovery=recovery)
+    y = abp.masked_linear(x, w, s, b, bs, fused_update=sgd, counts=counts, backend=backend)
+    assert y.shape == (0, 5)
+    y.backward(torch.zeros(0, 5))
+    ref_s, ref_bs = s0.clone(), bs0.clone()
+    want = [int(R.score_update_(ref_s, torch.zeros_like(s0), 0.5, gamma, active, recovery)),
+            int(R.score_update_(ref_bs, torch.zeros_like(bs0), 0.5, gamma, active, recovery))]
+    assert not torch.equal(ref_s, s0), "test precondition: the γ step moves the scores"
+    assert torch.equal(s, ref_s) and torch.equal(bs, ref_bs)
+    assert counts.tolist() == want
+    assert x.grad.shape == (0, 7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_update_under_torch_compile(backend):
+    """``torch.compile(backend="aot_eager")`` of a masked layer with the fused update, forward and backward,
+    three steps (γ changed in place between them, as a schedule does): the outputs, input grads, updated
+    scores and counts equal eager's at every step. Graph breaks would be allowed; different results not."""
+    from torch._dynamo.utils import counters
+
+    g = torch.Generator().manual_seed(11)
+    x0, w, b = torch.randn(9, 7, generator=g), torch.randn(5, 7, generator=g), torch.randn(5, generator=g)
+    s0, bs0 = torch.randn(5, 7, generator=g) * 0.05, torch.randn(5, generator=g) * 0.05
+    dys = [torch.randn(9, 5, generator=g) for _ in range(3)]
+
+    def run(compiled: bool):
+        s, bs = s0.clone(), bs0.clone()
+        counts = torch.zeros(2, dtype=torch.int64)
+        sgd = abp.ScoreSGD(lr=0.7, gamma=torch.tensor(0.003), active=torch.tensor(1.0), recovery=False)
+
+        def layer(x):
+            return abp.masked_linear(x, w, s, b, bs, t_l=None, t_s=1.5, backend=backend, fused_update=sgd,
+                                     counts=counts)
+
+        f = torch.compile(layer, backend="aot_eager") if compiled else layer
+        steps = []
+        for i, dy in enumerate(dys):
+            x = x0.clone().requires_grad_(True)
+            y = f(x)
+            y.backward(dy)
+            steps.append((y.detach(), x.grad, s.clone(), bs.clone(), counts.clone()))
+            sgd.gamma.fill_(0.003 * (i + 2))
+        return steps
+
+    eager = run(False)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = run(True)
+    assert counters["stats"]["unique_graphs"] >= 1, "torch.compile captured no graph: this compared eager with eager"
+    assert not torch.equal(eager[0][2], s0) and not torch.equal(eager[2][2], eager[1][2]), "test precondition"
+    for i, (e, c) in enumerate(zip(eager, compiled)):
+        for name, a, bb in zip(("y", "x.grad", "scores", "bias_scores", "counts"), e, c):
+            breaks = dict(counters["graph_break"])
+            assert torch.equal(a, bb), f"step {i}: {name} differs under torch.compile (graph breaks: {breaks})"

@@ -39,8 +39,11 @@ needs_kernels = pytest.mark.skipif(not KERNELS_OK, reason=WHY)
 # bf16 only on GPU: the interpreter has no bf16 arithmetic.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 # (M, N, K): sizes 1, 7, 33, 97, 130 in every role; tails against the interpreter's 32-tiles
-# and several tile groups for the swizzle.
-SHAPES = [(1, 7, 33), (7, 33, 1), (33, 1, 7), (97, 130, 33), (130, 97, 130)]
+# and several tile groups for the swizzle. Then 0 in every role: no tokens (the forward and dX are
+# empty, dθ is an empty sum over M, i.e. zeros, and the fused step still applies γ), no outputs,
+# no inputs (the forward is the bias alone, dX is empty, the bias-score grad still sums over M).
+# Each of them is an empty reduction for one of the kernels.
+SHAPES = [(1, 7, 33), (7, 33, 1), (33, 1, 7), (97, 130, 33), (130, 97, 130), (0, 7, 33), (7, 0, 33), (33, 7, 0)]
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
@@ -173,6 +176,54 @@ def test_masked_matmul_dx(shape, dtype, case):
     assert_accurate(dx, ref, R.masked_linear_dx(dy, w, s, t_l), "dx")
 
 
+def _soft_mask_probe_scores(n: int, t_l: float) -> torch.Tensor:
+    """fp32 scores ``[n, n+1]`` (the last column for the bias) with ``t_l·θ`` from −1e7 to 1e7, densest
+    over ±110: both sides of the kernels' clamp of ``t_l·θ`` to ±88, and far past it."""
+    far = torch.logspace(2, 7, 40, dtype=torch.float64)
+    near = torch.linspace(-110, 110, n * (n + 1) - 2 * far.numel() - 3, dtype=torch.float64)
+    z = torch.cat([near, far, -far, torch.tensor([-88.0, 88.0, 0.0], dtype=torch.float64)])
+    perm = torch.randperm(z.numel(), generator=_gen("soft mask probe", n))
+    return (z[perm] / t_l).float().view(n, n + 1)
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_kernels)])
+@pytest.mark.parametrize("t_l", [1e5, 30.0])
+def test_soft_mask_past_the_exponent_clamp(t_l, impl):
+    """σ(t_l·θ) for ``|t_l·θ|`` beyond the kernels' clamp (±88, where σ leaves fp32's normal range),
+    mask element by mask element against float64: the forward (weight and bias masks) and dX.
+
+    ``t_l = 1e5`` is the training default, where nearly every score is far past the clamp. The masks
+    are read out exactly: with ``W = 1`` the forward of ``x = I`` is ``Mᵀ`` and, with ``b = 1``, that of
+    ``x = 0`` is ``m_b``; with ``dY = I``, dX is ``M``. Each value must be within a few ulps of
+    ``σ(z)`` in float64 at the fp32 product ``z = fl(θ·t_l)`` that both sides compute (plus ``|z|``
+    ulps: a GPU's ``exp`` rounds ``z·log₂e`` first), or within fp32's smallest normal of it: below
+    that, fp32 keeps no relative precision and GPUs flush to zero.
+    """
+    n = 48
+    s_all = _soft_mask_probe_scores(n, t_l).to(DEVICE)
+    s, bs = s_all[:, :n].contiguous(), s_all[:, n].contiguous()
+    z = s_all * torch.tensor(t_l, dtype=torch.float32)
+    assert (z < -88).any() and (z > 88).any() and ((z.abs() < 88) & (z != 0)).any(), "test precondition"
+    ref = torch.sigmoid(z.double())
+    eye, ones, zero = torch.eye(n, device=DEVICE), torch.ones(n, n, device=DEVICE), torch.zeros(1, n, device=DEVICE)
+    if impl == "triton":
+        fwd, dx_of = K.masked_matmul, K.masked_matmul_dx
+    else:
+        fwd, dx_of = R.masked_linear_fwd, R.masked_linear_dx
+    y = fwd(eye, ones, s, None, None, t_l)
+    y_bias = fwd(zero, ones, s, ones[0], bs, t_l)
+    dx = dx_of(eye, ones, s, t_l)
+    tiny = torch.finfo(torch.float32).tiny
+    for what, got, want, zz in (("weight mask (forward)", y.t(), ref[:, :n], z[:, :n]),
+                                ("bias mask (forward)", y_bias[0], ref[:, n], z[:, n]),
+                                ("weight mask (dX)", dx, ref[:, :n], z[:, :n])):
+        err = (got.double() - want).abs()
+        tol = (4 + zz.double().abs()) * EPS[torch.float32] * want + tiny
+        i = (err - tol).argmax()
+        assert (err <= tol).all(), (f"{what}: σ({zz.flatten()[i].item():.6g}) = {got.flatten()[i].item():.6g}, "
+                                    f"float64 {want.flatten()[i].item():.6g}")
+
+
 # ----------------------------------------------------------------------------------------------
 # score gradient
 # ----------------------------------------------------------------------------------------------
@@ -201,6 +252,11 @@ def test_score_grad(shape, dtype, case):
 # ----------------------------------------------------------------------------------------------
 # fused score update
 # ----------------------------------------------------------------------------------------------
+def _max_abs(t: torch.Tensor) -> float:
+    """``max|t|``, 0 for an empty tensor (a zero-size score tensor)."""
+    return t.abs().max().item() if t.numel() else 0.0
+
+
 def _reference_update(dy, x, w, s, b, bs, lr, gamma, active, recovery, t_s):
     """fp64 reference of the step, fp32-computed grads (torch's own), and the grad tolerances."""
     g64, gb64 = score_grad_f64(dy, x, w, s, b, bs, t_s)
@@ -212,8 +268,8 @@ def _reference_update(dy, x, w, s, b, bs, lr, gamma, active, recovery, t_s):
             continue
         new = theta.double().clone()
         R.score_update_(new, g, lr, gamma.double(), active.double(), recovery)
-        grad_tol = 2 * (g_own.double() - g).abs().max().item() + 2 * EPS[torch.float32] * g.abs().max().item()
-        scale = theta.abs().max().item() + lr * g.abs().max().item() + abs(gamma.item())
+        grad_tol = 2 * _max_abs(g_own.double() - g) + 2 * EPS[torch.float32] * _max_abs(g)
+        scale = _max_abs(theta) + lr * _max_abs(g) + abs(gamma.item())
         tol = lr * grad_tol + 4 * EPS[torch.float32] * scale
         unclamped = theta.double() - active.double() * (lr * g + gamma.double())
         out.append((new, tol, unclamped))
@@ -223,7 +279,7 @@ def _reference_update(dy, x, w, s, b, bs, lr, gamma, active, recovery, t_s):
 def _check_step(name, theta_old, theta_new, ref, count, count_before, recovery):
     new_ref, tol, unclamped = ref
     assert torch.isfinite(theta_new).all(), f"{name}: non-finite scores after the step"
-    err = (theta_new.double() - new_ref).abs().max().item()
+    err = _max_abs(theta_new.double() - new_ref)
     assert err <= tol, f"{name}: max error {err:.3g} > tol {tol:.3g}"
     # counts: exactly the θ ≤ 0 of what the kernel wrote, added to what was there.
     assert count - count_before == int((theta_new <= 0).sum()), f"{name}: count of θ ≤ 0"
@@ -286,16 +342,46 @@ def test_inactive_step_moves_nothing(dtype, recovery):
     assert counts.tolist() == [int((s <= 0).sum()), int((bs <= 0).sum())]
 
 
+@needs_kernels
+@pytest.mark.parametrize("recovery", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_no_tokens(dtype, recovery):
+    """M = 0 (an empty batch): y [0, N] and dX [0, K] are empty; dθ and the bias-score grad are sums
+    over no tokens, so exactly 0 everywhere, written rather than left as allocated; the fused step
+    still applies ``θ ← θ − active·γ`` (the reference's step with a zero gradient, bit for bit, the
+    no-recovery clamp included) and counts the θ ≤ 0 it leaves."""
+    x, w, dy, s, b, bs = make_problem((0, 7, 33), dtype, 0.5, "bias+scores", ("no tokens", str(dtype)))
+    assert K.masked_matmul(x, w, s, b, bs).shape == (0, 7)
+    assert K.masked_matmul_dx(dy, w, s, 2.0).shape == (0, 33)
+    ds, dbs = K.score_grad(dy, x, w, s, b, bs)
+    assert torch.equal(ds, torch.zeros_like(s)) and torch.equal(dbs, torch.zeros_like(bs))
+
+    gamma = torch.tensor(0.01 if recovery else -0.05, device=DEVICE)  # < 0: the clamp has to act
+    active = torch.tensor(1.0, device=DEVICE)
+    s_new, bs_new = s.clone(), bs.clone()
+    counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    K.score_grad_update_(dy, x, w, s_new, lr=0.1, gamma=gamma, active=active, recovery=recovery, counts=counts,
+                         bias=b, bias_scores=bs_new)
+    s_ref, bs_ref = s.clone(), bs.clone()
+    want = [int(R.score_update_(s_ref, torch.zeros_like(s), 0.1, gamma, active, recovery)),
+            int(R.score_update_(bs_ref, torch.zeros_like(bs), 0.1, gamma, active, recovery))]
+    assert not torch.equal(s_ref, s), "test precondition: the γ step moves the scores"
+    assert torch.equal(s_new, s_ref) and torch.equal(bs_new, bs_ref)
+    assert counts.tolist() == want
+
+
 # ----------------------------------------------------------------------------------------------
 # layouts, errors, availability
 # ----------------------------------------------------------------------------------------------
 @needs_kernels
-def test_non_contiguous_inputs():
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_inputs(dtype):
+    """Transposed views of every operand give what contiguous ones do, in each activation dtype."""
     M, N, Kd = 33, 97, 130
-    gen = _gen("noncontig")
-    x = randn((Kd, M), torch.float32, gen).t()
-    w = randn((Kd, N), torch.float32, gen).t()
-    dy = randn((N, M), torch.float32, gen).t()
+    gen = _gen("noncontig", str(dtype))
+    x = randn((Kd, M), dtype, gen).t()
+    w = randn((Kd, N), dtype, gen).t()
+    dy = randn((N, M), dtype, gen).t()
     s = scores_with_density((Kd, N), 0.5, gen).t()
     assert not (x.is_contiguous() or w.is_contiguous() or dy.is_contiguous() or s.is_contiguous())
     assert_accurate(K.masked_matmul(x, w, s), R.masked_linear_fwd(*f64(x, w, s)),
