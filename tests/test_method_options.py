@@ -114,11 +114,13 @@ def test_adam_tensor_step_equals_a_hand_written_oracle():
     assert all(v.dim() == 0 for _, v in opt.moments)  # one second moment per tensor
 
 
-def test_adam_floor_step_equals_a_hand_written_oracle():
-    """adam_floor: Adam whose per-score v̂ is floored at its tensor's mean v̂ (gradients 1e-8 … 1e-3 apart)."""
+@pytest.mark.parametrize("optimizer,bound", [("adam_floor", torch.maximum), ("adam_ceiling", torch.minimum)])
+def test_adam_floor_and_ceiling_steps_equal_a_hand_written_oracle(optimizer, bound):
+    """Adam whose per-score v̂ is floored (adam_floor) or capped (adam_ceiling) at its tensor's mean v̂, on
+    gradients 1e-8 … 1e-3 apart."""
     m = _tiny_bert(score_init_mode="magnitude")
     b1, b2, lr, gamma, eps = 0.9, 0.999, 1e-3, 3e-4, 1e-12
-    opt = ScoreOptimizer(m, lr=lr, target_sparsity=0.9, prune_steps=50, gamma=gamma, optimizer="adam_floor", eps=eps)
+    opt = ScoreOptimizer(m, lr=lr, target_sparsity=0.9, prune_steps=50, gamma=gamma, optimizer=optimizer, eps=eps)
     ref = [s.detach().clone().double() for s in opt.scores]
     mom = [(torch.zeros_like(r), torch.zeros_like(r)) for r in ref]
     g = torch.Generator().manual_seed(2)
@@ -133,16 +135,18 @@ def test_adam_floor_step_equals_a_hand_written_oracle():
             vi = b2 * vi + (1 - b2) * gr.double().square()
             mom[i] = (mi, vi)
             vhat = vi / (1 - b2 ** t)
-            r -= lr * (mi / (1 - b1 ** t)) / (torch.maximum(vhat, vhat.mean()).sqrt() + eps) + gamma
+            r -= lr * (mi / (1 - b1 ** t)) / (bound(vhat, vhat.mean()).sqrt() + eps) + gamma
     for s, r in zip(opt.scores, ref):
         torch.testing.assert_close(s.detach().double(), r, rtol=1e-5, atol=1e-8)
     assert all(v.shape == s.shape for (_, v), s in zip(opt.moments, opt.scores))  # one second moment per score
 
 
-def test_adam_floor_moves_strong_gradients_by_alpha_and_weak_ones_in_proportion():
-    """First step: |Δθ| = α where |g| ≥ rms(g) of its tensor (Adam), α·|g|/rms(g) below it (adam_tensor)."""
+@pytest.mark.parametrize("optimizer", ["adam_floor", "adam_ceiling"])
+def test_adam_floor_and_ceiling_split_the_tensor_at_its_gradient_rms(optimizer):
+    """First step. adam_floor: |Δθ| = α where |g| ≥ rms(g) of its tensor (Adam), α·|g|/rms(g) below it
+    (adam_tensor); adam_ceiling the other way round."""
     m = _tiny_bert(score_init_mode="magnitude")
-    opt = ScoreOptimizer(m, lr=1e-3, target_sparsity=0.9, prune_steps=50, gamma=0.0, optimizer="adam_floor")
+    opt = ScoreOptimizer(m, lr=1e-3, target_sparsity=0.9, prune_steps=50, gamma=0.0, optimizer=optimizer)
     before = opt.scores[0].detach().clone()
     grad = torch.linspace(-1, 1, before.numel()).reshape(before.shape) * 1e-6
     for s in opt.scores:
@@ -151,9 +155,13 @@ def test_adam_floor_moves_strong_gradients_by_alpha_and_weak_ones_in_proportion(
     opt.step()
     step = before - opt.scores[0].detach()
     rms = float(grad.square().mean().sqrt())
-    want = 1e-3 * grad / torch.maximum(grad.abs(), torch.tensor(rms))
+    bound = torch.maximum if optimizer == "adam_floor" else torch.minimum
+    want = 1e-3 * grad / (bound(grad.abs(), torch.tensor(rms)) + opt.eps)
     torch.testing.assert_close(step, want, rtol=1e-4, atol=1e-9)
-    assert float(step.abs().max()) <= 1e-3 * (1 + 1e-5) and bool((step.abs() < 1e-3 * 0.5).any())
+    if optimizer == "adam_floor":  # never more than α; the weak gradients less
+        assert float(step.abs().max()) <= 1e-3 * (1 + 1e-5) and bool((step.abs() < 1e-3 * 0.5).any())
+    else:  # never less than α where there is a gradient; the strong ones more
+        assert float(step.abs()[grad.abs() > 1e-7].min()) >= 1e-3 * (1 - 1e-5) and bool((step.abs() > 1e-3 * 1.5).any())
 
 
 def test_adam_tensor_keeps_the_gradients_ranking_inside_a_tensor():
@@ -174,7 +182,7 @@ def test_adam_tensor_keeps_the_gradients_ranking_inside_a_tensor():
     assert float(steps["adam"].abs().max() / steps["adam"].abs()[grad.abs() > 1e-7].min()) < 1.01  # Adam: ±α
 
 
-@pytest.mark.parametrize("optimizer", ["adam_tensor", "adam_floor"])
+@pytest.mark.parametrize("optimizer", ["adam_tensor", "adam_floor", "adam_ceiling"])
 def test_per_tensor_statistics_are_refused_under_fsdp(optimizer):
     from abp.train.distributed import ShardedScoreOptimizer
 

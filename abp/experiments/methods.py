@@ -67,6 +67,8 @@ ABP_VARIANTS: dict[str, dict] = {
     "abp_adam_tensor": {"score_init_mode": "magnitude", "score_optimizer": "adam_tensor"},
     # θ0 ∝ |w|, Adam with each score's second moment floored at its tensor's mean (weak gradients move ∝ their size)
     "abp_adam_floor": {"score_init_mode": "magnitude", "score_optimizer": "adam_floor"},
+    # θ0 ∝ |w|, Adam with each score's second moment capped at its tensor's mean (strong gradients move ∝ their size)
+    "abp_adam_ceiling": {"score_init_mode": "magnitude", "score_optimizer": "adam_ceiling"},
     # θ0 ∝ |w|, Adam, and the embedding rows of tokens absent from the training set first in line (θ0 × 0.01)
     "abp_usage": {"score_init_mode": "magnitude", "score_optimizer": "adam", "unused_token_scale": 0.01},
 }

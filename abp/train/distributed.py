@@ -218,7 +218,7 @@ class ShardedScoreOptimizer(ScoreOptimizer):
         if kw.get("fused"):
             raise FusedUpdateError("fused score update refused under FSDP: the score gradient is reduce-scattered "
                                    "across ranks before any update (use fused_update=off/auto)")
-        if kw.get("optimizer") in ("adam_tensor", "adam_floor"):
+        if kw.get("optimizer") in ("adam_tensor", "adam_floor", "adam_ceiling"):
             raise ValueError(f"the {kw['optimizer']} score optimizer needs each tensor's mean square gradient, which FSDP "
                              f"shards across ranks: use adam or sgd under FSDP (DDP runs {kw['optimizer']})")
         super().__init__(model, **kw)

@@ -6,7 +6,7 @@ stop rule and recovery rule unchanged). Adam makes a score's step size independe
 which spans orders of magnitude between tensors (embedding rows a batch does not touch get none at all);
 ``optimizer="adam_tensor"`` keeps one second moment per tensor instead, so that inside a tensor the step stays
 proportional to the gradient; ``optimizer="adam_floor"`` floors each score's second moment at its tensor's mean
-(see :data:`OPTIMIZERS`).
+``optimizer="adam_ceiling"`` caps it there instead (see :data:`OPTIMIZERS`).
 
 ``γ`` is either the constant the user gives or set by an on-device controller that tracks a sparsity ramp reaching the target after ``prune_steps``
 (the paper hand-tunes γ; users should not have to). Pruning stops — ``active`` drops to 0 for good —
@@ -32,7 +32,7 @@ from abp.patch import masked_modules, shared_weights
 GAIN, MAX_LOG_STEP = 20.0, 0.1
 
 
-OPTIMIZERS = ("sgd", "adam", "adam_tensor", "adam_floor")
+OPTIMIZERS = ("sgd", "adam", "adam_tensor", "adam_floor", "adam_ceiling")
 # adam_tensor: Adam's first moment per score, its second moment per tensor (the tensor's mean square gradient), so
 # the step keeps the gradient's relative sizes inside a tensor, as SGD does, and one pace across tensors, as Adam
 # does. Adam's per-score normalisation moves every score about α whatever its gradient's size, which ranks weights
@@ -41,6 +41,9 @@ OPTIMIZERS = ("sgd", "adam", "adam_tensor", "adam_floor")
 # a score whose gradient RMS is above its tensor's moves about α per step, as under Adam, and one below moves in
 # proportion to its gradient, as under adam_tensor, so weights with weak gradients are no longer carried as fast
 # as the ones the loss depends on. Per-score memory as Adam's.
+# adam_ceiling: the other way round, √min(v̂, mean v̂): a score whose gradient RMS is below its tensor's moves about
+# α per step (Adam's sign-consistency ranking, where most scores are), one above it moves α × its RMS over the
+# tensor's (adam_tensor's size ranking, among the few weights a 95-99 % mask keeps).
 
 
 def adam_score_lr(model: nn.Module, *, prune_steps: int, ratio: float) -> float:
@@ -215,7 +218,8 @@ class ScoreOptimizer:
                             + (1 - self.active))
 
     def _second_moment_like(self, s: torch.Tensor) -> torch.Tensor:
-        """Adam's second moment: one per score (``adam``, ``adam_floor``); ``adam_tensor``'s: one per tensor (0-d)."""
+        """Adam's second moment: one per score (``adam``, ``adam_floor``, ``adam_ceiling``); ``adam_tensor``'s: one per
+        tensor (0-d)."""
         if self.optimizer == "adam_tensor":
             return torch.zeros((), dtype=torch.float32, device=s.device)
         return torch.zeros_like(s)
@@ -223,7 +227,7 @@ class ScoreOptimizer:
     def _adam_directions(self, live: list[int], grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Adam's bias-corrected ``m̂ / (√v̂ + ε)`` for the live tensors (their moments updated in place); with
         ``adam_tensor``, ``v`` is the running mean square of the whole tensor's gradient; with ``adam_floor``, ``v̂``
-        is floored at its tensor's mean ``v̂``."""
+        is floored at its tensor's mean ``v̂``, with ``adam_ceiling`` capped there."""
         b1, b2 = self.betas
         out = []
         for i, g in zip(live, grads):
@@ -239,6 +243,8 @@ class ScoreOptimizer:
             vhat = v / (1 - b2 ** t)
             if self.optimizer == "adam_floor":
                 vhat = torch.maximum(vhat, vhat.mean())
+            elif self.optimizer == "adam_ceiling":
+                vhat = torch.minimum(vhat, vhat.mean())
             denom = vhat.sqrt_().add_(self.eps)
             out.append(m / (1 - b1 ** t) / denom)
         return out
