@@ -17,6 +17,8 @@ from abp.train.tasks import get_task
 ROWS = [
     ("abp", "ABP, abp's default (θ0 ∝ \\|w\\|, Adam)"),
     ("abp_adam_tensor", "ABP, θ0 ∝ \\|w\\| + Adam with one second moment per tensor"),
+    ("abp_adam_ceiling", "ABP, θ0 ∝ \\|w\\| + Adam, second moment capped at the tensor's mean"),
+    ("abp_adam_floor", "ABP, θ0 ∝ \\|w\\| + Adam, second moment floored at the tensor's mean"),
     ("abp_uniform", "ABP, uniform θ0 + plain SGD"),
     ("abp_magnitude", "ABP, θ0 ∝ \\|w\\| + plain SGD"),
     ("abp_uniform_adam", "ABP, uniform θ0 + Adam"),
