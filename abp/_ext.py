@@ -20,7 +20,7 @@ import torch
 Tensor = torch.Tensor
 
 #: The abp_C operators this extension defines (the public ``abp::`` op of the same name calls it).
-OPS = ("pack_mask", "unpack_mask", "multi_score_update_", "bitmask_linear", "multi_bitmask_linear")
+OPS = ("pack_mask", "pack_positive", "unpack_mask", "multi_score_update_", "bitmask_linear", "multi_bitmask_linear")
 
 
 class ExtensionWarning(UserWarning):
@@ -112,6 +112,12 @@ def _register_fakes() -> None:
     def _(mask: Tensor) -> Tensor:
         torch._check(mask.dtype == torch.bool, lambda: f"abp_C::pack_mask: `mask` must be bool, got {mask.dtype}")
         return mask.new_empty(nbytes(mask.numel()), dtype=torch.uint8)
+
+    @torch.library.register_fake("abp_C::pack_positive")
+    def _(scores: Tensor) -> Tensor:
+        torch._check(scores.dtype == torch.float32,
+                     lambda: f"abp_C::pack_positive: `scores` must be float32, got {scores.dtype}")
+        return scores.new_empty(nbytes(scores.numel()), dtype=torch.uint8)
 
     @torch.library.register_fake("abp_C::unpack_mask")
     def _(packed: Tensor, numel: int) -> Tensor:

@@ -144,6 +144,80 @@ def _backward(ctx, dy):
 masked_matmul.register_autograd(_backward, setup_context=_setup_context)
 
 
+# --------------------------------------------------------------------------- masked matmul from packed bits (v2)
+
+def _masked_bias(bias: Optional[Tensor], bias_scores: Optional[Tensor]) -> Optional[Tensor]:
+    """``b⊙1[θ_b>0]`` (N elements: made here, so the bit kernels take an already-masked bias)."""
+    if bias is None or bias_scores is None:
+        return bias
+    return bias * (bias_scores > 0).to(bias.dtype)
+
+
+def _bits_dx_reference(dy, weight, packed):
+    return dy @ (weight * reference.unpack_mask(packed, weight.numel()).view_as(weight).to(weight.dtype))
+
+
+_BITS_MATMUL = {
+    "reference": lambda x, w, p, b: reference.bitmask_linear(x, w, p, b),
+    "triton": lambda x, w, p, b: _k().bitmask_matmul(*_contig(x, w, p, b)),
+}
+_BITS_DX = {
+    "reference": _bits_dx_reference,
+    "triton": lambda dy, w, p: _k().bitmask_matmul_dx(*_contig(dy, w, p)),
+}
+
+
+@torch.library.custom_op("abp::masked_matmul_bits", mutates_args=())
+def masked_matmul_bits(
+    x: Tensor, weight: Tensor, scores: Tensor, packed: Tensor, bias: Optional[Tensor], bias_scores: Optional[Tensor],
+    t_s: float, backend: str,
+) -> Tensor:
+    """The hard-mask forward ``y = x·(W⊙M)ᵀ + b⊙m_b`` reading ``M`` from ``packed`` (= ``pack_mask(scores > 0)``,
+    1 bit per weight) instead of the fp32 scores; ``scores`` and ``t_s`` are there for the backward (σ'(θ))."""
+    return backends.dispatch("masked_matmul_bits", _BITS_MATMUL, x.device, backend,
+                             x, weight, packed, _masked_bias(bias, bias_scores))
+
+
+@masked_matmul_bits.register_fake
+def _(x, weight, scores, packed, bias, bias_scores, t_s, backend):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("abp::masked_matmul_bits_dx", mutates_args=())
+def masked_matmul_bits_dx(dy: Tensor, weight: Tensor, packed: Tensor, backend: str) -> Tensor:
+    """``dX = dY·(W⊙M)`` with ``M`` read from the packed bits."""
+    return backends.dispatch("masked_matmul_bits_dx", _BITS_DX, dy.device, backend, dy, weight, packed)
+
+
+@masked_matmul_bits_dx.register_fake
+def _(dy, weight, packed, backend):
+    return dy.new_empty(dy.shape[0], weight.shape[1])
+
+
+def _bits_setup_context(ctx, inputs, output):
+    x, weight, scores, packed, bias, bias_scores, t_s, backend = inputs
+    ctx.save_for_backward(x, weight, scores, packed, bias, bias_scores)
+    ctx.t_s, ctx.backend = t_s, backend
+
+
+def _bits_backward(ctx, dy):
+    x, weight, scores, packed, bias, bias_scores = ctx.saved_tensors
+    dy = dy.contiguous()
+    dx = ds = dbs = None
+    if ctx.needs_input_grad[0]:
+        dx = masked_matmul_bits_dx(dy, weight, packed, ctx.backend)
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[5]:
+        ds, dbs = score_grad(dy, x, weight, scores, bias, bias_scores, ctx.t_s, ctx.backend)
+        if bias_scores is None or not ctx.needs_input_grad[5]:
+            dbs = None
+        if not ctx.needs_input_grad[2]:
+            ds = None
+    return dx, None, ds, None, None, dbs, None, None
+
+
+masked_matmul_bits.register_autograd(_bits_backward, setup_context=_bits_setup_context)
+
+
 # --------------------------------------------------------------------------- score update over many tensors
 
 def _multi_update_reference(scores, grads, lr, gamma, active, recovery, counts):
@@ -190,6 +264,21 @@ def _(mask, backend):
     return mask.new_empty((mask.numel() + 7) // 8, dtype=torch.uint8)
 
 
+_PACK_POSITIVE = {"reference": lambda s: reference.pack_mask(s > 0), "cuda": lambda s: _c().pack_positive(s),
+                  "cpp": lambda s: _c().pack_positive(s)}
+
+
+@torch.library.custom_op("abp::pack_positive", mutates_args=())
+def pack_positive(scores: Tensor, backend: str) -> Tensor:
+    """fp32 scores → the uint8 bits of ``1[θ > 0]`` (``pack_mask(scores > 0)`` in one pass, no bool mask between)."""
+    return backends.dispatch("pack_positive", _PACK_POSITIVE, scores.device, backend, scores.contiguous())
+
+
+@pack_positive.register_fake
+def _(scores, backend):
+    return scores.new_empty((scores.numel() + 7) // 8, dtype=torch.uint8)
+
+
 @torch.library.custom_op("abp::unpack_mask", mutates_args=())
 def unpack_mask(packed: Tensor, numel: int, backend: str) -> Tensor:
     """uint8 bits → flat bool tensor of ``numel`` elements."""
@@ -202,9 +291,10 @@ def _(packed, numel, backend):
 
 
 _BITMASK = {"reference": reference.bitmask_linear, "cuda": lambda *a: _c().bitmask_linear(*a),
-            "cpp": lambda *a: _c().bitmask_linear(*a)}
+            "cpp": lambda *a: _c().bitmask_linear(*a), "triton": lambda *a: _k().bitmask_matmul(*a)}
 _MULTI_BITMASK = {"reference": reference.multi_bitmask_linear, "cuda": lambda *a: _c().multi_bitmask_linear(*a),
-                  "cpp": lambda *a: _c().multi_bitmask_linear(*a)}
+                  "cpp": lambda *a: _c().multi_bitmask_linear(*a),
+                  "triton": lambda *a: _k().multi_bitmask_matmul(*a)}
 
 
 @torch.library.custom_op("abp::bitmask_linear", mutates_args=())

@@ -88,21 +88,26 @@ class _FusedUpdateLinear(torch.autograd.Function):
     """Masked linear whose backward applies the score SGD step in the dθ epilogue: no dθ, no dW."""
 
     @staticmethod
-    def forward(ctx, x, weight, scores, bias, bias_scores, t_l, t_s, backend, sgd, counts):
-        ctx.save_for_backward(x, weight, scores, bias, bias_scores)
+    def forward(ctx, x, weight, scores, bias, bias_scores, t_l, t_s, backend, sgd, counts, packed):
+        ctx.save_for_backward(x, weight, scores, bias, bias_scores, packed)
         ctx.args = (t_l, t_s, backend, sgd, counts)
+        if packed is not None:
+            return _ops.masked_matmul_bits(x, weight, scores, packed, bias, bias_scores, t_s, backend)
         return _ops.masked_matmul(x, weight, scores, bias, bias_scores, t_l, t_s, backend)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, scores, bias, bias_scores = ctx.saved_tensors
+        x, weight, scores, bias, bias_scores, packed = ctx.saved_tensors
         t_l, t_s, backend, sgd, counts = ctx.args
         dy = dy.contiguous()
-        # dX first: it must see the mask from before the update.
-        dx = _ops.masked_matmul_dx(dy, weight, scores, t_l, backend) if ctx.needs_input_grad[0] else None
+        # dX first: it must see the mask from before the update (the bits are that mask, whatever the update does).
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = (_ops.masked_matmul_bits_dx(dy, weight, packed, backend) if packed is not None
+                  else _ops.masked_matmul_dx(dy, weight, scores, t_l, backend))
         _ops.score_grad_update_(dy, x, weight, scores, bias, bias_scores, counts, sgd.lr, sgd.gamma, sgd.active,
                                 sgd.recovery, t_s, backend)
-        return dx, None, None, None, None, None, None, None, None, None
+        return dx, None, None, None, None, None, None, None, None, None, None
 
 
 def _autocast_operands(input: Tensor, weight: Tensor, bias: Optional[Tensor]):
@@ -128,20 +133,32 @@ def masked_linear(
     backend: Optional[str] = None,
     fused_update: Optional[ScoreSGD] = None,
     counts: Optional[Tensor] = None,
+    packed: Optional[Tensor] = None,
 ) -> Tensor:
     """``input @ (weight ⊙ m).T + bias ⊙ m_b`` with ``m = 1[scores > 0]`` (or ``σ(t_l·scores)``).
 
     Any leading dims; fp32/fp16/bf16 activations (autocast honoured); fp32 scores; ``weight`` and
     ``bias`` frozen. With ``fused_update`` the backward updates ``scores`` in place (and writes the
     count of pruned scores into ``counts``, int64 [2]) instead of returning a gradient for them.
+
+    ``packed``: the hard mask as bits, ``pack_mask(scores > 0)`` (hard mask only). The forward and dX then read
+    1 bit per weight instead of the fp32 scores (the v2 kernels); the score gradient still reads the scores.
+    The caller keeps it equal to ``pack_mask(scores > 0)`` (``MaskedLinear.packed_mask`` does, through the scores'
+    version counter); it is not checked here, which would cost the pass over the scores it saves.
     """
     amp, input, weight, bias = _autocast_operands(input, weight, bias)
     _check_linear(input, weight, scores, bias, bias_scores, t_l, t_s)
+    if packed is not None:
+        if t_l is not None:
+            raise ValueError(f"masked_linear: packed bits are the hard mask; they cannot give σ(t_l·θ) with t_l={t_l}")
+        _check_packed("masked_linear", packed, weight, 1)
     lead = input.shape[:-1]
     x2d = input.reshape(lead.numel(), input.shape[-1])  # not -1: ambiguous when in_features is 0
     backend = backend or ""  # "": the default choice (use_backend, ABP_BACKEND, auto)
     with torch.autocast(input.device.type, enabled=False) if amp else contextlib.nullcontext():
-        if fused_update is None:
+        if fused_update is None and packed is not None:
+            y = _ops.masked_matmul_bits(x2d, weight, scores, packed, bias, bias_scores, t_s, backend)
+        elif fused_update is None:
             y = _ops.masked_matmul(x2d, weight, scores, bias, bias_scores, t_l, t_s, backend)
         else:
             if counts is None or counts.dtype != torch.int64:
@@ -149,7 +166,7 @@ def masked_linear(
             if counts.shape != (2,):
                 raise ValueError(f"masked_linear: fused_update needs counts of shape [2], got {tuple(counts.shape)}")
             y = _FusedUpdateLinear.apply(x2d, weight, scores, bias, bias_scores, t_l, t_s, backend,
-                                         fused_update, counts)
+                                         fused_update, counts, packed)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -218,6 +235,14 @@ def pack_mask(mask: torch.Tensor, *, backend: Optional[str] = None) -> torch.Ten
     if mask.dtype != torch.bool:
         raise TypeError(f"pack_mask: expected a bool tensor, got {mask.dtype}")
     return _ops.pack_mask(mask, backend or "")
+
+
+def pack_positive(scores: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """``pack_mask(scores > 0)`` in one pass over fp32 ``scores`` (4 + 1/8 bytes per element, no bool mask between):
+    the bits of the hard mask that the v2 kernels read."""
+    if scores.dtype != torch.float32:
+        raise TypeError(f"pack_positive: expected float32 scores, got {scores.dtype}")
+    return _ops.pack_positive(scores.detach(), backend or "")
 
 
 def unpack_mask(packed: torch.Tensor, shape, *, backend: Optional[str] = None) -> torch.Tensor:

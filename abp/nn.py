@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from abp import backends
-from abp.functional import ScoreSGD, bitmask_linear, masked_embedding, masked_linear, masked_param, pack_mask
+from abp.functional import ScoreSGD, bitmask_linear, masked_embedding, masked_linear, masked_param, pack_mask, pack_positive
 
 Tensor = torch.Tensor
 
@@ -145,6 +145,7 @@ class MaskedLinear(MaskedModule):
         self.fused_update: Optional[ScoreSGD] = None  # set by the trainer for the fused-update path
         self.fused_uses = 0  # forwards since the last score step (must stay <= 1 when fused)
         self.serve_bits: Optional[bool] = None  # inference from the packed mask: None = auto (see _serves_from_bits)
+        self.train_bits: Optional[bool] = None  # hard-mask forward/dX from the packed mask: None = auto (_trains_from_bits)
         self._packed: Optional[tuple] = None
         self.register_buffer("fused_counts", torch.zeros(2, dtype=torch.int64, device=self.weight.device), persistent=False)
         self._init_scores(score_init, score_init_spread, mask_bias)
@@ -163,7 +164,25 @@ class MaskedLinear(MaskedModule):
                                    "(shared or re-used layer); the update would not be exact: disable fused_update")
         return masked_linear(x, self.weight, self.scores, self.bias, self.bias_scores, t_s=self.t_s,
                              t_l=self.t_l, backend=backends.prefer(self.backend), fused_update=fused,
-                             counts=self.fused_counts if fused is not None else None)
+                             counts=self.fused_counts if fused is not None else None,
+                             packed=self.packed_mask() if self._trains_from_bits(x) else None)
+
+    def _trains_from_bits(self, x: Tensor) -> bool:
+        """Forward and dX from the packed hard mask (the v2 kernels) instead of the fp32 scores?
+
+        ``train_bits``: True always (any backend: the reference unpacks the bits), False never, None (auto) where the
+        hard mask runs on the Triton kernels (CUDA, or the ``triton`` backend asked for) and ``ABP_KERNELS`` is v2
+        (:func:`abp.backends.kernels_version`). Never for a soft mask (finite ``t_l``), nor inside ``torch.compile``
+        (the bits cache is host logic). The bits are repacked when the scores changed since the last pack.
+        """
+        if self.t_l is not None or self.train_bits is False or torch.compiler.is_compiling():
+            return False
+        if self.train_bits:
+            return True
+        if backends.kernels_version() != "v2":
+            return False
+        name = backends.requested(backends.prefer(self.backend))
+        return name == "triton" or (name == "auto" and x.device.type == "cuda")
 
     # ---------------------------------------------------------------- serving from the 1-bit mask
     def _serves_from_bits(self, x: Tensor) -> bool:
@@ -179,16 +198,18 @@ class MaskedLinear(MaskedModule):
         return bool(self.serve_bits) or (x.device.type == "cuda" and tokens <= backends.SERVE_KERNEL_MAX_TOKENS)
 
     def packed_mask(self) -> Tensor:
-        """``abp.pack_mask(self.mask())``, cached until the scores change.
+        """``abp.pack_mask(self.mask())`` (made in one pass over the scores), cached until the scores change.
 
         The cache is keyed on the scores' storage and version counter, which every in-place write bumps
-        (optimiser steps, ``set_mask``, ``load_state_dict``, checkpoint restores). Writes that bypass it
-        (``.data`` assignments; FSDP's unsharding, so the trainer turns serving off under FSDP) need
-        ``invalidate_packed_mask()``.
+        (optimiser steps, the fused in-backward update and the multi-tensor update, which are custom ops that
+        declare the scores mutated, ``set_mask``, ``load_state_dict``, checkpoint restores): so the bits that the
+        v2 training kernels and serving read are 1[θ>0] of the scores as they are at the forward, whatever path
+        moved them. Writes that bypass the counter (``.data`` assignments; FSDP's unsharding, so the trainer turns
+        serving and v2 training off under FSDP) need ``invalidate_packed_mask()``.
         """
         key = (self.scores.data_ptr(), self.scores._version, self.scores.device)
         if self._packed is None or self._packed[0] != key:
-            self._packed = (key, pack_mask(self.mask()))
+            self._packed = (key, pack_positive(self.scores, backend=backends.prefer(self.backend)))
         return self._packed[1]
 
     def invalidate_packed_mask(self) -> None:

@@ -1,9 +1,14 @@
 """Serving with 1-bit masks: ``bitmask_linear`` (one task) and ``multi_bitmask_linear`` (many tasks per batch).
 
-``bitmask_linear`` impls, for 1 / 4 / 16 tokens (decode-sized batches, where reading the weight dominates):
+``bitmask_linear`` impls, for 1 / 4 / 16 tokens (decode-sized batches, where reading the weight dominates) and,
+on GPU, 64 / 256 tokens, where the GEMV kernel and the bit-mask GEMM cross over:
 
 - ``abp``: ``torch.ops.abp.bitmask_linear`` with the default backend (auto; the row says which ran — the
-  compiled ``cuda``/``cpp`` op reads one bit per weight, the ``reference`` fallback materialises).
+  compiled ``cuda``/``cpp`` op reads one bit per weight up to ``abp.backends.SERVE_KERNEL_MAX_TOKENS`` tokens,
+  the Triton bit-mask GEMM past it, the ``reference`` fallback materialises).
+- ``abp_gemv`` / ``abp_gemm`` (GPU): the same op on one backend at every token count, ``cuda`` (the GEMV /
+  skinny-GEMM kernel of ``csrc/bitmask_linear.cu``) and ``triton`` (``abp.kernels.bitmask_matmul``, the kernel
+  training's forward runs): the crossover that ``SERVE_KERNEL_MAX_TOKENS`` should sit at.
 - ``materialise``: unpack the bits, ``W⊙M``, ``F.linear`` (:func:`abp.reference.bitmask_linear`).
 - ``dense``: ``F.linear`` on a pre-masked dense copy: the floor, at the price of one weight copy per task.
 
@@ -27,24 +32,26 @@ GPU_SHAPES = {"bert-base": [(768, 768), (768, 3072), (3072, 768)],
               "llama-7b": [(4096, 4096), (4096, 11008), (11008, 4096)]}
 CPU_SHAPES = {"minilm": [(384, 384), (384, 1536), (1536, 384)]}
 QUICK_SHAPES = {"tiny": [(32, 48)]}
-TOKENS = (1, 4, 16)
-GRIDS = {  # shapes, dtypes, task counts, shapes for the multi-task variant
-    "gpu": (GPU_SHAPES, ("bf16",), (2, 8, 32), [(768, 3072), (4096, 11008)]),
-    "cpu": (CPU_SHAPES, ("fp32",), (2, 8), [(384, 1536)]),
-    "quick": (QUICK_SHAPES, ("fp32",), (2,), [(32, 48)]),
+GRIDS = {  # shapes, dtypes, token counts, task counts, shapes for the multi-task variant
+    "gpu": (GPU_SHAPES, ("bf16",), (1, 4, 16, 64, 256), (2, 8, 32), [(768, 3072), (4096, 11008)]),
+    "cpu": (CPU_SHAPES, ("fp32",), (1, 4, 16), (2, 8), [(384, 1536)]),
+    "quick": (QUICK_SHAPES, ("fp32",), (1, 4, 16), (2,), [(32, 48)]),
 }
-SINGLE_IMPLS = ("abp", "materialise", "dense")
+SINGLE_IMPLS = ("abp", "abp_gemv", "abp_gemm", "materialise", "dense")
+GPU_ONLY = {"abp_gemv": "cuda", "abp_gemm": "triton"}  # impl -> the backend it pins
 MULTI_IMPLS = ("abp", "materialise", "dense_per_task")
 
 
 def cases(grid: str) -> list[dict]:
-    shapes, dtypes, task_counts, multi_shapes = GRIDS[grid]
+    shapes, dtypes, tokens, task_counts, multi_shapes = GRIDS[grid]
     out = []
     for dtype in dtypes:
         for pairs in shapes.values():
             for k, n in pairs:
-                for m in TOKENS:
+                for m in tokens:
                     for impl in SINGLE_IMPLS:
+                        if impl in GPU_ONLY and grid != "gpu":
+                            continue
                         out.append({"bench": "bitmask_linear", "impl": impl, "dtype": dtype, "tokens": m, "tasks": 1,
                                     "in": k, "out": n, "shape": f"tokens={m},in={k},out={n}",
                                     "id": f"bitmask_linear-{dtype}-t{m}-{k}x{n}-{impl}"})
@@ -79,6 +86,8 @@ def _call(case: dict):
     if not multi:
         return {
             "abp": lambda s: torch.ops.abp.bitmask_linear(s.x, s.w, s.packed[0], s.b, ""),
+            "abp_gemv": lambda s: torch.ops.abp.bitmask_linear(s.x, s.w, s.packed[0], s.b, "cuda"),
+            "abp_gemm": lambda s: torch.ops.abp.bitmask_linear(s.x, s.w, s.packed[0], s.b, "triton"),
             "materialise": lambda s: reference.bitmask_linear(s.x, s.w, s.packed[0], s.b),
             "dense": lambda s: F.linear(s.x, s.dense[0], s.b),
         }[impl]
@@ -108,7 +117,11 @@ def test_bitmask(case, harness, bench_fixture):
     sets = [_input_set(case, dtype, device) for _ in range(harness.copies(per_set))]
     rot, call = harness.rotation(sets), _call(case)
     op = "multi_bitmask_linear" if case["bench"] == "multi_bitmask_linear" else "bitmask_linear"
-    backend = (lambda: abp.last_backend(op)) if case["impl"] == "abp" else (
+    if case["impl"] in GPU_ONLY:
+        ok, why = abp.backends.available(GPU_ONLY[case["impl"]], op, device)
+        if not ok:
+            harness.skip(case, why)
+    backend = (lambda: abp.last_backend(op)) if case["impl"].startswith("abp") else (
         "reference" if case["impl"] == "materialise" else "torch")
 
     def fn():

@@ -14,6 +14,10 @@ Impls (same inputs, same shapes; bias present and frozen everywhere; scores fp32
 - ``abp``: ``abp.masked_linear`` with the default backend choice (auto); the row says which one ran.
 - ``abp_fused_update`` (``fwd_bwd`` only; its forward *is* ``abp``'s): the score SGD step runs inside the
   backward, so no dθ is returned at all.
+- ``abp_v2`` / ``abp_v2_fused_update``: ``abp`` / ``abp_fused_update`` with the hard mask read as packed bits
+  (``masked_linear(..., packed=...)``: the 1-bit kernels for the forward and dX), the bits packed from the
+  scores inside every timed call, as a training step repacks them once after each score update. ``abp`` and
+  ``abp_fused_update`` read the fp32 scores (the v1 kernels).
 
 The forward is timed with autograd recording (a training forward); ``fwd_bwd`` uses
 ``torch.autograd.grad`` (no ``.grad`` accumulation). FLOPs: fwd ``2·M·N·K``, fwd_bwd ``3×`` that.
@@ -41,11 +45,14 @@ CPU_TOKENS = (64, 256)
 QUICK_SHAPES = {"tiny": [(32, 48)]}
 QUICK_TOKENS = (8,)
 
-IMPLS = ("dense", "eager", "compile", "reference", "abp", "abp_fused_update")
+IMPLS = ("dense", "eager", "compile", "reference", "abp", "abp_v2", "abp_fused_update", "abp_v2_fused_update")
 BENCHES = ("linear_fwd", "linear_fwd_bwd")
 ABP_OPS = {"linear_fwd": ("masked_matmul",),
            "linear_fwd_bwd": ("masked_matmul", "masked_matmul_dx", "score_grad")}
 FUSED_OPS = ("masked_matmul", "masked_matmul_dx", "score_grad_update_")
+V2_OPS = {"linear_fwd": ("pack_mask", "masked_matmul_bits"),
+          "linear_fwd_bwd": ("pack_mask", "masked_matmul_bits", "masked_matmul_bits_dx", "score_grad")}
+V2_FUSED_OPS = ("pack_mask", "masked_matmul_bits", "masked_matmul_bits_dx", "score_grad_update_")
 
 
 def _compile_tokens(grid: str, tokens: tuple[int, ...]) -> set[int]:
@@ -69,7 +76,7 @@ def cases(grid: str) -> list[dict]:
                 for k, n in pairs:
                     for m in tokens:
                         for impl in IMPLS:
-                            if impl == "abp_fused_update" and bench == "linear_fwd":
+                            if impl.endswith("fused_update") and bench == "linear_fwd":
                                 continue
                             if impl == "compile" and m not in compiled:
                                 continue
@@ -126,6 +133,11 @@ def _forward(impl: str, eager, device):
         return lambda s: abp.masked_linear(s.x, s.w, s.scores, s.b)
     if impl == "abp_fused_update":
         return lambda s: abp.masked_linear(s.x, s.w, s.scores, s.b, fused_update=s.sgd, counts=s.counts)
+    if impl == "abp_v2":
+        return lambda s: abp.masked_linear(s.x, s.w, s.scores, s.b, packed=abp.pack_mask(s.scores.detach() > 0))
+    if impl == "abp_v2_fused_update":
+        return lambda s: abp.masked_linear(s.x, s.w, s.scores, s.b, fused_update=s.sgd, counts=s.counts,
+                                           packed=abp.pack_mask(s.scores.detach() > 0))
     raise ValueError(f"unknown impl {impl!r}")
 
 
@@ -136,7 +148,8 @@ def test_linear(case, harness, bench_fixture, eager_masked_linear_fn):
     torch.manual_seed(0)
     per_set = (m * k + m * n + n * k + n) * dtype.itemsize + n * k * 4  # x, dy, weight, bias; fp32 scores
     sets = [_input_set(m, k, n, dtype, device, impl == "dense") for _ in range(harness.copies(per_set))]
-    if impl == "abp_fused_update":
+    fused = impl in ("abp_fused_update", "abp_v2_fused_update")
+    if fused:
         for s in sets:  # a tiny step: the mask stays ~50 % while the update does its full work
             s.sgd = abp.ScoreSGD(lr=1e-9, gamma=torch.zeros((), device=device), active=torch.ones((), device=device))
             s.counts = torch.zeros(2, dtype=torch.int64, device=device)
@@ -150,15 +163,16 @@ def test_linear(case, harness, bench_fixture, eager_masked_linear_fn):
         def wrt(s):
             if impl == "dense":
                 return (s.x, s.w)
-            return (s.x,) if impl == "abp_fused_update" else (s.x, s.scores)
+            return (s.x,) if fused else (s.x, s.scores)
 
         def fn():
             s = rot()
             torch.autograd.grad(fwd(s), wrt(s), s.dy)
 
     flops = 2.0 * m * n * k * (3 if bench == "linear_fwd_bwd" else 1)
-    ops = FUSED_OPS if impl == "abp_fused_update" else ABP_OPS[bench]
-    if impl in ("reference", "abp", "abp_fused_update"):
+    ops = {"abp_fused_update": FUSED_OPS, "abp_v2": V2_OPS[bench], "abp_v2_fused_update": V2_FUSED_OPS}.get(
+        impl, ABP_OPS[bench])
+    if impl in ("reference", "abp", "abp_fused_update", "abp_v2", "abp_v2_fused_update"):
         def backend():  # read after the timed calls: the backends those ops ran on
             return ",".join(sorted({abp.last_backend(op) or "?" for op in ops}))
     else:

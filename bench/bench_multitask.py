@@ -15,7 +15,8 @@ Besides the harness's fields a row holds ``requests_per_s`` (requests / median t
 impl keeps resident: base + packed masks + heads, or every dense copy + heads) and ``peak_mem_mb`` (the extra
 memory one batch allocates, activations included). The GPU grid adds batches of 16 one-token requests: 16 tokens
 per layer call, the regime where ``auto`` gives :func:`abp.multi_bitmask_linear` its CUDA kernel
-(``abp.backends.SERVE_KERNEL_MAX_TOKENS``); longer batches take the reference (``W⊙M`` per task present, cuBLAS).
+(``abp.backends.SERVE_KERNEL_MAX_TOKENS``); longer batches take the Triton bit-mask GEMM (one launch over every
+task present, ``abp.kernels.multi_bitmask_matmul``).
 
 Measured on the 2-core CPU grid (MiniLM fp32, 16 requests × 32 tokens, 1 thread, load average 7–8 from other
 jobs), for 1 / 4 / 16 tasks: ``abp`` 47.9 / 17.9 / 7.7 requests/s holding 90 / 100 / 139 MB, ``dense_per_task``

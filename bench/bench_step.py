@@ -9,7 +9,10 @@ Impls:
 
 - ``abp``: :func:`abp.mask_model` (linear + embeddings, ~50 % random mask), scores stepped by
   :class:`~abp.train.score_optim.ScoreOptimizer` (fused into the backward on GPU, as the trainer does),
-  head by AdamW; default backend (the row says which ran).
+  head by AdamW; default backend and kernels (the row says which ran: on GPU the v2 kernels, forward and dX
+  reading the packed hard mask, repacked after each step).
+- ``abp_v1``: ``abp`` with every masked linear on the v1 kernels (forward and dX read the fp32 scores;
+  ``MaskedLinear.train_bits = False``, as ``ABP_KERNELS=v1`` would set).
 - ``abp_adam``: ``abp`` with abp's default score optimiser, Adam (:class:`ScoreOptimizer` ``optimizer="adam"``):
   never fused (its moments live outside the backward epilogue), so the score gradient is materialised and the
   step keeps two fp32 moments per score (8 B per masked weight) on top.
@@ -44,10 +47,11 @@ GRIDS = {  # models, (batch, seq) pairs
     "cpu": (("minilm",), ((2, 32), (8, 64))),
     "quick": (("tiny-bert",), ((2, 8),)),
 }
-IMPLS = ("abp", "abp_adam", "eager", "reference", "finetune", "frozen")
-MASKED = ("abp", "abp_adam", "eager", "reference")
+IMPLS = ("abp", "abp_v1", "abp_adam", "eager", "reference", "finetune", "frozen")
+MASKED = ("abp", "abp_v1", "abp_adam", "eager", "reference")
 UNFUSED_OPS = ("masked_matmul", "masked_matmul_dx", "score_grad", "multi_score_update_")
 FUSED_OPS = ("masked_matmul", "masked_matmul_dx", "score_grad_update_", "multi_score_update_")  # (embeddings: unfused)
+BITS_OPS = ("pack_mask", "masked_matmul_bits", "masked_matmul_bits_dx")  # replace the first two where v2 ran
 N_INPUTS = 4  # rotated input batches
 
 
@@ -120,6 +124,8 @@ def build(case: dict, device: torch.device, eager):
             m.set_mask(torch.rand(m.scores.shape, generator=gen) < 0.5)  # ~50 % sparse: masks do real work
             if impl == "reference" and isinstance(m, abp.MaskedLinear):
                 m.backend = "reference"
+            if impl == "abp_v1" and isinstance(m, abp.MaskedLinear):
+                m.train_bits = False
             if impl == "eager" and isinstance(m, abp.MaskedLinear):
                 m.forward = types.MethodType(_eager_forward(eager), m)
     cfg = backbone.config
@@ -130,7 +136,8 @@ def build(case: dict, device: torch.device, eager):
     if impl in MASKED:
         # fixed tiny γ and a far target: the step does its full work every time and never stops pruning
         score_opt = ScoreOptimizer(model, lr=1e-4, target_sparsity=0.99, prune_steps=10**6, gamma=1e-7,
-                                   fused=(impl == "abp" and cuda), backend="reference" if impl == "reference" else None,
+                                   fused=(impl in ("abp", "abp_v1") and cuda),
+                                   backend="reference" if impl == "reference" else None,
                                    optimizer="adam" if impl == "abp_adam" else "sgd")
     trained = model.parameters() if impl == "finetune" else model.head.parameters()
     head_opt = torch.optim.AdamW([p for p in trained if p.requires_grad], lr=1e-4)
@@ -172,8 +179,11 @@ def test_step(case, harness, bench_fixture, eager_masked_linear_fn):
         step(rot)
 
     impl = case["impl"]
-    if impl in ("abp", "abp_adam", "reference"):
+    if impl in ("abp", "abp_v1", "abp_adam", "reference"):
         ops = FUSED_OPS if score_opt.fused else UNFUSED_OPS  # the abp ops one step of this impl runs
+        if any(m._trains_from_bits(torch.empty(0, device=harness.device))
+               for _, m in abp.masked_modules(model) if isinstance(m, abp.MaskedLinear)):
+            ops = BITS_OPS + ops[2:]
 
         def backend():
             return ",".join(sorted({abp.last_backend(op) or "?" for op in ops}))

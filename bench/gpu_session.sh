@@ -7,8 +7,9 @@
 #
 #   all       build abp._C for sm_90/sm_90a (falls back to the CPU ops if the CUDA build fails: the Triton
 #             kernels need no extension, and every bench row names the backend that ran), then
-#             1. headline bench: bf16 masked linear fwd+bwd at BERT-base shapes, 1k and 4k tokens, against dense
-#                cuBLAS, the eager masked linear and torch.compile; the ABP step of BERT-base at 8x128;
+#             1. headline bench: bf16 masked linear fwd+bwd at BERT-base shapes, 1k and 4k tokens, the v2 kernels
+#                (1-bit mask) and v1 (fp32 scores) side by side against dense cuBLAS, the eager masked linear and
+#                torch.compile; the ABP step of BERT-base at 8x128 on v2 (default) and v1;
 #             2. the GPU tests (kernels, extension, layers, opcheck);
 #             3. the rest of the goal subset while time is left (forward only, LLaMA-7B shapes at 4k/16k tokens,
 #                1-bit serving, one MiniLM serving 1/4/16 task masks, the ABP step at 32x128 and on MiniLM);
@@ -97,8 +98,8 @@ gpu_tests() {
   elif [ -n "${ABP_GPU_TESTS:-}" ]; then
     read -r -a files <<<"$ABP_GPU_TESTS"
   else
-    files=(tests/test_triton_kernels.py tests/test_csrc.py tests/test_functional.py tests/test_serving.py
-           tests/test_maskio.py tests/test_patch.py -m "not slow")
+    files=(tests/test_bitmask_kernels.py tests/test_triton_kernels.py tests/test_bits_path.py tests/test_csrc.py
+           tests/test_functional.py tests/test_serving.py tests/test_maskio.py tests/test_patch.py -m "not slow")
   fi
   say "tests (limit ${lim}s): ${files[*]}"
   timeout -s INT -k 15 "$lim" "$PY" -P -m pytest --import-mode=importlib -q -p no:cacheprovider -rs \

@@ -58,6 +58,19 @@ inline void check_pack_mask(const at::Tensor& mask) {
               mask.scalar_type());
 }
 
+inline void check_pack_positive(const at::Tensor& scores) {
+  TORCH_CHECK(scores.scalar_type() == at::kFloat, "abp_C::pack_positive: `scores` must be float32, got ",
+              scores.scalar_type());
+}
+
+// The bit of one element: a bool is itself; a score is 1[θ > 0] (NaN is 0, as in torch's `scores > 0`).
+template <typename T>
+inline C10_HOST_DEVICE bool bit_of(T v);
+template <>
+inline C10_HOST_DEVICE bool bit_of<bool>(bool v) { return v; }
+template <>
+inline C10_HOST_DEVICE bool bit_of<float>(float v) { return v > 0.f; }
+
 inline void check_packed(const char* op, const at::Tensor& packed, int64_t numel) {
   TORCH_CHECK(packed.scalar_type() == at::kByte, op, ": `packed` must be uint8, got ", packed.scalar_type());
   TORCH_CHECK(packed.numel() == packed_bytes(numel), op, ": `packed` must hold ceil(", numel, "/8) = ",

@@ -33,25 +33,36 @@ void check_cpu(const char* op, const at::Tensor& t, const char* name) {
 
 // ----------------------------------------------------------------------------- packed masks
 
-at::Tensor pack_mask_cpu(const at::Tensor& mask) {
-  check_pack_mask(mask);
-  const at::Tensor m = mask.contiguous();
+// Bits of a bool mask (pack_mask) or of 1[θ > 0] over fp32 scores (pack_positive), one pass over the input.
+template <typename T>
+at::Tensor pack_bits_cpu(const at::Tensor& input) {
+  const at::Tensor m = input.contiguous();
   const int64_t n = m.numel();
   const int64_t nb = packed_bytes(n);
   at::Tensor out = at::empty({nb}, m.options().dtype(at::kByte));
-  const bool* src = m.data_ptr<bool>();
+  const T* src = m.data_ptr<T>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, nb, 1 << 14, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       uint32_t v = 0;
       for (int j = 0; j < 8; ++j) {
         const int64_t i = b * 8 + j;
-        if (i < n && src[i]) v |= 1u << j;
+        if (i < n && bit_of(src[i])) v |= 1u << j;
       }
       dst[b] = static_cast<uint8_t>(v);
     }
   });
   return out;
+}
+
+at::Tensor pack_mask_cpu(const at::Tensor& mask) {
+  check_pack_mask(mask);
+  return pack_bits_cpu<bool>(mask);
+}
+
+at::Tensor pack_positive_cpu(const at::Tensor& scores) {
+  check_pack_positive(scores);
+  return pack_bits_cpu<float>(scores);
 }
 
 at::Tensor unpack_mask_cpu(const at::Tensor& packed, int64_t numel) {
@@ -179,6 +190,7 @@ at::Tensor multi_bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& weigh
 // One schema per op. The public abp:: ops (abp/_ops.py) call these as their cpp/cuda backend.
 TORCH_LIBRARY(abp_C, m) {
   m.def("pack_mask(Tensor mask) -> Tensor");
+  m.def("pack_positive(Tensor scores) -> Tensor");
   m.def("unpack_mask(Tensor packed, int numel) -> Tensor");
   m.def(
       "multi_score_update_(Tensor(a!)[] scores, Tensor[] grads, float lr, Tensor gamma, Tensor active, "
@@ -189,6 +201,7 @@ TORCH_LIBRARY(abp_C, m) {
 
 TORCH_LIBRARY_IMPL(abp_C, CPU, m) {
   m.impl("pack_mask", &abp::pack_mask_cpu);
+  m.impl("pack_positive", &abp::pack_positive_cpu);
   m.impl("unpack_mask", &abp::unpack_mask_cpu);
   m.impl("multi_score_update_", &abp::multi_score_update_cpu);
   m.impl("bitmask_linear", &abp::bitmask_linear_cpu);

@@ -21,14 +21,15 @@ namespace {
 
 // ----------------------------------------------------------------------------- packed masks
 
-// One thread per output byte.
-__global__ void pack_mask_kernel(const bool* __restrict__ src, uint8_t* __restrict__ dst, int64_t n, int64_t nb) {
+// One thread per output byte; T = bool (a mask) or float (scores, packed as 1[θ > 0]).
+template <typename T>
+__global__ void pack_bits_kernel(const T* __restrict__ src, uint8_t* __restrict__ dst, int64_t n, int64_t nb) {
   for (int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; b < nb; b += (int64_t)gridDim.x * blockDim.x) {
     uint32_t v = 0;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int64_t i = b * 8 + j;
-      if (i < n && src[i]) v |= 1u << j;
+      if (i < n && bit_of(src[i])) v |= 1u << j;
     }
     dst[b] = static_cast<uint8_t>(v);
   }
@@ -54,17 +55,29 @@ int grid_for(int64_t work, int64_t per_block) {
   return static_cast<int>(std::min(blocks, cap));
 }
 
-at::Tensor pack_mask_cuda(const at::Tensor& mask) {
-  check_pack_mask(mask);
-  const c10::cuda::CUDAGuard guard(mask.device());
-  const at::Tensor m = mask.contiguous();
+template <typename T>
+at::Tensor pack_bits_cuda(const at::Tensor& input) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor m = input.contiguous();
   const int64_t n = m.numel(), nb = packed_bytes(n);
   at::Tensor out = at::empty({nb}, m.options().dtype(at::kByte));
   if (nb == 0) return out;
-  pack_mask_kernel<<<grid_for(nb, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      m.data_ptr<bool>(), out.data_ptr<uint8_t>(), n, nb);
+  pack_bits_kernel<T><<<grid_for(nb, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      m.data_ptr<T>(), out.data_ptr<uint8_t>(), n, nb);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
+}
+
+at::Tensor pack_mask_cuda(const at::Tensor& mask) {
+  check_pack_mask(mask);
+  return pack_bits_cuda<bool>(mask);
+}
+
+// The bits a v2 training step reads, straight from the scores: 4 + 1/8 bytes per weight, where
+// pack_mask(scores > 0) would also write and re-read a bool mask (6 1/8).
+at::Tensor pack_positive_cuda(const at::Tensor& scores) {
+  check_pack_positive(scores);
+  return pack_bits_cuda<float>(scores);
 }
 
 at::Tensor unpack_mask_cuda(const at::Tensor& packed, int64_t numel) {
@@ -198,6 +211,7 @@ void multi_score_update_cuda(at::TensorList scores, at::TensorList grads, double
 
 TORCH_LIBRARY_IMPL(abp_C, CUDA, m) {
   m.impl("pack_mask", &abp::pack_mask_cuda);
+  m.impl("pack_positive", &abp::pack_positive_cuda);
   m.impl("unpack_mask", &abp::unpack_mask_cuda);
   m.impl("multi_score_update_", &abp::multi_score_update_cuda);
 }

@@ -33,7 +33,8 @@ launch code itself. Pointers are then given as 16-byte aligned and sizes are BER
 (multiples of 16), so Triton specialises them as it would on a GPU (divisibility 16, unit strides
 as constants); the options are those ``JITFunction.run`` derives for a launch. Variants: the
 forward with a soft mask, bias and bias scores; dX with a soft mask; the score gradient and the
-fused update (no recovery) with the bias-score programs. These are the launches with the most
+fused update (no recovery) with the bias-score programs; the 1-bit-mask forward with bias, its dX,
+and the multi-task forward with bias over ``TASKS`` masks. These are the launches with the most
 work per tile; the hard mask and the bias-free forms only drop code.
 
 The kernels must be compiled-mode ``JITFunction`` objects, i.e. imported without
@@ -41,9 +42,10 @@ The kernels must be compiled-mode ``JITFunction`` objects, i.e. imported without
 decorated); :func:`gate_rows` refuses otherwise. Compiled kernels land in Triton's cache, so a
 second run with unchanged kernels only re-runs ptxas.
 
-``python -P -m abp.kernels.compile_gate [--all] [--targets sm90a,sm80] [--write-notes]`` prints
-the per-config table and exits non-zero if any config fails a limit; ``--write-notes`` also
-replaces the generated section of ``NOTES.md`` (between the ``compile-gate`` marker comments).
+``python -P -m abp.kernels.compile_gate [--all] [--targets sm90a,sm80] [--kernels NAME,..] [--write-notes]``
+prints the per-config table and exits non-zero if any config fails a limit; ``--kernels`` keeps
+only the named launches (for working on one kernel); ``--write-notes`` also replaces the
+generated section of ``NOTES.md`` (between the ``compile-gate`` marker comments).
 """
 from __future__ import annotations
 
@@ -113,6 +115,7 @@ NOTES_PATH = Path(__file__).resolve().with_name("NOTES.md")
 
 # BERT-base FFN up-projection: tokens, out features, in features (all multiples of 16)
 M, N, K = 4096, 3072, 768
+TASKS = 4  # masks in the multi-task launch
 SOFT_T = 0.5  # a finite temperature selects the soft-mask (sigmoid) branch
 
 
@@ -213,9 +216,37 @@ def _call_score_update(mod, dt):
                            t_s=1.0)
 
 
+def _call_bitmask(mod, dt):
+    mod.bitmask_matmul(_meta(M, K, dtype=dt), _meta(N, K, dtype=dt), _meta(N * K // 8, dtype=torch.uint8),
+                       _meta(N, dtype=dt))
+
+
+def _call_bitmask_dx(mod, dt):
+    mod.bitmask_matmul_dx(_meta(M, N, dtype=dt), _meta(N, K, dtype=dt), _meta(N * K // 8, dtype=torch.uint8))
+
+
+def _call_multi_bitmask(mod, dt):
+    # the task-id range check reads values back to the host, which meta tensors do not have
+    check = mod.check_task_ids
+    mod.check_task_ids = lambda task_ids, num_tasks: None
+    try:
+        mod.multi_bitmask_matmul(_meta(M, K, dtype=dt), _meta(N, K, dtype=dt),
+                                 _meta(TASKS, N * K // 8, dtype=torch.uint8), _meta(M, dtype=torch.int64),
+                                 _meta(N, dtype=dt))
+    finally:
+        mod.check_task_ids = check
+
+
 def _mm_footprint(tile, e):
     r, c, k, s, _ = tile  # per stage: A [r, k], W [k, c] (activation dtype), θ [k, c] fp32
     return s * (r * k * e + k * c * (e + 4))
+
+
+def _bm_footprint(tile, e):
+    # per stage: A [r, k], W [k, c] (activation dtype), and the mask byte of each W element [k, c]
+    # (a per-element gather: 8 elements read the same byte, but each lane holds its own copy)
+    r, c, k, s, _ = tile
+    return s * (r * k * e + k * c * (e + 1))
 
 
 def _sg_footprint(tile, e):
@@ -229,11 +260,15 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("masked_matmul_dx", "masked_matmul", "_dx_kernel", _call_dx, _mm_footprint),
     Kernel("score_grad", "score_grad", "_grad_kernel", _call_score_grad, _sg_footprint),
     Kernel("score_grad_update", "score_grad", "_update_kernel", _call_score_update, _sg_footprint),
+    Kernel("bitmask_matmul", "bitmask_matmul", "_fwd_kernel", _call_bitmask, _bm_footprint),
+    Kernel("bitmask_matmul_dx", "bitmask_matmul", "_dx_kernel", _call_bitmask_dx, _bm_footprint),
+    Kernel("multi_bitmask_matmul", "bitmask_matmul", "_multi_kernel", _call_multi_bitmask, _bm_footprint),
 )
 
 
 # Default subset, per @triton.jit kernel: (launch compiled with the largest tile, with the smallest)
-REPRESENTATIVE = (("masked_matmul", "masked_matmul_dx"), ("score_grad_update", "score_grad"))
+REPRESENTATIVE = (("masked_matmul", "masked_matmul_dx"), ("score_grad_update", "score_grad"),
+                  ("bitmask_matmul", "bitmask_matmul_dx"), ("multi_bitmask_matmul", "multi_bitmask_matmul"))
 
 
 def _module(name: str):
@@ -487,11 +522,12 @@ def mark_stale_spills(rows: list[dict]) -> None:
 # which configs
 # ----------------------------------------------------------------------------------------------
 def plan(all_configs: bool = False, targets: Iterable[str] = ("sm90a", "sm80"),
-         dtypes: Optional[Iterable[str]] = None) -> list[tuple]:
+         dtypes: Optional[Iterable[str]] = None, kernels: Optional[Iterable[str]] = None) -> list[tuple]:
     """``(kernel, target, dtype, tile, table, role)`` to compile: every config, or the representative subset.
 
     Every config: per kernel launch × target × dtype class × dtype of the class (``dtypes``,
-    names such as ``"bf16"``, keeps only those), the autotuner's candidates there (role
+    names such as ``"bf16"``, keeps only those; ``kernels``, names of :data:`KERNELS`, likewise),
+    the autotuner's candidates there (role
     ``"offered"``), the fixed tile of ``ABP_TRITON_AUTOTUNE=0`` (``"fixed"``, unless it is a
     candidate) and the ``configs.SPILLS`` entries (``"spills"``). The representative subset covers
     each ``@triton.jit`` kernel on each target with two 16-bit candidates: the tile of the largest
@@ -501,12 +537,13 @@ def plan(all_configs: bool = False, targets: Iterable[str] = ("sm90a", "sm80"),
     """
     cfg = _configs()
     keep = None if dtypes is None else set(dtypes)
+    keep_kernels = None if kernels is None else set(kernels)
     by_name = {k.name: k for k in KERNELS}
     fixed = fixed_tile()
     out = []
 
     def add(kernel, target, dt, tile, role):
-        if keep is None or _dtype_name(dt) in keep:
+        if (keep is None or _dtype_name(dt) in keep) and (keep_kernels is None or kernel.name in keep_kernels):
             out.append((kernel, target, dt, tile, cfg.table_name(target.arch, cfg.dtype_class(dt)), role))
 
     for tname in targets:
@@ -538,7 +575,8 @@ def plan(all_configs: bool = False, targets: Iterable[str] = ("sm90a", "sm80"),
 
 def gate_rows(all_configs: bool = False, targets: Iterable[str] = ("sm90a", "sm80"),
               dtypes: Optional[Iterable[str]] = None,
-              progress: Optional[Callable[[dict], None]] = None) -> list[dict]:
+              progress: Optional[Callable[[dict], None]] = None,
+              kernels: Optional[Iterable[str]] = None) -> list[dict]:
     """Compile the planned configs (see :func:`plan`) and return one row per config.
 
     A kernel of ``kernels/`` that :data:`KERNELS` does not cover gets a failing row of its own; an
@@ -549,7 +587,7 @@ def gate_rows(all_configs: bool = False, targets: Iterable[str] = ("sm90a", "sm8
     rows = [{"kernel": name, "target": "-", "dtype": "-", "table": "-", "role": "-", "tile": [], "compiled": False,
              "error": "no launch in compile_gate.KERNELS", "violations": ["kernel not covered by the gate"]}
             for name in uncovered_kernels()]
-    for kernel, target, dtype, tile, table, role in plan(all_configs, targets, dtypes):
+    for kernel, target, dtype, tile, table, role in plan(all_configs, targets, dtypes, kernels):
         row = compile_config(kernel, target, dtype, tile, table, role)
         if role != "spills" and row["in_tuner"] is False:
             row["violations"].append("not among the autotuner's configs")
@@ -648,7 +686,8 @@ def notes_section(rows: list[dict], command: str, targets: Iterable[str]) -> str
         fill(f"Generated by `{command}` with Triton {triton.__version__} ({_ptxas_versions(targets)}); "
         "do not edit by hand. Shapes M, N, K = "
         f"{M}, {N}, {K} with 16-byte-aligned pointers; forward with soft mask, bias and bias scores, dX "
-        "with soft mask, score grad and fused update (no recovery) with bias scores; fp32 rows use exact "
+        "with soft mask, score grad and fused update (no recovery) with bias scores, 1-bit-mask forward "
+        f"with bias, its dX, multi-task forward with bias over {TASKS} masks; fp32 rows use exact "
         "`ieee` products. Configs: each kernel's autotune candidates (`configs.candidates`: its table "
         "minus `configs.SPILLS`) and the fixed tile, which must pass every limit: shared memory per block "
         "(sm90a 227 KiB, sm80 163 KiB), no spills (`configs.ACCEPTED_SPILLS`: at most the recorded "
@@ -690,11 +729,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "every configs.SPILLS entry, which must still spill. Default: a representative subset, "
                          "per @triton.jit kernel and target the largest 16-bit candidate in bf16 and the "
                          "smallest in fp16, plus per target the forward's largest fp32 candidate and smallest "
-                         "fp32 SPILLS entry (12 compiles)."))
+                         "fp32 SPILLS entry (20 compiles)."))
     p.add_argument("--targets", default="sm90a,sm80",
                    help=f"comma-separated targets, from {', '.join(TARGETS)} (default: both)")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated activation dtypes to keep, from bf16, fp16, fp32 (default: all)")
+    p.add_argument("--kernels", default=None,
+                   help=(f"comma-separated kernel launches to keep, from {', '.join(k.name for k in KERNELS)} "
+                         "(default: all; not with --write-notes, whose table covers every kernel)"))
     p.add_argument("--write-notes", action="store_true",
                    help=(f"replace the section between {NOTES_BEGIN} and {NOTES_END} in kernels/NOTES.md with "
                          "the table, the Triton version and this command"))
@@ -709,14 +751,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     def progress(r):
         if not ns.quiet:
             state = "ok" if not r["violations"] else "FAIL"
-            print(f"[{r['seconds']:6.1f}s] {r['kernel']:<18} {r['target']:<5} {r['dtype']} {r['tile']} "
+            print(f"[{r['seconds']:6.1f}s] {r['kernel']:<20} {r['target']:<5} {r['dtype']} {r['tile']} "
                   f"{r['role']} {state}", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
     dtypes = None if ns.dtypes is None else [d.strip() for d in ns.dtypes.split(",") if d.strip()]
     if dtypes is not None and not set(dtypes) <= {"bf16", "fp16", "fp32"}:
         p.error(f"unknown dtype(s) in {ns.dtypes!r}; choose from bf16, fp16, fp32")
-    rows = gate_rows(ns.all, targets, dtypes, progress)
+    kernels = None if ns.kernels is None else [k.strip() for k in ns.kernels.split(",") if k.strip()]
+    if kernels is not None:
+        bad = sorted(set(kernels) - {k.name for k in KERNELS})
+        if bad:
+            p.error(f"unknown kernel(s) {', '.join(bad)}; choose from {', '.join(k.name for k in KERNELS)}")
+        if ns.write_notes:
+            p.error("--write-notes needs every kernel: drop --kernels")
+    rows = gate_rows(ns.all, targets, dtypes, progress, kernels)
     print(markdown_table(rows))
     print()
     print(summary(rows) + f" ({time.perf_counter() - t0:.0f} s)")

@@ -95,7 +95,8 @@ _FIXED_TILE = (64, 64, 32, 3, 8)
 GROUP_SIZE = 8
 
 # The autotuned kernels, as ``autotune(kernel=...)`` names them; the compile gate uses the same names.
-KERNEL_NAMES = ("masked_matmul", "masked_matmul_dx", "score_grad", "score_grad_update")
+KERNEL_NAMES = ("masked_matmul", "masked_matmul_dx", "score_grad", "score_grad_update",
+                "bitmask_matmul", "bitmask_matmul_dx", "multi_bitmask_matmul")
 TABLES = {"hopper": _HOPPER_TABLE, "ampere": _AMPERE_TABLE, "fp32": _FP32_TABLE}
 ARCHS = (9, 8)  # GPU families with a table: 9 = sm90 and newer (Hopper table), 8 = sm8x (Ampere table)
 DTYPE_CLASSES = ("16bit", "fp32")
@@ -139,6 +140,23 @@ SPILLS: dict[str, dict[tuple[int, str], frozenset[tuple]]] = {
         (9, "fp32"): frozenset({(128, 128, 32, 4, 4)}),
         (8, "16bit"): frozenset({(128, 256, 32, 3, 8), (64, 256, 32, 3, 4), (128, 128, 32, 4, 4)}),
         (8, "fp32"): frozenset({(128, 128, 32, 4, 4), (128, 64, 16, 4, 8)}),
+    },
+    # The 1-bit-mask kernels (bitmask_matmul.py): the fp32 FMA tiles, as in v1; in 16 bits, tiles that
+    # use 254-255 registers without spilling in the forward and spill 16-128 B in dX (sm90) or in the
+    # multi-task kernel (sm80, whose gathered row indices stay live through the K loop for the store).
+    "bitmask_matmul": {
+        (9, "fp32"): _FP32_FMA_SPILLS,
+        (8, "fp32"): _FP32_FMA_SPILLS,
+    },
+    "bitmask_matmul_dx": {
+        (9, "16bit"): frozenset({(128, 128, 64, 3, 4)}),
+        (9, "fp32"): _FP32_FMA_SPILLS,
+        (8, "fp32"): _FP32_FMA_SPILLS,
+    },
+    "multi_bitmask_matmul": {
+        (9, "fp32"): _FP32_FMA_SPILLS,
+        (8, "16bit"): frozenset({(128, 256, 32, 3, 8), (64, 256, 32, 3, 4)}),
+        (8, "fp32"): _FP32_FMA_SPILLS,
     },
 }
 # Spilling tiles that are offered anyway, because that (kernel, arch, dtype class) has no

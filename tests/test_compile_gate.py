@@ -32,7 +32,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 ALL = os.environ.get("ABP_COMPILE_GATE_ALL") == "1"
 SHARED_LIMIT = {"sm90a": 232448, "sm80": 166912}
-KERNELS = {"masked_matmul", "masked_matmul_dx", "score_grad", "score_grad_update"}
+KERNELS = {"masked_matmul", "masked_matmul_dx", "score_grad", "score_grad_update", "bitmask_matmul",
+           "bitmask_matmul_dx", "multi_bitmask_matmul"}
 
 
 def _require_nvidia_toolchain() -> None:

@@ -48,7 +48,19 @@ def test_pack_noncontiguous_mask():
     assert torch.equal(C.pack_mask(m), reference.pack_mask(m.contiguous()))
 
 
+@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (9, 14), (3, 1025)])
+def test_pack_positive_is_pack_mask_of_positive_scores(shape):
+    s = torch.randn(shape, generator=gen(len(shape) + shape[-1]))
+    if s.numel():
+        s.view(-1)[::4] = 0.0  # θ = 0 is pruned
+        s.view(-1)[1::9] = float("nan")  # NaN compares false, as in torch
+    assert torch.equal(C.pack_positive(s), reference.pack_mask(s > 0))
+    assert torch.equal(C.pack_positive(s.t() if s.dim() == 2 else s), reference.pack_mask((s.t() if s.dim() == 2 else s) > 0))
+
+
 def test_mask_op_errors():
+    with pytest.raises(RuntimeError, match="`scores` must be float32"):
+        C.pack_positive(torch.ones(8, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="`mask` must be a bool"):
         C.pack_mask(torch.ones(8))
     with pytest.raises(RuntimeError, match=r"`packed` must hold ceil\(9/8\) = 2 bytes"):
@@ -209,6 +221,7 @@ def opcheck_cases(device) -> dict:
     f32 = dict(device=device, dtype=torch.float32)
     return {
         "pack_mask": (C.pack_mask.default, (mask,)),
+        "pack_positive": (C.pack_positive.default, (scores[0],)),
         "unpack_mask": (C.unpack_mask.default, (packed, mask.numel())),
         "multi_score_update_": (C.multi_score_update_.default,
                                 (scores, grads, 0.1, torch.tensor(1e-3, **f32), torch.tensor(1.0, **f32), False,
@@ -220,7 +233,7 @@ def opcheck_cases(device) -> dict:
     }
 
 
-OPCHECK_CASES = ("pack_mask", "unpack_mask", "multi_score_update_", "bitmask_linear", "bitmask_linear/no bias",
+OPCHECK_CASES = ("pack_mask", "pack_positive", "unpack_mask", "multi_score_update_", "bitmask_linear", "bitmask_linear/no bias",
                  "multi_bitmask_linear")
 
 

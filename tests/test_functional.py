@@ -212,6 +212,10 @@ def _opcheck_cases() -> dict:
     return {
         "masked_matmul": (ops.masked_matmul.default, (x, w, s.clone().requires_grad_(True), b, bs, None, 1.0, "reference")),
         "masked_matmul_dx": (ops.masked_matmul_dx.default, (dy, w, s, 30.0, "reference")),
+        "masked_matmul_bits": (ops.masked_matmul_bits.default,
+                               (x, w, s.clone().requires_grad_(True), abp.pack_mask(s > 0), b,
+                                bs.clone().requires_grad_(True), 1.0, "reference")),
+        "masked_matmul_bits_dx": (ops.masked_matmul_bits_dx.default, (dy, w, packed, "reference")),
         "score_grad": (ops.score_grad.default, (dy, x, w, s, b, bs, 1.0, "reference")),
         "score_grad_update_": (ops.score_grad_update_.default,
                                (dy, x, w, s.clone(), b, bs.clone(), torch.zeros(2, dtype=torch.int64), 0.1, f32(1e-3),
@@ -220,6 +224,7 @@ def _opcheck_cases() -> dict:
                                 ([s.clone(), bs.clone()], [s, bs], 0.1, f32(1e-3), f32(1.0), False,
                                  torch.zeros(2, dtype=torch.int64), "reference")),
         "pack_mask": (ops.pack_mask.default, (mask, "reference")),
+        "pack_positive": (ops.pack_positive.default, (s, "reference")),
         "unpack_mask": (ops.unpack_mask.default, (packed, mask.numel(), "reference")),
         "bitmask_linear": (ops.bitmask_linear.default, (x, w, packed, b, "reference")),
         "multi_bitmask_linear": (ops.multi_bitmask_linear.default,

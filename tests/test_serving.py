@@ -132,9 +132,27 @@ def test_cuda_auto_serving_kernel_only_in_its_regime():
 
     lin = _layer(n=256, k=128).cuda()
     packed = abp.pack_mask(lin.mask())
-    for m, want in ((SERVE_KERNEL_MAX_TOKENS, "cuda"), (SERVE_KERNEL_MAX_TOKENS + 1, "reference")):
+    for m, want in ((SERVE_KERNEL_MAX_TOKENS, "cuda"), (SERVE_KERNEL_MAX_TOKENS + 1, "triton")):
         x = torch.randn(m, 128, device="cuda")
         y = abp.bitmask_linear(x, lin.weight, packed, lin.bias)
         assert backends.last_backend("bitmask_linear") == want, m
         torch.testing.assert_close(y, abp.masked_linear(x, lin.weight, lin.scores.detach(), lin.bias),
                                    rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", ["bitmask_linear", "multi_bitmask_linear"])
+def test_auto_serving_rule_gemv_then_bit_gemm_then_reference(op, monkeypatch):
+    """The rule itself, on a CUDA device as ``select`` sees it (availability faked, nothing runs): the CUDA GEMV
+    kernel up to SERVE_KERNEL_MAX_TOKENS, the Triton bit-mask GEMM past it, the reference where Triton cannot run."""
+    cuda = torch.device("cuda")
+    can = {"cuda", "triton", "reference"}
+    monkeypatch.setattr(backends, "available", lambda name, o, d: (name in can, "" if name in can else "faked away"))
+    monkeypatch.delenv("ABP_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_warned", set())  # the warning is once per process: start afresh
+    n = backends.SERVE_KERNEL_MAX_TOKENS
+    assert backends.select(op, cuda, tokens=n) == "cuda"
+    assert backends.select(op, cuda, tokens=n + 1) == "triton"
+    assert "SERVE_KERNEL_MAX_TOKENS" in backends.last_backend(op, why=True)
+    can.discard("triton")
+    with pytest.warns(UserWarning, match="faked away"):
+        assert backends.select(op, cuda, tokens=n + 1) == "reference"

@@ -51,7 +51,7 @@ from abp.train.tasks import get_task
 ABP_SETTINGS = ("score_init_mode", "score_optimizer", "score_lr_ratio", "score_lr", "gamma", "head_lr",
                 "warmup_fraction", "prune_fraction", "score_init", "score_init_spread", "score_init_std")
 # Settings recorded only where a run moves them from their neutral value (so earlier budgets stay valid).
-ABP_OPTIONAL_SETTINGS = {"unused_token_scale": 1.0}
+ABP_OPTIONAL_SETTINGS = {"unused_token_scale": 1.0, "t_l": 1e5}
 ABP_VARIANTS: dict[str, dict] = {
     "abp": {},
     # the paper's settings at the grid's budget: α = β = 2e-5, γ = 2e-7 fixed, θ0 ~ N(0.01, var 0.001), no warm-up
@@ -71,6 +71,8 @@ ABP_VARIANTS: dict[str, dict] = {
     "abp_adam_ceiling": {"score_init_mode": "magnitude", "score_optimizer": "adam_ceiling"},
     # θ0 ∝ |w|, Adam, and the embedding rows of tokens absent from the training set first in line (θ0 × 0.01)
     "abp_usage": {"score_init_mode": "magnitude", "score_optimizer": "adam", "unused_token_scale": 0.01},
+    # the default with the hard mask 1[θ>0] in the forward (t_l → ∞) instead of σ(1e5·θ)
+    "abp_hard": {"t_l": None},
 }
 METHODS = (*ABP_VARIANTS, "random", "mp", "imp", "wanda", "feature_extraction", "finetune",
            "abp_shuffled", "abp_reinit", "abp_norecovery")

@@ -83,6 +83,7 @@ class FSDP(MultiProcess):
         for _, m in masked_modules(model):  # unsharding rewrites scores behind the packed-mask cache's back
             if hasattr(m, "serve_bits"):
                 m.serve_bits = False
+                m.train_bits = False
 
         total = sum(float(s.detach().double().sum()) for _, s in score_tensors(model))
         fingerprint = torch.tensor([total], dtype=torch.float64, device=self.device)
