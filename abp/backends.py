@@ -189,6 +189,12 @@ def _record(op: str, name: str, why: str) -> str:
     return name
 
 
+def clear_record() -> None:
+    """Forget which backend ran each op, so that :func:`last_backend` then tells what ran since (a trainer calls it
+    when its run starts: its ``metrics.json`` lists the ops that run ran, not those of an earlier run in the process)."""
+    _last.clear()
+
+
 def last_backend(op: str | None = None, *, why: bool = False) -> str | dict[str, str] | None:
     """The backend that ran ``op`` last (or a dict for every op that ran). ``why=True`` adds, in parentheses, what
     ``auto`` passed over to get there (a preference that could not run, a slower kernel's reason)."""

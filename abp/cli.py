@@ -145,6 +145,8 @@ def _describe_install() -> str:
     except ImportError as e:
         lines.append(f"triton: not importable ({e})")
     lines.append(_ext.describe())
+    lines.append(f"kernels for hard-mask training on Triton: {backends.kernels_version()} (ABP_KERNELS; v2 reads the mask "
+                 "as packed bits, v1 the fp32 scores)")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for dev in devices:
         ok, why = _triton_bridge.available(dev)

@@ -99,7 +99,7 @@ def mask_model(model: nn.Module, *, include=(), exclude=(), config: Optional[ABP
     """Swap the model's linear layers and embeddings for masked ones, in place, as ``abp prune`` masks its backbone.
 
     :func:`abp.mask_model` with ``abp prune``'s score initialisation and temperatures (θ0 in each tensor's
-    magnitude order, ``t_l = 1e5``; ``options`` are those :class:`~abp.train.config.ABPConfig` fields, see
+    magnitude order, the hard mask ``1[θ>0]``; ``options`` are those :class:`~abp.train.config.ABPConfig` fields, see
     :data:`MASK_FIELDS`) and :func:`abp.mask_model`'s ``include`` / ``exclude`` defaults: every matching module
     but the task heads (``classifier``, ``score``, ``lm_head``, …), which stay trainable, while every other
     pre-trained parameter is frozen. ``abp prune`` also excludes the pooler because its own head does not read it;

@@ -203,15 +203,19 @@ def test_bad_config(tiny_model_dir, tiny_data, tmp_path, bad, match):
         Trainer(_cfg(tiny_model_dir, tiny_data, **bad), tmp_path, progress=False)
 
 
+@pytest.mark.parametrize("kernels", ["v2", "v1"])
 @pytest.mark.parametrize("fused", ["off", "on"])
-def test_triton_backend_run_equals_reference(tiny_model_dir, tiny_data, tmp_path, fused):
+def test_triton_backend_run_equals_reference(tiny_model_dir, tiny_data, tmp_path, fused, kernels, monkeypatch):
     """A short ABP run with the masked layers on the Triton kernels (the interpreter on CPU) follows the
-    reference run: same loss curve within tolerance, same mask."""
+    reference run: same loss curve within tolerance, same mask. v2: forward and dX read the packed hard mask
+    (the default); v1: they read the scores."""
     from abp import _triton_bridge
 
     ok, why = _triton_bridge.available(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if not ok:
         pytest.skip(why)
+    monkeypatch.setenv("ABP_KERNELS", kernels)
+    forward = "masked_matmul_bits" if kernels == "v2" else "masked_matmul"
     runs = {}
     for backend in ("reference", "triton"):
         cfg = _cfg(tiny_model_dir, tiny_data, max_steps=8, eval_every=2, log_every=1, batch_size=4, max_length=12,
@@ -219,8 +223,10 @@ def test_triton_backend_run_equals_reference(tiny_model_dir, tiny_data, tmp_path
                    score_optimizer="sgd" if fused == "on" else "adam")  # the fused update is plain SGD's
         t = Trainer(cfg, tmp_path / backend, progress=False)
         result = t.run()
-        assert result["backends"]["masked_matmul"] == backend
-        assert result["backends"]["score_grad_update_" if fused == "on" else "score_grad"] == backend
+        ran = result["backends"]
+        if backend == "triton":
+            assert ran[forward] == ran[forward + "_dx"] == "triton"
+        assert ran["score_grad_update_" if fused == "on" else "score_grad"] == backend
         runs[backend] = (t, result, json.loads((tmp_path / backend / "history.json").read_text()))
     (rt, rr, rh), (tt, tr, th) = runs["reference"], runs["triton"]
     assert tr["fused_update"] == (fused == "on")

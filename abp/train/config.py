@@ -29,7 +29,8 @@ class ABPConfig:
     #   gradients through a random head are noise, and plain SGD would prune on that noise
     prune_fraction: float = 0.5  # share of the steps over which auto-γ ramps to the target, after the warm-up
     schedule: str = "linear"  # target ramp of the auto-γ controller: linear | cubic
-    t_l: Optional[float] = 1e5  # forward temperature: m = σ(t_l·θ) (the paper's 1e5); None = the hard mask 1[θ>0]
+    t_l: Optional[float] = None  # forward mask: None = the hard mask 1[θ>0] (the paper's output, the limit of its
+    #   σ(t_l·θ) at t_l = 1e5; same dev scores on the grid, and what the 1-bit v2 kernels read); a float = σ(t_l·θ)
     t_s: float = 1.0  # surrogate temperature of the backward: ∇θ = ∂L/∂m · t_s·σ'(t_s·θ)
     score_init: float = 0.01  # the initial scores' mean
     score_init_mode: str = "magnitude"  # magnitude: init·|w|/mean|w| per tensor | uniform: init·U(1 ± spread) |

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import abp
+from abp import backends
 from abp._atomic import write_text
 from abp.models import load_backbone, native_pooling, resolve_model
 from abp.patch import mask_model, masked_modules, score_tensors
@@ -267,6 +268,7 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt = self.out / "checkpoint.safetensors"
+        backends.clear_record()  # metrics.json's backends: the ops of this run (a resumed run adds the checkpoint's)
         found = self.dist.agree(f"whether {ckpt} exists (on several machines --output must be a shared filesystem)",
                                 resume and ckpt.exists())
         if found:
