@@ -261,6 +261,17 @@ def _launch(tuner, a: Tensor, weight: Tensor, w_kn_strides, packed: Tensor, bit_
 # ----------------------------------------------------------------------------------------------
 # public functions
 # ----------------------------------------------------------------------------------------------
+def _check_input_and_weight(x2d: Tensor, weight: Tensor) -> tuple[int, int, int]:
+    """``x2d`` [M, K] and ``weight`` [N, K] in one activation dtype → ``(M, N, K)``."""
+    check_tensor("x2d", x2d, ndim=2, dtypes=ACTIVATION_DTYPES)
+    _check_weight(weight, x2d.dtype)
+    M, K = x2d.shape
+    N = weight.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"x2d is [M, K]=[{M}, {K}] but weight is {tuple(weight.shape)}, expected [N, {K}]")
+    return M, N, K
+
+
 def bitmask_matmul(x2d: Tensor, weight: Tensor, packed: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``y = x2d·(W⊙unpack(packed))ᵀ + bias`` → ``[M, N]`` in ``x2d.dtype`` (:func:`abp.reference.bitmask_linear`).
 
@@ -269,12 +280,7 @@ def bitmask_matmul(x2d: Tensor, weight: Tensor, packed: Tensor, bias: Optional[T
     ``bias`` [N] in the weight dtype, added as given (mask it first if it has a mask).
     Training forward and serving at any token count.
     """
-    check_tensor("x2d", x2d, ndim=2, dtypes=ACTIVATION_DTYPES)
-    _check_weight(weight, x2d.dtype)
-    M, K = x2d.shape
-    N = weight.shape[0]
-    if weight.shape[1] != K:
-        raise ValueError(f"x2d is [M, K]=[{M}, {K}] but weight is {tuple(weight.shape)}, expected [N, {K}]")
+    M, N, K = _check_input_and_weight(x2d, weight)
     _check_packed("packed", packed, weight, ndim=1)
     _check_bias(bias, N, weight.dtype)
     check_device(x2d=x2d, weight=weight, packed=packed, bias=bias)
@@ -316,12 +322,7 @@ def multi_bitmask_matmul(x2d: Tensor, weight: Tensor, packed2d: Tensor, task_ids
     (one packed mask per task); ``task_ids`` int64 (or int32) ``[M]`` with values in ``[0, T)``,
     in any order. Checking that range reads two numbers back to the host (one sync per call).
     """
-    check_tensor("x2d", x2d, ndim=2, dtypes=ACTIVATION_DTYPES)
-    _check_weight(weight, x2d.dtype)
-    M, K = x2d.shape
-    N = weight.shape[0]
-    if weight.shape[1] != K:
-        raise ValueError(f"x2d is [M, K]=[{M}, {K}] but weight is {tuple(weight.shape)}, expected [N, {K}]")
+    M, N, K = _check_input_and_weight(x2d, weight)
     _check_packed("packed2d", packed2d, weight, ndim=2)
     check_tensor("task_ids", task_ids, ndim=1, dtypes=INDEX_DTYPES, shape=(M,))
     _check_bias(bias, N, weight.dtype)
