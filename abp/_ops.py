@@ -6,7 +6,7 @@ the compiled extension per call. Inputs are checked once, in :mod:`abp.functiona
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -18,6 +18,27 @@ Tensor = torch.Tensor
 
 def _c():
     return torch.ops.abp_C
+
+
+#: The body of each hot op (the masked matmuls and the score gradient), callable without the dispatcher. The eager
+#: autograd Functions below run these with the same backward formulas as the custom ops: a ``torch.library`` call costs
+#: more host time than the small kernels it launches at BERT-base shapes (measured on CPU, tiny shapes, one thread:
+#: abp's forward 192 µs against ``F.linear``'s 5 µs, most of it the custom-op machinery), and an eager step makes
+#: about 75 such calls per BERT-base forward. ``torch.compile`` traces the custom ops (:mod:`abp.functional` picks).
+EAGER: dict[str, Callable] = {}
+
+
+def run(name: str, *args):
+    """Call op ``name``: its body directly in eager mode, the custom op while ``torch.compile`` traces."""
+    return (globals()[name] if torch.compiler.is_compiling() else EAGER[name])(*args)
+
+
+def _op(name: str):
+    """Register the decorated function as the custom op ``abp::<name>`` and keep it in :data:`EAGER`."""
+    def wrap(fn):
+        EAGER[name] = fn
+        return torch.library.custom_op(f"abp::{name}", mutates_args=())(fn)
+    return wrap
 
 
 def _contig(*ts):
@@ -32,7 +53,7 @@ _MATMUL = {
 }
 
 
-@torch.library.custom_op("abp::masked_matmul", mutates_args=())
+@_op("masked_matmul")
 def masked_matmul(
     x: Tensor, weight: Tensor, scores: Tensor, bias: Optional[Tensor], bias_scores: Optional[Tensor],
     t_l: Optional[float], t_s: float, backend: str,
@@ -52,7 +73,7 @@ _DX = {
 }
 
 
-@torch.library.custom_op("abp::masked_matmul_dx", mutates_args=())
+@_op("masked_matmul_dx")
 def masked_matmul_dx(dy: Tensor, weight: Tensor, scores: Tensor, t_l: Optional[float], backend: str) -> Tensor:
     """``dX = dY·(W⊙M)``."""
     return backends.dispatch("masked_matmul_dx", _DX, dy.device, backend, dy, weight, scores, t_l)
@@ -73,7 +94,7 @@ _SCORE_GRAD = {
 }
 
 
-@torch.library.custom_op("abp::score_grad", mutates_args=())
+@_op("score_grad")
 def score_grad(
     dy: Tensor, x: Tensor, weight: Tensor, scores: Tensor, bias: Optional[Tensor], bias_scores: Optional[Tensor],
     t_s: float, backend: str,
@@ -126,22 +147,25 @@ def _setup_context(ctx, inputs, output):
     ctx.t_l, ctx.t_s, ctx.backend = t_l, t_s, backend
 
 
-def _backward(ctx, dy):
-    x, weight, scores, bias, bias_scores = ctx.saved_tensors
-    dy = dy.contiguous()
-    dx = ds = dbs = None
-    if ctx.needs_input_grad[0]:
-        dx = masked_matmul_dx(dy, weight, scores, ctx.t_l, ctx.backend)
-    if ctx.needs_input_grad[2] or ctx.needs_input_grad[4]:
-        ds, dbs = score_grad(dy, x, weight, scores, bias, bias_scores, ctx.t_s, ctx.backend)
-        if bias_scores is None or not ctx.needs_input_grad[4]:
-            dbs = None
-        if not ctx.needs_input_grad[2]:
-            ds = None
-    return dx, None, ds, None, dbs, None, None, None
+def _matmul_backward(dx_op, grad_op):
+    """The backward of ``masked_matmul`` through ``dx_op`` and ``grad_op`` (the custom ops, or their eager bodies)."""
+    def backward(ctx, dy):
+        x, weight, scores, bias, bias_scores = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = ds = dbs = None
+        if ctx.needs_input_grad[0]:
+            dx = dx_op(dy, weight, scores, ctx.t_l, ctx.backend)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[4]:
+            ds, dbs = grad_op(dy, x, weight, scores, bias, bias_scores, ctx.t_s, ctx.backend)
+            if bias_scores is None or not ctx.needs_input_grad[4]:
+                dbs = None
+            if not ctx.needs_input_grad[2]:
+                ds = None
+        return dx, None, ds, None, dbs, None, None, None
+    return backward
 
 
-masked_matmul.register_autograd(_backward, setup_context=_setup_context)
+masked_matmul.register_autograd(_matmul_backward(masked_matmul_dx, score_grad), setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------- masked matmul from packed bits (v2)
@@ -167,7 +191,7 @@ _BITS_DX = {
 }
 
 
-@torch.library.custom_op("abp::masked_matmul_bits", mutates_args=())
+@_op("masked_matmul_bits")
 def masked_matmul_bits(
     x: Tensor, weight: Tensor, scores: Tensor, packed: Tensor, bias: Optional[Tensor], bias_scores: Optional[Tensor],
     t_s: float, backend: str,
@@ -183,7 +207,7 @@ def _(x, weight, scores, packed, bias, bias_scores, t_s, backend):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@torch.library.custom_op("abp::masked_matmul_bits_dx", mutates_args=())
+@_op("masked_matmul_bits_dx")
 def masked_matmul_bits_dx(dy: Tensor, weight: Tensor, packed: Tensor, backend: str) -> Tensor:
     """``dX = dY·(W⊙M)`` with ``M`` read from the packed bits."""
     return backends.dispatch("masked_matmul_bits_dx", _BITS_DX, dy.device, backend, dy, weight, packed)
@@ -200,22 +224,50 @@ def _bits_setup_context(ctx, inputs, output):
     ctx.t_s, ctx.backend = t_s, backend
 
 
-def _bits_backward(ctx, dy):
-    x, weight, scores, packed, bias, bias_scores = ctx.saved_tensors
-    dy = dy.contiguous()
-    dx = ds = dbs = None
-    if ctx.needs_input_grad[0]:
-        dx = masked_matmul_bits_dx(dy, weight, packed, ctx.backend)
-    if ctx.needs_input_grad[2] or ctx.needs_input_grad[5]:
-        ds, dbs = score_grad(dy, x, weight, scores, bias, bias_scores, ctx.t_s, ctx.backend)
-        if bias_scores is None or not ctx.needs_input_grad[5]:
-            dbs = None
-        if not ctx.needs_input_grad[2]:
-            ds = None
-    return dx, None, ds, None, None, dbs, None, None
+def _bits_backward(dx_op, grad_op):
+    """The backward of ``masked_matmul_bits`` through ``dx_op`` and ``grad_op``."""
+    def backward(ctx, dy):
+        x, weight, scores, packed, bias, bias_scores = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = ds = dbs = None
+        if ctx.needs_input_grad[0]:
+            dx = dx_op(dy, weight, packed, ctx.backend)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[5]:
+            ds, dbs = grad_op(dy, x, weight, scores, bias, bias_scores, ctx.t_s, ctx.backend)
+            if bias_scores is None or not ctx.needs_input_grad[5]:
+                dbs = None
+            if not ctx.needs_input_grad[2]:
+                ds = None
+        return dx, None, ds, None, None, dbs, None, None
+    return backward
 
 
-masked_matmul_bits.register_autograd(_bits_backward, setup_context=_bits_setup_context)
+masked_matmul_bits.register_autograd(_bits_backward(masked_matmul_bits_dx, score_grad),
+                                     setup_context=_bits_setup_context)
+
+
+# --------------------------------------------------------------------------- the same ops without the dispatcher
+
+class EagerMaskedMatmul(torch.autograd.Function):
+    """``abp::masked_matmul`` with its backward, calling the op bodies directly (see :data:`EAGER`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scores, bias, bias_scores, t_l, t_s, backend):
+        _setup_context(ctx, (x, weight, scores, bias, bias_scores, t_l, t_s, backend), None)
+        return EAGER["masked_matmul"](x, weight, scores, bias, bias_scores, t_l, t_s, backend)
+
+    backward = staticmethod(_matmul_backward(EAGER["masked_matmul_dx"], EAGER["score_grad"]))
+
+
+class EagerMaskedMatmulBits(torch.autograd.Function):
+    """``abp::masked_matmul_bits`` with its backward, calling the op bodies directly (see :data:`EAGER`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scores, packed, bias, bias_scores, t_s, backend):
+        _bits_setup_context(ctx, (x, weight, scores, packed, bias, bias_scores, t_s, backend), None)
+        return EAGER["masked_matmul_bits"](x, weight, scores, packed, bias, bias_scores, t_s, backend)
+
+    backward = staticmethod(_bits_backward(EAGER["masked_matmul_bits_dx"], EAGER["score_grad"]))
 
 
 # --------------------------------------------------------------------------- score update over many tensors

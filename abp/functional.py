@@ -92,8 +92,8 @@ class _FusedUpdateLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight, scores, bias, bias_scores, packed)
         ctx.args = (t_l, t_s, backend, sgd, counts)
         if packed is not None:
-            return _ops.masked_matmul_bits(x, weight, scores, packed, bias, bias_scores, t_s, backend)
-        return _ops.masked_matmul(x, weight, scores, bias, bias_scores, t_l, t_s, backend)
+            return _ops.run("masked_matmul_bits", x, weight, scores, packed, bias, bias_scores, t_s, backend)
+        return _ops.run("masked_matmul", x, weight, scores, bias, bias_scores, t_l, t_s, backend)
 
     @staticmethod
     def backward(ctx, dy):
@@ -103,8 +103,8 @@ class _FusedUpdateLinear(torch.autograd.Function):
         # dX first: it must see the mask from before the update (the bits are that mask, whatever the update does).
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = (_ops.masked_matmul_bits_dx(dy, weight, packed, backend) if packed is not None
-                  else _ops.masked_matmul_dx(dy, weight, scores, t_l, backend))
+            dx = (_ops.run("masked_matmul_bits_dx", dy, weight, packed, backend) if packed is not None
+                  else _ops.run("masked_matmul_dx", dy, weight, scores, t_l, backend))
         _ops.score_grad_update_(dy, x, weight, scores, bias, bias_scores, counts, sgd.lr, sgd.gamma, sgd.active,
                                 sgd.recovery, t_s, backend)
         return dx, None, None, None, None, None, None, None, None, None, None
@@ -112,9 +112,10 @@ class _FusedUpdateLinear(torch.autograd.Function):
 
 def _autocast_operands(input: Tensor, weight: Tensor, bias: Optional[Tensor]):
     """``(amp, input, weight, bias)``: the operands cast to the autocast dtype when autocast is on for the
-    input's device, as ``F.linear`` would be; ``amp`` says whether that device has autocast at all."""
-    amp = torch.amp.is_autocast_available(input.device.type)  # not on meta, for one
-    if amp and torch.is_autocast_enabled(input.device.type) and input.dtype in _FLOATS:
+    input's device, as ``F.linear`` would be; ``amp`` says whether autocast is on there (so the ops must run with it
+    off: they take the cast operands as they are)."""
+    amp = torch.amp.is_autocast_available(input.device.type) and torch.is_autocast_enabled(input.device.type)
+    if amp and input.dtype in _FLOATS:
         dtype = torch.get_autocast_dtype(input.device.type)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
@@ -155,11 +156,16 @@ def masked_linear(
     lead = input.shape[:-1]
     x2d = input.reshape(lead.numel(), input.shape[-1])  # not -1: ambiguous when in_features is 0
     backend = backend or ""  # "": the default choice (use_backend, ABP_BACKEND, auto)
+    # Eager: autograd Functions over the op bodies (no dispatcher: a custom-op call costs more host time than the
+    # kernel at BERT-base shapes); under torch.compile: the custom ops, which it traces.
+    eager = not torch.compiler.is_compiling()
     with torch.autocast(input.device.type, enabled=False) if amp else contextlib.nullcontext():
         if fused_update is None and packed is not None:
-            y = _ops.masked_matmul_bits(x2d, weight, scores, packed, bias, bias_scores, t_s, backend)
+            op = _ops.EagerMaskedMatmulBits.apply if eager else _ops.masked_matmul_bits
+            y = op(x2d, weight, scores, packed, bias, bias_scores, t_s, backend)
         elif fused_update is None:
-            y = _ops.masked_matmul(x2d, weight, scores, bias, bias_scores, t_l, t_s, backend)
+            op = _ops.EagerMaskedMatmul.apply if eager else _ops.masked_matmul
+            y = op(x2d, weight, scores, bias, bias_scores, t_l, t_s, backend)
         else:
             if counts is None or counts.dtype != torch.int64:
                 raise TypeError("masked_linear: fused_update needs counts, an int64 tensor of shape [2]")

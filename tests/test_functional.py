@@ -389,3 +389,26 @@ def test_fused_update_under_torch_compile(backend):
         for name, a, bb in zip(("y", "x.grad", "scores", "bias_scores", "counts"), e, c):
             breaks = dict(counters["graph_break"])
             assert torch.equal(a, bb), f"step {i}: {name} differs under torch.compile (graph breaks: {breaks})"
+
+
+@pytest.mark.parametrize("bits", [False, True])
+def test_eager_functions_equal_the_custom_ops(bits):
+    """Eager mode runs the op bodies through autograd Functions (no dispatcher); torch.compile traces the custom ops.
+    Both give the same output and the same gradients for x, the scores and the bias scores."""
+    from abp import _ops
+
+    g = torch.Generator().manual_seed(9)
+    x, w, b = torch.randn(6, 7, generator=g), torch.randn(5, 7, generator=g), torch.randn(5, generator=g)
+    s, bs = torch.randn(5, 7, generator=g), torch.randn(5, generator=g)
+    dy = torch.randn(6, 5, generator=g)
+    outs = []
+    for op in ((_ops.EagerMaskedMatmulBits.apply, _ops.masked_matmul_bits) if bits
+               else (_ops.EagerMaskedMatmul.apply, _ops.masked_matmul)):
+        xi, si, bsi = x.clone().requires_grad_(), s.clone().requires_grad_(), bs.clone().requires_grad_()
+        args = (xi, w, si, abp.pack_mask(s > 0), b, bsi, 1.0, "reference") if bits else \
+            (xi, w, si, b, bsi, None, 1.0, "reference")
+        y = op(*args)
+        y.backward(dy)
+        outs.append((y.detach(), xi.grad, si.grad, bsi.grad))
+    for a, c in zip(*outs):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
