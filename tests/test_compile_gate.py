@@ -10,9 +10,9 @@ compiled still spills (in bf16 or fp16 for a 16-bit entry).
 
 By default they compile the gate's representative subset (per ``@triton.jit`` kernel and target,
 the largest 16-bit candidate in bf16 and the smallest in fp16, plus per target the forward's
-largest fp32 candidate and smallest fp32 SPILLS entry: 12 compiles). ``ABP_COMPILE_GATE_ALL=1``
-compiles every runnable config and every SPILLS entry (272 compiles; about 2 min with a warm Triton
-cache, longer cold: the old fp32 tiles, now SPILLS entries, are slow to compile).
+largest fp32 candidate and smallest fp32 SPILLS entry: 20 compiles). ``ABP_COMPILE_GATE_ALL=1``
+compiles every runnable config and every SPILLS entry (476 compiles; 16 min cold on two busy cores:
+the fp32 tiles kept as SPILLS entries are slow to compile).
 
 The compiles run in a subprocess whose environment lacks ``TRITON_INTERPRET``: conftest.py sets
 it for this session when there is no GPU, and Triton picks the interpreter when a kernel is
