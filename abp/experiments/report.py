@@ -168,7 +168,8 @@ def _abp_settings_text(results: Sequence[dict]) -> str:
     parts = []
     for method, settings in seen.items():
         for st in settings:
-            shown = st if base is None or method == "abp" else {k: v for k, v in st.items() if base.get(k) != v}
+            shown = st if base is None or method == "abp" else {k: v for k, v in st.items()
+                                                                 if k not in base or base[k] != v}
             parts.append(f"`{method}`: " + (", ".join(f"{k}={json.dumps(v)}" for k, v in shown.items()) or "as `abp`"))
     return "; ".join(parts)
 
