@@ -302,10 +302,23 @@ def bitmask_linear(input: Tensor, weight: Tensor, packed_mask: Tensor, bias: Opt
     return y.reshape(*input.shape[:-1], weight.shape[0])
 
 
+def check_task_id_range(task_ids: Tensor, num_tasks: int, what: str) -> None:
+    """Every id in ``[0, num_tasks)``: one host sync (min and max read back together). A bad id would
+    otherwise index past the packed masks on the device (a device assert that kills the CUDA context)."""
+    if task_ids.numel():
+        lo, hi = torch.stack(torch.aminmax(task_ids)).tolist()
+        if lo < 0 or hi >= num_tasks:
+            raise ValueError(f"{what}: task ids must be in [0, {num_tasks}), got [{lo}, {hi}]")
+
+
 def multi_bitmask_linear(input: Tensor, weight: Tensor, packed_masks: Tensor, task_ids: Tensor,
-                         bias: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
+                         bias: Optional[Tensor] = None, *, backend: Optional[str] = None,
+                         check_ids: bool = True) -> Tensor:
     """Serving many tasks over one frozen weight: row ``i`` of ``input`` (2-D ``[M, in]``) uses mask
-    ``packed_masks[task_ids[i]]`` (``packed_masks``: ``[tasks, ceil(out·in/8)]`` uint8)."""
+    ``packed_masks[task_ids[i]]`` (``packed_masks``: ``[tasks, ceil(out·in/8)]`` uint8).
+
+    Checking the ids' range costs one host sync; ``check_ids=False`` is for callers that checked them
+    already (:class:`abp.MultiTaskModel` checks a batch's ids once, not once per layer)."""
     _, input, weight, bias = _autocast_operands(input, weight, bias)
     _check_serving("multi_bitmask_linear", input, weight, bias)
     _check_packed("multi_bitmask_linear", packed_masks, weight, 2)
@@ -318,8 +331,6 @@ def multi_bitmask_linear(input: Tensor, weight: Tensor, packed_masks: Tensor, ta
                          f"got {tuple(task_ids.shape)}")
     if task_ids.device != weight.device:
         raise ValueError(f"multi_bitmask_linear: task_ids are on {task_ids.device} but weight is on {weight.device}")
-    if task_ids.numel():  # one host sync: a bad id would otherwise trip a device assert that kills the CUDA context
-        lo, hi = int(task_ids.min()), int(task_ids.max())
-        if lo < 0 or hi >= packed_masks.shape[0]:
-            raise ValueError(f"multi_bitmask_linear: task ids must be in [0, {packed_masks.shape[0]}), got [{lo}, {hi}]")
+    if check_ids:
+        check_task_id_range(task_ids, packed_masks.shape[0], "multi_bitmask_linear")
     return _ops.multi_bitmask_linear(input, weight, packed_masks, task_ids.long(), bias, backend or "")

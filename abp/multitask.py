@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from abp import backends
-from abp.functional import multi_bitmask_linear, pack_mask
+from abp.functional import check_task_id_range, multi_bitmask_linear, pack_mask
 from abp.maskio import MaskFile, MaskFileError, base_weight, check_fingerprint, check_head, read_mask_file
 from abp.nn import MaskedModule, _frozen
 
@@ -143,8 +143,9 @@ class MultiTaskLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         ids = self._router.rows(x.shape[:-1], self)
         masked_bias = self.bias_packed is not None
-        y = multi_bitmask_linear(x.reshape(-1, x.shape[-1]), self.weight, self.packed, ids,
-                                 None if masked_bias else self.bias, backend=backends.prefer(self.backend))
+        y = multi_bitmask_linear(x.reshape(-1, x.shape[-1]), self.weight, self.packed, ids,  # ids checked by route()
+                                 None if masked_bias else self.bias, backend=backends.prefer(self.backend),
+                                 check_ids=False)
         if masked_bias:
             table = self.bias * _unpack_rows(self.bias_packed, self.out_features).to(self.bias.dtype)  # [N, out]
             y = y + table.to(y.dtype)[ids]
@@ -482,10 +483,7 @@ class MultiTaskModel(nn.Module):
                 ids = torch.tensor(tasks, dtype=torch.int64, device=self.device)
             else:
                 raise TypeError("tasks must be all task names or all task indices")
-        if ids.numel():
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= n:
-                raise ValueError(f"task ids must be in [0, {n}) for tasks {self.task_names}, got [{lo}, {hi}]")
+        check_task_id_range(ids, n, f"tasks {self.task_names}")
         return ids
 
     @contextlib.contextmanager
@@ -507,19 +505,24 @@ class MultiTaskModel(nn.Module):
                token_type_ids: Optional[Tensor] = None, *, tasks, **kw):
         """The backbone's output for a mixed batch (each row through its task's mask), without the heads."""
         with self.route(tasks) as ids:
-            if ids.shape != (input_ids.shape[0],):
-                raise ValueError(f"{ids.numel()} task ids for a batch of {input_ids.shape[0]} rows: one task per row")
-            if token_type_ids is not None:
-                kw["token_type_ids"] = token_type_ids
-            return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kw)
+            return self._backbone(ids, input_ids, attention_mask, token_type_ids, **kw)
+
+    def _backbone(self, ids: Tensor, input_ids: Tensor, attention_mask: Optional[Tensor],
+                  token_type_ids: Optional[Tensor], **kw):
+        """The backbone on a batch routed (inside :meth:`route`) to ``ids``."""
+        if ids.shape != (input_ids.shape[0],):
+            raise ValueError(f"{ids.numel()} task ids for a batch of {input_ids.shape[0]} rows: one task per row")
+        if token_type_ids is not None:
+            kw["token_type_ids"] = token_type_ids
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kw)
 
     @torch.no_grad()
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, *, tasks) -> MultiTaskOutput:
         """Run a batch whose row ``i`` belongs to task ``tasks[i]`` (a name, an index, or a tensor of indices):
         one backbone pass, then each task's head on its rows."""
-        ids = self.task_ids(tasks)
-        out = self.encode(input_ids, attention_mask, token_type_ids, tasks=ids, output_hidden_states=True)
+        with self.route(tasks) as ids:  # the one check of the ids' range (a host sync)
+            out = self._backbone(ids, input_ids, attention_mask, token_type_ids, output_hidden_states=True)
         results = {}
         for t in torch.unique(ids).tolist():
             rows = (ids == t).nonzero().squeeze(1)

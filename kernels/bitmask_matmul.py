@@ -314,13 +314,15 @@ def bitmask_matmul_dx(dy2d: Tensor, weight: Tensor, packed: Tensor) -> Tensor:
 
 
 def multi_bitmask_matmul(x2d: Tensor, weight: Tensor, packed2d: Tensor, task_ids: Tensor,
-                         bias: Optional[Tensor] = None) -> Tensor:
+                         bias: Optional[Tensor] = None, *, check_ids: bool = True) -> Tensor:
     """Row ``i``: ``y[i] = x2d[i]·(W⊙unpack(packed2d[task_ids[i]]))ᵀ + bias`` → ``[M, N]``, one launch.
 
     Serving several task masks over one base weight (:func:`abp.reference.multi_bitmask_linear`).
     ``x2d``, ``weight``, ``bias`` as in :func:`bitmask_matmul`; ``packed2d`` uint8 ``[T, ceil(N·K/8)]``
     (one packed mask per task); ``task_ids`` int64 (or int32) ``[M]`` with values in ``[0, T)``,
-    in any order. Checking that range reads two numbers back to the host (one sync per call).
+    in any order. Checking that range reads two numbers back to the host (one sync per call);
+    ``check_ids=False`` skips it for callers that checked the ids already (``abp.multi_bitmask_linear``
+    checks once; a :class:`abp.MultiTaskModel` once per batch, not once per layer).
     """
     M, N, K = _check_input_and_weight(x2d, weight)
     _check_packed("packed2d", packed2d, weight, ndim=2)
@@ -328,7 +330,8 @@ def multi_bitmask_matmul(x2d: Tensor, weight: Tensor, packed2d: Tensor, task_ids
     _check_bias(bias, N, weight.dtype)
     check_device(x2d=x2d, weight=weight, packed2d=packed2d, task_ids=task_ids, bias=bias)
     T = packed2d.shape[0]
-    check_task_ids(task_ids, T)
+    if check_ids:
+        check_task_ids(task_ids, T)
 
     out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     if out.numel() == 0:

@@ -176,6 +176,32 @@ def test_unknown_tasks_and_bad_ids_are_refused(minilm, task_files):
         MultiTaskModel(mt.backbone, task_files)
 
 
+def test_a_batch_checks_its_task_ids_once_not_once_per_layer(minilm, task_files, monkeypatch):
+    """The range check reads the ids back to the host (a device sync on a GPU): route() does it once per
+    batch and the layers skip it; a direct call of abp.multi_bitmask_linear still checks."""
+    import abp.functional as F_
+    import abp.multitask as MT
+
+    base, tok = minilm
+    mt = MultiTaskModel(copy.deepcopy(base), task_files)
+    calls = []
+    real = F_.check_task_id_range
+
+    def counted(ids, n, what):
+        calls.append(what)
+        real(ids, n, what)
+    monkeypatch.setattr(F_, "check_task_id_range", counted)
+    monkeypatch.setattr(MT, "check_task_id_range", counted)
+    n_linear = sum(isinstance(m, MT.MultiTaskLinear) for m in mt.modules())
+    assert n_linear > 30
+    mt(**_batch(tok, SENTENCES[:3]), tasks=["sst2", "rte", "sst2"])
+    assert len(calls) == 1
+    layer = next(m for m in mt.modules() if isinstance(m, MT.MultiTaskLinear))
+    with pytest.raises(ValueError, match=r"multi_bitmask_linear: task ids must be in \[0, 3\), got \[0, 5\]"):
+        abp.multi_bitmask_linear(torch.randn(2, layer.in_features), layer.weight, layer.packed, torch.tensor([0, 5]))
+    assert len(calls) == 2
+
+
 def test_mask_for_other_base_weights_is_refused_naming_the_file(minilm, task_files, tmp_path):
     base, _ = minilm
     tuned = copy.deepcopy(base)  # "fine-tuned": one weight moved
