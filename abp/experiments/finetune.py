@@ -7,27 +7,48 @@ It reuses the data :class:`~abp.train.data.Batcher`, :class:`~abp.train.heads.Cl
 :func:`~abp.train.evaluate.evaluate_model`; it never touches the pre-trained files (each
 :class:`FineTuner` loads its own copy of the backbone).
 
-Not resumable mid-loop: an interrupted fine-tuning phase restarts (the runner keeps each finished
-phase's masks on disk, so only the phase in flight is lost).
+Resumable: :meth:`FineTuner.train` with ``checkpoint=PATH`` writes the loop's whole state there every
+``checkpoint_every`` steps (:mod:`abp.experiments.finetune_checkpoint`: weights, AdamW, LR schedule, keep masks,
+losses, RNG, the caller's ``extra`` state) and, when the file exists at the start, resumes from it; the resumed
+run ends bit-identical (on CPU) to an uninterrupted one. A checkpoint of another run is refused, never silently
+restarted over.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+import logging
 import math
+import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from abp.models import load_backbone, native_pooling
 from abp.patch import MaskConfig, mask_model, masked_modules
+from abp.train.checkpoint import CheckpointError, _digest, restore_rng_states
 from abp.train.data import Batcher, load_split
-from abp.train.config import ABPConfig
+from abp.train.config import RESUMABLE_CHANGES, ABPConfig
 from abp.train.evaluate import autocast_context, dev_batchers, evaluate_model
 from abp.train.heads import Classifier, make_head
 from abp.train.tasks import get_task
 from abp.train.devices import pick_device
+
+log = logging.getLogger("abp")
+
+# ABPConfig settings the fine-tuning loop never reads (Algorithm 1's own; max_steps, as ``train`` is handed its
+# steps) or that may change across a resume (RESUMABLE_CHANGES). They are left out of a fine-tuning checkpoint's
+# identity, so runs that share a phase (the IMP rounds of one trajectory, whatever its target) share its
+# checkpoint; every other setting, any added later included, must match for a resume.
+NOT_READ_BY_FINETUNING = frozenset({
+    "target_sparsity", "score_lr", "score_lr_ratio", "gamma", "warmup_fraction", "prune_fraction", "schedule", "t_l",
+    "t_s", "score_init", "score_init_mode", "score_init_spread", "score_init_std", "unused_token_scale",
+    "score_optimizer", "recovery", "head_optimizer", "max_steps", "epochs", "grad_accum", "eval_every",
+    "checkpoint_every", "keep_best", "backbone_dtype", "fused_update"}) | RESUMABLE_CHANGES
 
 
 @dataclass
@@ -154,28 +175,57 @@ class FineTuner:
 
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
-    def _batches(self) -> Iterator[dict]:
-        epoch = 0
+    def _batches(self, step: int = 0) -> Iterator[dict]:
+        """Training batches epoch after epoch, from the one step ``step + 1`` takes on (a pure function of
+        (seed, epoch, index): a resumed run skips the batches it has seen without tokenising them again)."""
+        epoch, start = divmod(step, len(self.train_batches))
         while True:
-            yield from self.train_batches.iter_batches(epoch)
-            epoch += 1
+            yield from self.train_batches.iter_batches(epoch, start)
+            epoch, start = epoch + 1, 0
 
     def _autocast(self):
         return autocast_context(self.device, self.cfg.autocast)
 
     def train(self, steps: int, *, on_step: Optional[Callable[[int], None]] = None, progress: bool = False,
-              desc: str = "finetune") -> list[float]:
+              desc: str = "finetune", checkpoint: Optional[str | os.PathLike] = None,
+              checkpoint_every: Optional[int] = None, identity: Optional[dict[str, Any]] = None,
+              extra: Optional[dict[str, Any]] = None, keep_checkpoint: bool = False) -> list[float]:
         """``steps`` optimiser steps; ``on_step(step)`` runs after each (1-based; e.g. gradual pruning).
-        Returns the per-step training losses."""
+        Returns the per-step training losses (of the whole loop, also when it resumed).
+
+        With ``checkpoint`` (a file path) the loop's state is written there atomically every ``checkpoint_every``
+        steps (default ``steps // 4``, at least 1), after that step's ``on_step``. When the file exists as
+        ``train`` starts, the loop resumes from it, data order and dropout included, and ends bit-identical (on
+        CPU) to an uninterrupted run. The file must belong to this run: the same ``steps``, parameters (names and
+        shapes), fine-tuning settings, starting weights and masks, and ``identity`` (the caller's JSON dict, e.g.
+        ``{"method": "mp", "task": "sst2", "seed": 0, "sparsity": 0.5}``); otherwise
+        :class:`~abp.train.checkpoint.CheckpointError` names the file and the fields that differ (never a silent
+        restart). ``extra`` is the caller's JSON-serialisable state that ``on_step`` keeps (e.g. MP's pruning
+        events): each checkpoint holds it, and a resume replaces its contents, in place, by the saved ones before
+        the first step. The file is deleted after the last step; with ``keep_checkpoint`` a checkpoint of the
+        finished loop is written instead (a rerun then returns at once, restored), for the caller to delete once
+        it has saved what it makes of the result.
+        """
         from tqdm.auto import tqdm
 
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        every = max(1, steps // 4) if checkpoint_every is None else checkpoint_every
+        if every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        extra = {} if extra is None else extra
         opt, sched = self._optimizer(steps)
         self.model.train()
-        losses = []
-        batches = self._batches()
-        for step in tqdm(range(1, steps + 1), desc=desc, disable=not progress, dynamic_ncols=True):
+        losses: list[float] = []
+        start, ident = 0, None
+        if checkpoint is not None:
+            checkpoint = Path(checkpoint)
+            ident = self._checkpoint_identity(steps, identity or {}, extra)
+            if checkpoint.exists():
+                start, losses = self._restore(checkpoint, ident, steps, opt, sched, extra)
+        batches = self._batches(start)
+        for step in tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc=desc, disable=not progress,
+                         dynamic_ncols=True):
             batch = {k: v.to(self.device) for k, v in next(batches).items()}
             labels = batch.pop("labels")
             with self._autocast():
@@ -192,7 +242,82 @@ class FineTuner:
             losses.append(value)
             if on_step is not None:
                 on_step(step)
+            if checkpoint is not None and (step % every == 0 if step < steps else keep_checkpoint):
+                self._save_checkpoint(checkpoint, opt, sched, step, losses, ident, extra)
+        if checkpoint is not None and not keep_checkpoint:
+            checkpoint.unlink(missing_ok=True)
         return losses
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_identity(self, steps: int, identity: dict, extra: dict) -> dict:
+        """What a checkpoint of this loop must match to be resumed (as the file holds it: JSON)."""
+        try:
+            json.dumps(extra)
+            json.dumps(identity)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"FineTuner.train: identity and extra must be JSON-serialisable ({e})") from e
+        start = {f"model/{k}": v for k, v in self.model.state_dict().items()}
+        start.update({f"masks/{k}": m.to(torch.uint8) for k, m in (self.masks or {}).items()})
+        ident = {"steps": steps, "run": identity, "masked": self.masks is not None,
+                 "settings": {k: v for k, v in self.cfg.to_dict().items() if k not in NOT_READ_BY_FINETUNING},
+                 "options": dataclasses.asdict(self.opts), "start_digest": _digest(start, {})}
+        return json.loads(json.dumps(ident))
+
+    def _save_checkpoint(self, path: Path, opt, sched, step: int, losses: list[float], ident: dict,
+                         extra: dict) -> None:
+        from abp.experiments.finetune_checkpoint import save_finetune_checkpoint
+
+        save_finetune_checkpoint(path, model=self.model, optimizer=opt, scheduler=sched, masks=self.masks, step=step,
+                                 losses=losses, identity=ident, extra=extra)
+
+    def _restore(self, path: Path, ident: dict, steps: int, opt, sched, extra: dict) -> tuple[int, list[float]]:
+        """Load the checkpoint at ``path`` into the model, masks, optimiser, scheduler, RNG and ``extra``, after
+        checking it is this run's; returns ``(step, losses)``."""
+        from abp.experiments.finetune_checkpoint import load_finetune_checkpoint
+
+        ck = load_finetune_checkpoint(path)
+        def refuse(why: str) -> CheckpointError:
+            return CheckpointError(f"cannot resume fine-tuning from {path}: {why}; delete the file to start this "
+                                   "phase over")
+
+        own, saved = self.model.state_dict(), ck["model"]
+        missing, unknown = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+        shapes = [f"{k} {list(saved[k].shape)} vs {list(own[k].shape)}" for k in own
+                  if k in saved and saved[k].shape != own[k].shape]
+        if missing or unknown or shapes:
+            raise refuse(f"its parameters are not this model's (missing {missing[:3]}, unknown {unknown[:3]}, "
+                         f"other shapes {shapes[:3]})")
+        was, now = _flat(ck["identity"]), _flat(ident)
+        diff = sorted(k for k in was.keys() | now.keys() if was.get(k, "<absent>") != now.get(k, "<absent>"))
+        if diff:
+            shown = "; ".join(f"{k}: checkpoint {was.get(k, '<absent>')!r}, this run {now.get(k, '<absent>')!r}"
+                              for k in diff[:6])
+            raise refuse(f"it belongs to another run ({len(diff)} field(s) differ: {shown})")
+        masks = ck["masks"]
+        if (masks is None) != (self.masks is None):
+            raise refuse("it has masks and this run none" if masks is not None else "it has no masks, this run has")
+        if masks is not None:
+            bad = sorted(k for k in set(masks) | set(self.weights)
+                         if k not in masks or k not in self.weights or masks[k].shape != self.weights[k].shape)
+            if bad:
+                raise refuse(f"its masks do not fit the maskable weights ({bad[:3]})")
+        step = ck["step"]
+        if not 0 <= step <= steps:
+            raise refuse(f"it is at step {step} of {steps}")
+        try:
+            with torch.no_grad():
+                self.model.load_state_dict(saved)
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict({"lr_lambdas": [None] * len(opt.param_groups), **ck["scheduler"]})
+        except (ValueError, KeyError, RuntimeError, TypeError) as e:
+            raise refuse(f"its optimiser or schedule state does not fit ({type(e).__name__}: {e})") from e
+        if masks is not None:
+            self.masks = {k: masks[k].to(self.device) for k in self.weights}
+        extra.clear()
+        extra.update(ck["extra"])
+        restore_rng_states(ck["rng"])
+        log.info("abp: resumed fine-tuning from %s at step %d of %d", path, step, steps)
+        return step, ck["losses"]
 
     def evaluate(self) -> dict[str, float]:
         """Dev metrics of the current (fine-tuned, masked) model."""
@@ -239,3 +364,14 @@ class FineTuner:
                 h.remove()
             self.model.train(was_training)
         return {k: v.sqrt() for k, v in sums.items()}
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``{"a.b": value}`` (so a mismatch names its field)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -15,7 +15,9 @@ Fixed masks on the *original* pre-trained weights, head trained by the Trainer w
 Weights trained: ``finetune`` (no mask), through the shared loop of :mod:`abp.experiments.finetune`.
 
 Each run writes ``OUT/result.json`` last (its presence means "done"); a run folder without it resumes:
-the Trainer from its checkpoint, finished phases (``phase1_masks.safetensors``, IMP rounds) are reused.
+the Trainer from its checkpoint, finished phases (``phase1_masks.safetensors``, IMP rounds) are reused, and a
+fine-tuning phase in flight (``finetune``, MP's phase 1, an IMP round) from its own checkpoint
+(``OUT/finetune_checkpoint.safetensors``; IMP: ``checkpoint-roundNN-s….safetensors`` beside the rounds).
 """
 from __future__ import annotations
 
@@ -85,6 +87,7 @@ LEARNT_METHODS = (*ABP_VARIANTS, "abp_reinit", "abp_norecovery")  # run Algorith
 # Methods whose final model must hold the pre-trained weights exactly (checked on every run).
 KEEPS_WEIGHTS = tuple(m for m in METHODS if m not in ("finetune", "abp_reinit"))
 RESULT = "result.json"
+FINETUNE_CHECKPOINT = "finetune_checkpoint.safetensors"  # the fine-tuning loop's (finetune, mp), deleted when done
 
 
 def method_order(method: str) -> int:
@@ -280,23 +283,32 @@ def _phase1(path: Path, make: Callable[[], tuple[dict, dict]]) -> tuple[dict, di
     return masks, meta
 
 
-def _mp_masks(exp: ExperimentConfig, cfg: ABPConfig, sparsity: float, progress: bool):
+def _mp_masks(exp: ExperimentConfig, cfg: ABPConfig, sparsity: float, progress: bool, checkpoint: Path):
+    """MP's phase 1; the fine-tuning checkpoint is kept (the caller deletes it once the masks are saved)."""
     t_start = time.time()
     ft = FineTuner(cfg, exp.finetune_options())
     t0, t1, every = mp_schedule(cfg.max_steps, exp)
     ft.set_masks({k: torch.ones(w.shape, dtype=torch.bool) for k, w in ft.weights.items()})
-    events = []
+    state = {"events": []}  # the pruning so far: in every checkpoint, restored on resume
 
     def prune(step: int) -> None:
         if t0 <= step <= t1 and ((step - t0) % every == 0 or step == t1):
             s = cubic_sparsity(step, sparsity, t0, t1)
             ft.set_masks(magnitude_masks(ft.weights, s, previous=ft.masks))
-            events.append([step, round(s, 6)])
+            state["events"].append([step, round(s, 6)])
 
-    losses = ft.train(cfg.max_steps, on_step=prune, progress=progress, desc="mp fine-tune")
+    identity = {"method": "mp", "task": cfg.task, "seed": cfg.seed, "sparsity": sparsity, "schedule": [t0, t1, every]}
+    losses = ft.train(cfg.max_steps, on_step=prune, progress=progress, desc="mp fine-tune", checkpoint=checkpoint,
+                      identity=identity, extra=state, keep_checkpoint=True)
     metrics = ft.evaluate()  # the fine-tuned sparse network itself (its weights are then thrown away)
-    return ft.masks, {"finetuned_metrics": metrics, "schedule": {"t0": t0, "t1": t1, "every": every, "events": events},
-                      "final_loss": losses[-1], "seconds": round(time.time() - t_start, 1)}
+    schedule = {"t0": t0, "t1": t1, "every": every, "events": state["events"]}
+    return ft.masks, {"finetuned_metrics": metrics, "schedule": schedule, "final_loss": losses[-1],
+                      "seconds": round(time.time() - t_start, 1)}
+
+
+def imp_round_checkpoint(rounds_dir: Path, r: int, target: float) -> Path:
+    """The fine-tuning checkpoint of IMP round ``r`` (to ``target``) while it runs (deleted once the round is saved)."""
+    return rounds_dir / f"checkpoint-round{r:02d}-s{target:.6f}.safetensors"
 
 
 def _imp_masks(exp: ExperimentConfig, cfg: ABPConfig, sparsity: float, rounds_dir: Path, progress: bool):
@@ -314,12 +326,19 @@ def _imp_masks(exp: ExperimentConfig, cfg: ABPConfig, sparsity: float, rounds_di
             seen = meta.get("path", [])
             if len(seen) != r or not all(math.isclose(a, b, abs_tol=1e-9) for a, b in zip(seen, path)):
                 raise RuntimeError(f"{f} was reached through sparsities {seen}, this trajectory is {path[:r]}")
+            imp_round_checkpoint(rounds_dir, r, target).unlink(missing_ok=True)  # killed after the round was saved
             continue
         data = data or load_task_data(cfg)
         ft = FineTuner(cfg, exp.finetune_options(), masks=masks, data=data)  # rewound to the pre-trained weights
-        ft.train(steps, progress=progress, desc=f"imp round {r}/{len(path)}")
+        # the round in flight resumes from its checkpoint, whichever run of this trajectory wrote it
+        ckpt = imp_round_checkpoint(rounds_dir, r, target)
+        identity = {"method": "imp", "task": cfg.task, "seed": cfg.seed, "round": r,
+                    "path": [round(x, 9) for x in path[:r]]}  # (round files match their path to 1e-9 too)
+        ft.train(steps, progress=progress, desc=f"imp round {r}/{len(path)}", checkpoint=ckpt, identity=identity,
+                 keep_checkpoint=True)
         masks = {k: v.cpu() for k, v in magnitude_masks(ft.weights, target, previous=ft.masks).items()}
         save_masks(f, masks, {"round": r, "sparsity": target, "path": path[:r]})
+        ckpt.unlink(missing_ok=True)
         computed += 1
         del ft
     return masks, {"rounds": len(path), "trajectory": [round(x, 6) for x in path], "rounds_computed_here": computed,
@@ -389,9 +408,11 @@ def run_method(method: str, exp: ExperimentConfig, task: str, sparsity: Optional
             raise RuntimeError(f"feature_extraction should keep every weight, its mask has sparsity {res['sparsity']}")
     elif method in ("mp", "imp", "wanda"):
         rounds_dir = Path(imp_rounds_dir or out / "imp_rounds")
-        make = {"mp": lambda: _mp_masks(exp, cfg, s, progress), "imp": lambda: _imp_masks(exp, cfg, s, rounds_dir, progress),
+        make = {"mp": lambda: _mp_masks(exp, cfg, s, progress, out / FINETUNE_CHECKPOINT),
+                "imp": lambda: _imp_masks(exp, cfg, s, rounds_dir, progress),
                 "wanda": lambda: _wanda_masks(exp, cfg, s)}[method]
         masks, phase1 = _phase1(out / "phase1_masks.safetensors", make)
+        (out / FINETUNE_CHECKPOINT).unlink(missing_ok=True)  # MP's phase 1 is saved: its checkpoint is not needed
         res, backbone = _head_only(cfg, out, lambda bb: apply_masks_(bb, masks), progress)
     elif method == "abp_shuffled":
         src = Path(abp_source) if abp_source is not None else None
@@ -408,8 +429,9 @@ def run_method(method: str, exp: ExperimentConfig, task: str, sparsity: Optional
         res, backbone = _head_only(cfg, out, shuffled, progress)
     else:  # finetune
         ft = FineTuner(cfg, exp.finetune_options())
-        ft.train(cfg.max_steps, progress=progress, desc="finetune")
-        metrics = ft.evaluate()
+        ft.train(cfg.max_steps, progress=progress, desc="finetune", checkpoint=out / FINETUNE_CHECKPOINT,
+                 identity={"method": "finetune", "task": task, "seed": seed}, keep_checkpoint=True)
+        metrics = ft.evaluate()  # (killed here, a rerun restores the finished loop: the checkpoint goes last)
         res = {"metric_name": ft.task.primary_metric, "dev_metrics": metrics, "sparsity": None, "mask_file": None}
         backbone = ft.model.backbone
     result = {
@@ -426,7 +448,8 @@ def run_method(method: str, exp: ExperimentConfig, task: str, sparsity: Optional
     if result["weights_must_be_untouched"] and not result["weights_untouched"]:
         raise RuntimeError(f"{method}: the final model's pre-trained weights differ from the pre-trained ones")
     write_text(out / RESULT, json.dumps(result, indent=1))
-    for leftover in ("checkpoint.safetensors", "recovery.safetensors"):  # 91 MB each for MiniLM: not kept
+    # 91 MB each for MiniLM (the fine-tuning checkpoint ~300 MB): not kept
+    for leftover in ("checkpoint.safetensors", "recovery.safetensors", FINETUNE_CHECKPOINT):
         (out / leftover).unlink(missing_ok=True)
     return result
 

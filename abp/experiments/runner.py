@@ -14,7 +14,9 @@ Layout under ``output``::
 
 Order: seed-major (all methods of seed 0, then seed 1 …), so a grid stopped early still has every method
 for the seeds it finished; within a seed ``abp`` runs before ``abp_shuffled`` (which shuffles its mask).
-A run interrupted mid-way resumes from its checkpoint (Trainer ``resume``) or finished phase files.
+A run interrupted mid-way resumes from its checkpoint (Trainer ``resume``; the fine-tuning loop of finetune, mp
+and an IMP round: ``finetune_checkpoint.safetensors``, ``imp-rounds-seed<seed>/checkpoint-round….safetensors``) or
+finished phase files.
 """
 from __future__ import annotations
 

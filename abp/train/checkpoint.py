@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -64,8 +64,6 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 def save_checkpoint(path: str | os.PathLike, *, scores: dict[str, torch.Tensor], head: torch.nn.Module,
                     head_opt: torch.optim.Optimizer, score_state: dict, info: dict[str, Any]) -> None:
     """Write a checkpoint atomically: a crash mid-write keeps the previous one."""
-    from safetensors.torch import save_file
-
     tensors = {f"scores/{k}": v.detach().cpu().contiguous() for k, v in scores.items()}
     tensors.update({f"head/{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
     opt_tensors, opt_meta = _flatten_optimizer(head_opt)
@@ -75,16 +73,12 @@ def save_checkpoint(path: str | os.PathLike, *, scores: dict[str, torch.Tensor],
     for i, (m, v) in enumerate(score_state.get("moments", ())):  # Adam on the scores
         tensors[f"score_moments/{i}/m"] = m.contiguous()
         tensors[f"score_moments/{i}/v"] = v.contiguous()
-    tensors["rng/cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    tensors.update(rng_state_tensors())
     meta = {"format": "abp-checkpoint", "format_version": FORMAT_VERSION, "info": json.dumps(info),
             "opt": json.dumps(opt_meta), "score_steps": str(score_state["steps"]), "score_lr": repr(score_state["lr"])}
     if "moment_steps" in score_state:
         meta["score_moment_steps"] = json.dumps(score_state["moment_steps"])
-    meta["digest"] = _digest(tensors, meta)
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=meta)
+    write_signed(path, tensors, meta)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -93,6 +87,35 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     Anything but an intact checkpoint (missing, a directory, truncated, a changed bit, missing or malformed
     entries) raises :class:`CheckpointError` naming the file and the problem.
     """
+    tensors, meta = read_tensor_file(path)
+    if meta.get("format") != "abp-checkpoint":
+        raise CheckpointError(f"{path} is not an abp training checkpoint")
+    version = meta.get("format_version", "1")
+    if version not in ("1", FORMAT_VERSION):
+        raise CheckpointError(f"checkpoint {path} has format version {version!r}; this abp reads 1 and "
+                              f"{FORMAT_VERSION}")
+    if version != "1" or "digest" in meta:
+        verify_digest(path, tensors, meta)
+    return assemble_or_refuse(path, lambda: _assemble(tensors, meta, path))
+
+
+# ------------------------------------------------------------------ shared by every checkpoint format
+# (this one and the fine-tuning loop's, :mod:`abp.experiments.finetune_checkpoint`)
+
+
+def write_signed(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Add the SHA-256 ``digest`` of ``tensors`` and ``meta`` to ``meta`` and write one safetensors file
+    atomically (a crash mid-write keeps the previous file)."""
+    from safetensors.torch import save_file
+
+    meta["digest"] = _digest(tensors, meta)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
+
+
+def read_tensor_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors checkpoint file (CPU tensors); a missing file, a directory,
+    anything but a regular file, or an unreadable one raises :class:`CheckpointError` naming the file."""
     from safetensors import safe_open
 
     if os.path.isdir(path):
@@ -106,23 +129,48 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e})") from e
-    if meta.get("format") != "abp-checkpoint":
-        raise CheckpointError(f"{path} is not an abp training checkpoint")
-    version = meta.get("format_version", "1")
-    if version not in ("1", FORMAT_VERSION):
-        raise CheckpointError(f"checkpoint {path} has format version {version!r}; this abp reads 1 and "
-                              f"{FORMAT_VERSION}")
-    if version != "1" or "digest" in meta:
-        if meta.get("digest") != _digest(tensors, meta):
-            raise CheckpointError(f"checkpoint {path} is corrupt: its contents changed since it was written "
-                                  "(digest mismatch)")
+    return tensors, meta
+
+
+def verify_digest(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Refuse a file whose tensors or metadata changed since :func:`write_signed` wrote it."""
+    if meta.get("digest") != _digest(tensors, meta):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its contents changed since it was written "
+                              "(digest mismatch)")
+
+
+def assemble_or_refuse(path: str | os.PathLike, assemble: Callable[[], Any]) -> Any:
+    """``assemble()``, with a missing or malformed entry turned into a :class:`CheckpointError` naming the file."""
     try:
-        return _assemble(tensors, meta, path)
+        return assemble()
     except CheckpointError:
         raise
     except (KeyError, IndexError, ValueError, TypeError, AttributeError, RecursionError) as e:
         what = f"lacks {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
         raise CheckpointError(f"checkpoint {path} is incomplete or malformed ({what})") from e
+
+
+def rng_state_tensors() -> dict[str, torch.Tensor]:
+    """The global torch RNG states (CPU, and the current CUDA device's where there is one) as checkpoint tensors."""
+    out = {"rng/cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["rng/cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def rng_states(tensors: dict[str, torch.Tensor]) -> dict[str, Optional[torch.Tensor]]:
+    """``{"cpu", "cuda"}`` RNG states read back from :func:`rng_state_tensors`' entries (a wrong one raises)."""
+    rng = tensors["rng/cpu"]
+    if rng.dtype != torch.uint8 or rng.dim() != 1:
+        raise TypeError(f"rng/cpu is {rng.dtype} {list(rng.shape)}, not a 1-d uint8 tensor")
+    return {"cpu": rng, "cuda": tensors.get("rng/cuda")}
+
+
+def restore_rng_states(rng: dict[str, Optional[torch.Tensor]]) -> None:
+    """Set the global torch RNG states :func:`rng_states` read (CUDA's only where there is a CUDA device)."""
+    torch.set_rng_state(rng["cpu"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
 
 
 def _assemble(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str | os.PathLike) -> dict[str, Any]:
@@ -153,14 +201,11 @@ def _assemble(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str 
     opt = parsed("opt", dict)
     if not isinstance(opt.get("param_groups"), list) or not isinstance(opt.get("plain"), dict):
         raise TypeError("opt lacks its param_groups list or plain dict")
-    rng = tensors["rng/cpu"]
-    if rng.dtype != torch.uint8 or rng.dim() != 1:
-        raise TypeError(f"rng/cpu is {rng.dtype} {list(rng.shape)}, not a 1-d uint8 tensor")
     return {
         "scores": pick("scores/"),
         "head": pick("head/"),
         "head_opt": _unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith("opt/")}, opt),
         "score_state": score_state,
-        "rng": {"cpu": rng, "cuda": tensors.get("rng/cuda")},
+        "rng": rng_states(tensors),
         "info": parsed("info", dict),
     }

@@ -27,7 +27,7 @@ from abp._atomic import write_text
 from abp.models import load_backbone, native_pooling, resolve_model
 from abp.patch import mask_model, masked_modules, score_tensors
 from abp.train.data import Batcher, load_custom, load_split, subsample
-from abp.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from abp.train.checkpoint import CheckpointError, load_checkpoint, restore_rng_states, save_checkpoint
 from abp.train.config import RESUMABLE_CHANGES, ABPConfig
 from abp.train.devices import pick_device
 from abp.train.distributed import local_shard
@@ -463,9 +463,7 @@ class Trainer:
         self.head_opt.load_state_dict(ck["head_opt"])
         self.scores.load_state_dict(ck["score_state"])
         self.scores.recount()  # per-tensor counts from the restored scores (FSDP: this rank's shards)
-        torch.set_rng_state(ck["rng"]["cpu"])
-        if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(ck["rng"]["cuda"])
+        restore_rng_states(ck["rng"])
         info = ck["info"]
         self.step, self.history, self.best = info["step"], info["history"], info["best"]
         self.backends_run = dict(info.get("backends", {}))
