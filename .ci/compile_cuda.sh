@@ -94,7 +94,8 @@ spec = importlib.util.spec_from_file_location("abp._C", sys.argv[1])
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
 assert mod.WITH_CUDA == 1, "built without CUDA"
-ops = ["pack_mask", "pack_positive", "unpack_mask", "multi_score_update_", "bitmask_linear", "multi_bitmask_linear"]
+ops = ["pack_mask", "pack_positive", "unpack_mask", "multi_score_update_", "multi_score_adam_update_", "bitmask_linear",
+       "multi_bitmask_linear"]
 missing = [f"{op}/{key}" for op in ops for key in ("CPU", "CUDA")
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"abp_C::{op}", key)]
 assert not missing, f"kernels not registered: {missing}"

@@ -38,6 +38,7 @@ _PREFERENCE: dict[str, tuple[str, ...]] = {
     "score_grad": ("triton", "reference"),
     "score_grad_update_": ("triton", "reference"),
     "multi_score_update_": ("cuda", "cpp", "reference"),
+    "multi_score_adam_update_": ("cuda", "cpp", "reference"),
     "pack_mask": ("cuda", "cpp", "reference"),
     "pack_positive": ("cuda", "cpp", "reference"),
     "unpack_mask": ("cuda", "cpp", "reference"),

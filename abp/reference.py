@@ -9,7 +9,8 @@ Conventions shared by every backend (the contract):
 - Forward mask: ``1[θ > 0]`` when ``t_l`` is None, else ``σ(t_l·θ)``.
 - Surrogate backward factor: ``t_s·σ(t_s·θ)·(1 − σ(t_s·θ))``.
 - Score update (plain SGD of the paper): ``θ ← θ − active·(lr·g + γ)``; without connection
-  recovery a score that was ``≤ 0`` before the step is clamped to ``≤ 0`` after it.
+  recovery a score that was ``≤ 0`` before the step is clamped to ``≤ 0`` after it. With Adam on the
+  scores, ``g`` is Adam's bias-corrected direction (:func:`adam_direction_`).
 - Packed masks: 1 bit per element of the row-major flattened tensor, little-endian within a byte
   (element ``i`` is bit ``i % 8`` of byte ``i // 8``, as ``numpy.packbits(bitorder="little")``),
   zero-padded to whole bytes.
@@ -103,6 +104,55 @@ def multi_score_update_(
     """:func:`score_update_` over many tensors; ``counts[i]`` ← count of ``θ ≤ 0`` in ``scores[i]``."""
     for i, (s, g) in enumerate(zip(scores, grads)):
         counts[i] = score_update_(s, g, lr, gamma, active, recovery)
+
+
+def sqrt_rn(x: Tensor, out: Optional[Tensor] = None, block: int = 1 << 15) -> Tensor:
+    """fp32 ``√x`` correctly rounded (IEEE's, CUDA's ``__fsqrt_rn``, C++'s ``std::sqrt``), through float64: the exact
+    root of a float stays more than 2⁻⁵⁰ (relative) away from every midpoint between two floats, a float64 root
+    within 1 ulp (2⁻⁵²) of it lies on the same side, so rounding that to fp32 gives the correctly rounded root.
+    ``torch.sqrt`` itself is not correctly rounded on every CPU build: torch 2.13's CPU kernels (MKL, AVX-512) are
+    1 ulp off on about 0.7 % of fp32 inputs (``pow(x, 0.5)`` and ``_foreach_sqrt`` likewise) and of float64 ones.
+    On CPU it goes ``block`` elements at a time through one float64 buffer that stays in cache: about 1.5× the time
+    of ``torch.sqrt`` where the whole tensor in float64 takes 3.5×. ``out`` (contiguous; may be ``x``) receives it."""
+    if x.device.type != "cpu":
+        root = x.double().sqrt_()
+        return root.to(x.dtype) if out is None else out.copy_(root)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype)
+    src, dst = x.reshape(-1), out.view(-1)
+    buf = torch.empty(min(block, src.numel()), dtype=torch.float64)
+    for i in range(0, src.numel(), block):
+        b = buf[: min(block, src.numel() - i)]
+        dst[i:i + block].copy_(b.copy_(src[i:i + block]).sqrt_())
+    return out
+
+
+def adam_direction_(
+    exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, beta1: float, beta2: float, inv_bias1: float, inv_bias2: float,
+    eps: float,
+) -> Tensor:
+    """Adam's bias-corrected direction ``m̂ / (√v̂ + ε)`` for one tensor in fp32, its moments updated in place;
+    ``inv_bias_k = 1/(1 − β_k^t)``. One rounding per product, sum, quotient and root, in this order (the order the
+    compiled op follows; no ``alpha=`` or ``addcmul``, which torch's CPU kernels may fuse into one FMA, and the
+    root through :func:`sqrt_rn`):
+    ``m ← m·β1 + g·(1−β1)``, ``v ← v·β2 + (g·g)·(1−β2)``, ``d = (m·inv_bias1) / (√(v·inv_bias2) + ε)``."""
+    g = grad.float()
+    exp_avg.mul_(beta1).add_(g * (1 - beta1))
+    exp_avg_sq.mul_(beta2).add_((g * g) * (1 - beta2))
+    denom = sqrt_rn(exp_avg_sq * inv_bias2).add_(eps)
+    return (exp_avg * inv_bias1).div_(denom)
+
+
+def multi_score_adam_update_(
+    scores: Sequence[Tensor], grads: Sequence[Tensor], exp_avg: Sequence[Tensor], exp_avg_sq: Sequence[Tensor],
+    inv_bias1: Sequence[float], inv_bias2: Sequence[float], lr: float, beta1: float, beta2: float, eps: float,
+    gamma: Tensor | float, active: Tensor | float, recovery: bool, counts: Tensor,
+) -> None:
+    """Adam on the scores: :func:`adam_direction_` then :func:`score_update_` on each tensor (the moments update even
+    when ``active`` is 0); ``counts[i]`` ← count of ``θ ≤ 0`` in ``scores[i]``."""
+    for i, (s, g, m, v) in enumerate(zip(scores, grads, exp_avg, exp_avg_sq)):
+        d = adam_direction_(m, v, g, beta1, beta2, inv_bias1[i], inv_bias2[i], eps)
+        counts[i] = score_update_(s, d, lr, gamma, active, recovery)
 
 
 def pack_mask(mask: Tensor) -> Tensor:

@@ -181,6 +181,8 @@ def test_step(case, harness, bench_fixture, eager_masked_linear_fn):
     impl = case["impl"]
     if impl in ("abp", "abp_v1", "abp_adam", "reference"):
         ops = FUSED_OPS if score_opt.fused else UNFUSED_OPS  # the abp ops one step of this impl runs
+        if score_opt.optimizer == "adam":  # Adam's moments and the score step in one op
+            ops = tuple("multi_score_adam_update_" if op == "multi_score_update_" else op for op in ops)
         if any(m._trains_from_bits(torch.empty(0, device=harness.device))
                for _, m in abp.masked_modules(model) if isinstance(m, abp.MaskedLinear)):
             ops = BITS_OPS + ops[2:]

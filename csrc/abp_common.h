@@ -9,6 +9,7 @@
 #include <c10/util/Half.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 
@@ -33,6 +34,36 @@ C10_HOST_DEVICE inline float score_step(float s, float g, float lr, float gamma,
 #endif
   if (!recovery && s <= 0.f && nv > 0.f) nv = 0.f;
   return nv;
+}
+
+// Adam's bias-corrected direction for one score, exactly as reference.adam_direction_ computes it in fp32, each
+// product, sum, quotient and root rounded on its own (so no FMA: see score_step):
+//   m ← m·β1 + g·(1−β1);  v ← v·β2 + (g·g)·(1−β2);  d = (m·inv_bias1) / (√(v·inv_bias2) + ε)
+// with c1 = 1−β1, c2 = 1−β2 (computed in double on the host, then rounded to float, as torch rounds the Python
+// float `1 - b1`) and inv_bias_k = 1/(1−β_k^t). Updates m and v in place, returns d.
+C10_HOST_DEVICE inline float adam_direction(float g, float& m, float& v, float b1, float c1, float b2, float c2,
+                                            float inv_bias1, float inv_bias2, float eps) {
+#ifdef __CUDA_ARCH__
+  m = __fadd_rn(__fmul_rn(m, b1), __fmul_rn(g, c1));
+  v = __fadd_rn(__fmul_rn(v, b2), __fmul_rn(__fmul_rn(g, g), c2));
+  const float denom = __fadd_rn(__fsqrt_rn(__fmul_rn(v, inv_bias2)), eps);
+  return __fdiv_rn(__fmul_rn(m, inv_bias1), denom);
+#else
+  m = m * b1 + g * c1;
+  v = v * b2 + (g * g) * c2;
+  const float denom = std::sqrt(v * inv_bias2) + eps;
+  return (m * inv_bias1) / denom;
+#endif
+}
+
+// The constants of one fused Adam score step, as floats (see adam_direction).
+struct AdamConsts {
+  float b1, c1, b2, c2, eps;
+};
+
+inline AdamConsts adam_consts(double beta1, double beta2, double eps) {
+  return {static_cast<float>(beta1), static_cast<float>(1.0 - beta1), static_cast<float>(beta2),
+          static_cast<float>(1.0 - beta2), static_cast<float>(eps)};
 }
 
 // Calls f(T{}) with T = float, at::Half or at::BFloat16 for the three dtypes the serving and update
@@ -82,9 +113,9 @@ inline void check_unpack_mask(const at::Tensor& packed, int64_t numel) {
   check_packed("abp_C::unpack_mask", packed, numel);
 }
 
-inline void check_multi_score_update(at::TensorList scores, at::TensorList grads, const at::Tensor& gamma,
-                                     const at::Tensor& active, const at::Tensor& counts) {
-  constexpr const char* op = "abp_C::multi_score_update_";
+// The checks shared by multi_score_update_ and multi_score_adam_update_ (`op` names the caller in the messages).
+inline void check_multi_score_update(const char* op, at::TensorList scores, at::TensorList grads,
+                                     const at::Tensor& gamma, const at::Tensor& active, const at::Tensor& counts) {
   TORCH_CHECK(scores.size() == grads.size(), op, ": got ", scores.size(), " `scores` but ", grads.size(), " `grads`");
   const c10::Device dev = counts.device();
   TORCH_CHECK(counts.scalar_type() == at::kLong && counts.dim() == 1 &&
@@ -111,6 +142,43 @@ inline void check_multi_score_update(at::TensorList scores, at::TensorList grads
                 "]` must be float32, float16 or bfloat16, got ", g.scalar_type());
     TORCH_CHECK(g.scalar_type() == grads[0].scalar_type(), op, ": all `grads` must share one dtype; grads[0] is ",
                 grads[0].scalar_type(), ", grads[", i, "] is ", g.scalar_type());
+  }
+}
+
+inline void check_multi_score_update(at::TensorList scores, at::TensorList grads, const at::Tensor& gamma,
+                                     const at::Tensor& active, const at::Tensor& counts) {
+  check_multi_score_update("abp_C::multi_score_update_", scores, grads, gamma, active, counts);
+}
+
+inline void check_multi_score_adam_update(at::TensorList scores, at::TensorList grads, at::TensorList exp_avg,
+                                          at::TensorList exp_avg_sq, at::ArrayRef<double> inv_bias1,
+                                          at::ArrayRef<double> inv_bias2, double beta1, double beta2, double eps,
+                                          const at::Tensor& gamma, const at::Tensor& active,
+                                          const at::Tensor& counts) {
+  constexpr const char* op = "abp_C::multi_score_adam_update_";
+  const size_t n = scores.size();
+  TORCH_CHECK(exp_avg.size() == n && exp_avg_sq.size() == n && inv_bias1.size() == n && inv_bias2.size() == n, op,
+              ": got ", n, " `scores` but ", exp_avg.size(), " `exp_avg`, ", exp_avg_sq.size(), " `exp_avg_sq`, ",
+              inv_bias1.size(), " `inv_bias1` and ", inv_bias2.size(), " `inv_bias2` (one of each per tensor)");
+  TORCH_CHECK(0.0 <= beta1 && beta1 < 1.0 && 0.0 <= beta2 && beta2 < 1.0, op,
+              ": `beta1` and `beta2` must be in [0, 1), got ", beta1, " and ", beta2);
+  TORCH_CHECK(eps >= 0.0, op, ": `eps` must be >= 0, got ", eps);
+  check_multi_score_update(op, scores, grads, gamma, active, counts);
+  const c10::Device dev = counts.device();
+  auto check_moment = [&](const at::Tensor& t, const at::Tensor& s, const char* name, size_t i) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": `", name, "[", i, "]` must be float32, got ", t.scalar_type());
+    TORCH_CHECK(t.sizes() == s.sizes(), op, ": `", name, "[", i, "]` has shape ", t.sizes(), " but `scores[", i,
+                "]` has shape ", s.sizes());
+    TORCH_CHECK(t.is_contiguous(), op, ": `", name, "[", i, "]` must be contiguous (it is updated in place)");
+    TORCH_CHECK(t.device() == dev, op, ": `", name, "[", i, "]` is on ", t.device(), " but `counts` is on ", dev);
+  };
+  for (size_t i = 0; i < n; ++i) {
+    check_moment(exp_avg[i], scores[i], "exp_avg", i);
+    check_moment(exp_avg_sq[i], scores[i], "exp_avg_sq", i);
+    TORCH_CHECK(std::isfinite(inv_bias1[i]) && std::isfinite(inv_bias2[i]) && inv_bias1[i] >= 1.0 &&
+                    inv_bias2[i] >= 1.0,
+                op, ": `inv_bias1[", i, "]` and `inv_bias2[", i,
+                "]` must be finite and >= 1 (1/(1-beta^t), t >= 1), got ", inv_bias1[i], " and ", inv_bias2[i]);
   }
 }
 

@@ -109,6 +109,52 @@ void multi_score_update_cpu(at::TensorList scores, at::TensorList grads, double 
   }
 }
 
+// Adam on the scores and the score step in one pass: reads g, m, v, θ once and writes m, v, θ once per element,
+// where the eager sequence (moments, bias corrections, root, quotient, then multi_score_update_) makes about ten
+// passes with temporaries. Moments update even when active = 0, as the eager sequence's do.
+void multi_score_adam_update_cpu(at::TensorList scores, at::TensorList grads, at::TensorList exp_avg,
+                                 at::TensorList exp_avg_sq, at::ArrayRef<double> inv_bias1,
+                                 at::ArrayRef<double> inv_bias2, double lr, double beta1, double beta2, double eps,
+                                 const at::Tensor& gamma, const at::Tensor& active, bool recovery,
+                                 const at::Tensor& counts) {
+  constexpr const char* op = "abp_C::multi_score_adam_update_";
+  check_multi_score_adam_update(scores, grads, exp_avg, exp_avg_sq, inv_bias1, inv_bias2, beta1, beta2, eps, gamma,
+                                active, counts);
+  check_cpu(op, counts, "counts");
+  const AdamConsts k = adam_consts(beta1, beta2, eps);
+  const float lr_f = static_cast<float>(lr);
+  const float gamma_f = gamma.item<float>();
+  const float active_f = active.item<float>();
+  int64_t* cnt = counts.data_ptr<int64_t>();
+  for (size_t i = 0; i < scores.size(); ++i) {
+    const at::Tensor g = grads[i].contiguous();
+    float* s = scores[i].data_ptr<float>();
+    float* mp = exp_avg[i].data_ptr<float>();
+    float* vp = exp_avg_sq[i].data_ptr<float>();
+    const float ib1 = static_cast<float>(inv_bias1[i]), ib2 = static_cast<float>(inv_bias2[i]);
+    const int64_t n = scores[i].numel();
+    std::atomic<int64_t> nonpos{0};
+    dispatch_serving_dtype(g.scalar_type(), op, [&](auto tag) {
+      using scalar_t = decltype(tag);
+      const scalar_t* gp = g.data_ptr<scalar_t>();
+      at::parallel_for(0, n, 1 << 14, [&](int64_t j0, int64_t j1) {
+        int64_t local = 0;
+        for (int64_t j = j0; j < j1; ++j) {
+          float m = mp[j], v = vp[j];
+          const float d = adam_direction(static_cast<float>(gp[j]), m, v, k.b1, k.c1, k.b2, k.c2, ib1, ib2, k.eps);
+          mp[j] = m;
+          vp[j] = v;
+          const float nv = score_step(s[j], d, lr_f, gamma_f, active_f, recovery);
+          s[j] = nv;
+          local += nv <= 0.f;
+        }
+        nonpos += local;
+      });
+    });
+    cnt[i] = nonpos.load();
+  }
+}
+
 // ----------------------------------------------------------------------------- 1-bit-mask serving
 
 // y = x·(W⊙M)ᵀ + b for one packed mask, fp32 accumulation, one rounding to the output dtype.
@@ -195,6 +241,10 @@ TORCH_LIBRARY(abp_C, m) {
   m.def(
       "multi_score_update_(Tensor(a!)[] scores, Tensor[] grads, float lr, Tensor gamma, Tensor active, "
       "bool recovery, Tensor(b!) counts) -> ()");
+  m.def(
+      "multi_score_adam_update_(Tensor(a!)[] scores, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_avg_sq, "
+      "float[] inv_bias1, float[] inv_bias2, float lr, float beta1, float beta2, float eps, Tensor gamma, "
+      "Tensor active, bool recovery, Tensor(d!) counts) -> ()");
   m.def("bitmask_linear(Tensor x, Tensor weight, Tensor packed, Tensor? bias) -> Tensor");
   m.def("multi_bitmask_linear(Tensor x, Tensor weight, Tensor packed, Tensor task_ids, Tensor? bias) -> Tensor");
 }
@@ -204,6 +254,7 @@ TORCH_LIBRARY_IMPL(abp_C, CPU, m) {
   m.impl("pack_positive", &abp::pack_positive_cpu);
   m.impl("unpack_mask", &abp::unpack_mask_cpu);
   m.impl("multi_score_update_", &abp::multi_score_update_cpu);
+  m.impl("multi_score_adam_update_", &abp::multi_score_adam_update_cpu);
   m.impl("bitmask_linear", &abp::bitmask_linear_cpu);
   m.impl("multi_bitmask_linear", &abp::multi_bitmask_linear_cpu);
 }

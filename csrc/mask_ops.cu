@@ -1,4 +1,4 @@
-// CUDA implementations of the packed-mask utilities and of the multi-tensor score update.
+// CUDA implementations of the packed-mask utilities and of the multi-tensor score updates (SGD and Adam).
 // Everything runs on the current stream and never synchronises with the host.
 
 // Narrow ATen includes (not ATen/ATen.h): the host pass of nvcc is a large part of the build time.
@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "abp_common.h"
@@ -104,6 +105,31 @@ at::Tensor unpack_mask_cuda(const at::Tensor& packed, int64_t numel) {
 constexpr int64_t kChunk = 16384;  // elements per chunk: 64 KiB of fp32 scores, 16 vector steps of a block
 constexpr int kTableCols = 4;
 
+// The tensor owning chunk c: the largest i with starts[i] <= c (empty tensors share their successor's start and
+// are skipped).
+__device__ __forceinline__ int owner_of_chunk(const int64_t* __restrict__ starts, int ntensors, int64_t c) {
+  int lo = 0, hi = ntensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (starts[mid] <= c) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// Adds the block's `nonpos` (one value per thread) to *count with one atomic; every thread of the block calls it.
+__device__ __forceinline__ void block_count_add(int64_t nonpos, int64_t* partial, int64_t* count) {
+  nonpos = warp_sum(nonpos);
+  if (threadIdx.x % kWarpSize == 0) partial[threadIdx.x / kWarpSize] = nonpos;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t total = 0;
+#pragma unroll
+    for (int w = 0; w < kThreads / kWarpSize; ++w) total += partial[w];
+    atomicAdd(reinterpret_cast<unsigned long long*>(count), static_cast<unsigned long long>(total));
+  }
+  __syncthreads();  // `partial` is reused by the next chunk
+}
+
 template <typename grad_t, bool VEC>
 __global__ void __launch_bounds__(kThreads) multi_score_update_kernel(
     const int64_t* __restrict__ table, int ntensors, int64_t total_chunks, float lr, const float* __restrict__ gamma_p,
@@ -112,13 +138,7 @@ __global__ void __launch_bounds__(kThreads) multi_score_update_kernel(
   const float gamma = *gamma_p, active = *active_p;
   const int64_t* starts = table + 3 * ntensors;  // first chunk of each tensor
   for (int64_t c = blockIdx.x; c < total_chunks; c += gridDim.x) {
-    // Largest i with starts[i] <= c: empty tensors share their successor's start and are skipped.
-    int lo = 0, hi = ntensors - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (starts[mid] <= c) lo = mid; else hi = mid - 1;
-    }
-    const int i = lo;
+    const int i = owner_of_chunk(starts, ntensors, c);
     float* s = reinterpret_cast<float*>(table[i]);
     const grad_t* g = reinterpret_cast<const grad_t*>(table[ntensors + i]);
     const int64_t numel = table[2 * ntensors + i];
@@ -145,17 +165,7 @@ __global__ void __launch_bounds__(kThreads) multi_score_update_kernel(
       s[j] = nv;
       nonpos += nv <= 0.f;
     }
-    // Block reduction, then one atomic per chunk.
-    nonpos = warp_sum(nonpos);
-    if (threadIdx.x % kWarpSize == 0) partial[threadIdx.x / kWarpSize] = nonpos;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      int64_t total = 0;
-#pragma unroll
-      for (int w = 0; w < kThreads / kWarpSize; ++w) total += partial[w];
-      atomicAdd(reinterpret_cast<unsigned long long*>(counts + i), static_cast<unsigned long long>(total));
-    }
-    __syncthreads();  // `partial` is reused by the next chunk
+    block_count_add(nonpos, partial, counts + i);  // block reduction, then one atomic per chunk
   }
 }
 
@@ -206,6 +216,127 @@ void multi_score_update_cuda(at::TensorList scores, at::TensorList grads, double
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// ----------------------------------------------------------------------------- multi-tensor Adam score update
+
+// multi_score_update_kernel with Adam's moments in the same pass: per element it reads g, m, v, θ once and
+// writes m, v, θ once. Table columns: scores, grads, exp_avg, exp_avg_sq pointers, numel, first chunk, and the
+// tensor's (inv_bias1, inv_bias2) as two float bit patterns in one int64.
+constexpr int kAdamTableCols = 7;
+
+template <typename grad_t, bool VEC>
+__global__ void __launch_bounds__(kThreads) multi_score_adam_update_kernel(
+    const int64_t* __restrict__ table, int ntensors, int64_t total_chunks, float lr, AdamConsts k,
+    const float* __restrict__ gamma_p, const float* __restrict__ active_p, bool recovery,
+    int64_t* __restrict__ counts) {
+  __shared__ int64_t partial[kThreads / kWarpSize];
+  const float gamma = *gamma_p, active = *active_p;
+  const int64_t* starts = table + 5 * ntensors;
+  for (int64_t c = blockIdx.x; c < total_chunks; c += gridDim.x) {
+    const int i = owner_of_chunk(starts, ntensors, c);
+    float* s = reinterpret_cast<float*>(table[i]);
+    const grad_t* g = reinterpret_cast<const grad_t*>(table[ntensors + i]);
+    float* m = reinterpret_cast<float*>(table[2 * ntensors + i]);
+    float* v = reinterpret_cast<float*>(table[3 * ntensors + i]);
+    const int64_t numel = table[4 * ntensors + i];
+    const uint64_t bias = static_cast<uint64_t>(table[6 * ntensors + i]);
+    const float ib1 = __uint_as_float(static_cast<unsigned>(bias & 0xffffffffu));
+    const float ib2 = __uint_as_float(static_cast<unsigned>(bias >> 32));
+    const int64_t begin = (c - starts[i]) * kChunk;
+    const int64_t end = begin + kChunk < numel ? begin + kChunk : numel;
+    auto one = [&](float& sj, float gj, float& mj, float& vj) {
+      const float d = adam_direction(gj, mj, vj, k.b1, k.c1, k.b2, k.c2, ib1, ib2, k.eps);
+      sj = score_step(sj, d, lr, gamma, active, recovery);
+      return static_cast<int64_t>(sj <= 0.f);
+    };
+    int64_t nonpos = 0;
+    int64_t j = begin + threadIdx.x;
+    if constexpr (VEC) {  // 4 elements (16 B of each fp32 array) per thread and step; begin is a multiple of 4
+      const int64_t vend = begin + ((end - begin) & ~int64_t(3));
+      for (int64_t e = begin + 4 * threadIdx.x; e < vend; e += 4 * kThreads) {
+        float4 sv = *reinterpret_cast<const float4*>(s + e);
+        float4 mv = *reinterpret_cast<const float4*>(m + e);
+        float4 vv = *reinterpret_cast<const float4*>(v + e);
+        const Pack<grad_t, 4> gv = *reinterpret_cast<const Pack<grad_t, 4>*>(g + e);
+        nonpos += one(sv.x, static_cast<float>(gv.v[0]), mv.x, vv.x);
+        nonpos += one(sv.y, static_cast<float>(gv.v[1]), mv.y, vv.y);
+        nonpos += one(sv.z, static_cast<float>(gv.v[2]), mv.z, vv.z);
+        nonpos += one(sv.w, static_cast<float>(gv.v[3]), mv.w, vv.w);
+        *reinterpret_cast<float4*>(m + e) = mv;
+        *reinterpret_cast<float4*>(v + e) = vv;
+        *reinterpret_cast<float4*>(s + e) = sv;
+      }
+      j = vend + threadIdx.x;
+    }
+    for (; j < end; j += kThreads) {
+      float sj = s[j], mj = m[j], vj = v[j];
+      nonpos += one(sj, static_cast<float>(g[j]), mj, vj);
+      m[j] = mj;
+      v[j] = vj;
+      s[j] = sj;
+    }
+    block_count_add(nonpos, partial, counts + i);
+  }
+}
+
+void multi_score_adam_update_cuda(at::TensorList scores, at::TensorList grads, at::TensorList exp_avg,
+                                  at::TensorList exp_avg_sq, at::ArrayRef<double> inv_bias1,
+                                  at::ArrayRef<double> inv_bias2, double lr, double beta1, double beta2, double eps,
+                                  const at::Tensor& gamma, const at::Tensor& active, bool recovery,
+                                  const at::Tensor& counts) {
+  constexpr const char* op = "abp_C::multi_score_adam_update_";
+  check_multi_score_adam_update(scores, grads, exp_avg, exp_avg_sq, inv_bias1, inv_bias2, beta1, beta2, eps, gamma,
+                                active, counts);
+  TORCH_CHECK(counts.is_cuda(), op, ": `counts` must be a CUDA tensor here, got ", counts.device());
+  const c10::cuda::CUDAGuard guard(counts.device());
+  const int n = static_cast<int>(scores.size());
+  counts.zero_();
+  if (n == 0) return;
+
+  std::vector<at::Tensor> gs;  // contiguous grads, alive until the launch is queued (the allocator is stream-ordered)
+  gs.reserve(n);
+  at::Tensor table = at::empty({kAdamTableCols * n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* t = table.data_ptr<int64_t>();
+  int64_t chunks = 0;
+  bool aligned = true;
+  const int64_t gsize = static_cast<int64_t>(c10::elementSize(grads[0].scalar_type()));
+  for (int i = 0; i < n; ++i) {
+    gs.push_back(grads[i].contiguous());
+    const int64_t numel = scores[i].numel();
+    t[i] = reinterpret_cast<int64_t>(scores[i].data_ptr<float>());
+    t[n + i] = reinterpret_cast<int64_t>(gs[i].data_ptr());
+    t[2 * n + i] = reinterpret_cast<int64_t>(exp_avg[i].data_ptr<float>());
+    t[3 * n + i] = reinterpret_cast<int64_t>(exp_avg_sq[i].data_ptr<float>());
+    t[4 * n + i] = numel;
+    t[5 * n + i] = chunks;
+    const float ib1 = static_cast<float>(inv_bias1[i]), ib2 = static_cast<float>(inv_bias2[i]);
+    uint32_t b1bits = 0, b2bits = 0;
+    std::memcpy(&b1bits, &ib1, sizeof b1bits);
+    std::memcpy(&b2bits, &ib2, sizeof b2bits);
+    t[6 * n + i] = static_cast<int64_t>((static_cast<uint64_t>(b2bits) << 32) | b1bits);
+    chunks += (numel + kChunk - 1) / kChunk;
+    aligned = aligned && t[i] % 16 == 0 && t[2 * n + i] % 16 == 0 && t[3 * n + i] % 16 == 0 &&
+              t[n + i] % (4 * gsize) == 0;
+  }
+  if (chunks == 0) return;
+  const at::Tensor dtable = table.to(counts.device(), /*non_blocking=*/true);
+  const int blocks = static_cast<int>(std::min<int64_t>(chunks, static_cast<int64_t>(sm_count()) * 8));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const AdamConsts k = adam_consts(beta1, beta2, eps);
+  dispatch_serving_dtype(gs[0].scalar_type(), op, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    if (aligned) {
+      multi_score_adam_update_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(
+          dtable.data_ptr<int64_t>(), n, chunks, static_cast<float>(lr), k, gamma.data_ptr<float>(),
+          active.data_ptr<float>(), recovery, counts.data_ptr<int64_t>());
+    } else {
+      multi_score_adam_update_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(
+          dtable.data_ptr<int64_t>(), n, chunks, static_cast<float>(lr), k, gamma.data_ptr<float>(),
+          active.data_ptr<float>(), recovery, counts.data_ptr<int64_t>());
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 }  // namespace abp
 
@@ -214,4 +345,5 @@ TORCH_LIBRARY_IMPL(abp_C, CUDA, m) {
   m.impl("pack_positive", &abp::pack_positive_cuda);
   m.impl("unpack_mask", &abp::unpack_mask_cuda);
   m.impl("multi_score_update_", &abp::multi_score_update_cuda);
+  m.impl("multi_score_adam_update_", &abp::multi_score_adam_update_cuda);
 }

@@ -128,6 +128,122 @@ def test_multi_score_update_errors():
         C.multi_score_update_(s, g * 2, 0.1, gamma, act, True, counts)
 
 
+# --------------------------------------------------------------------------- Adam score update
+
+ADAM_SHAPES = [(0,), (1,), (7,), (16385,), (13, 37), (3, 1025)]
+ADAM_STEPS = [1, 2, 7, 1000, 3, 40]  # each tensor its own step count
+
+
+def make_adam_args(grad_dtype, seed, device="cpu", shapes=ADAM_SHAPES, steps=ADAM_STEPS, betas=(0.9, 0.999)):
+    """scores, grads, moments (as after earlier steps: v ≥ 0) and the per-tensor bias corrections."""
+    scores, grads = make_update_args(grad_dtype, seed, device, shapes)
+    g = gen(seed + 100)
+    # gradients over many decades (MiniLM's span 1e-10 … 1e-5), moments of the same sizes
+    scale = [10.0 ** torch.randint(-10, -2, shape, generator=g) for shape in shapes]
+    grads = [(gr.float().cpu() * sc).to(grad_dtype).to(device) for gr, sc in zip(grads, scale)]
+    exp_avg = [(torch.randn(shape, generator=g) * sc).to(device) for shape, sc in zip(shapes, scale)]
+    exp_avg_sq = [(torch.rand(shape, generator=g) * sc * sc).to(device) for shape, sc in zip(shapes, scale)]
+    inv1 = [1 / (1 - betas[0] ** t) for t in steps[: len(shapes)]]
+    inv2 = [1 / (1 - betas[1] ** t) for t in steps[: len(shapes)]]
+    return scores, grads, exp_avg, exp_avg_sq, inv1, inv2
+
+
+def clone_all(*lists):
+    return [[t.clone() for t in ts] for ts in lists]
+
+
+@pytest.mark.parametrize("recovery", [True, False])
+@pytest.mark.parametrize("active", [0.0, 1.0])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_multi_score_adam_update_matches_reference(recovery, active, grad_dtype):
+    """Bit for bit: moments, scores and counts; the moments move even when active = 0."""
+    scores, grads, m, v, inv1, inv2 = make_adam_args(grad_dtype, seed=int(recovery) + 2 * int(active))
+    want_s, want_m, want_v = clone_all(scores, m, v)
+    m0 = [t.clone() for t in m]
+    gamma, act = torch.tensor(3e-4), torch.tensor(active)
+    counts = torch.full((len(scores),), 12345, dtype=torch.int64)  # poisoned: must be overwritten
+    want_counts = torch.zeros_like(counts)
+    reference.multi_score_adam_update_(want_s, grads, want_m, want_v, inv1, inv2, 1e-3, 0.9, 0.999, 1e-12, gamma, act,
+                                       recovery, want_counts)
+    C.multi_score_adam_update_(scores, grads, m, v, inv1, inv2, 1e-3, 0.9, 0.999, 1e-12, gamma, act, recovery, counts)
+    for got, want in zip(scores + m + v, want_s + want_m + want_v):
+        assert torch.equal(got, want)
+    assert torch.equal(counts, want_counts)
+    assert all(not torch.equal(a, b) for a, b in zip(m, m0) if a.numel())  # moments moved
+    if active == 0.0:
+        assert torch.equal(counts, torch.tensor([int((s <= 0).sum()) for s in scores]))
+
+
+def test_multi_score_adam_update_steps_like_adam_repeatedly():
+    """Several steps from zero moments with eps = 0 and other betas: still the reference's bits."""
+    shapes = [(5, 9), (16385,)]
+    scores, _ = make_update_args(torch.float32, seed=7, shapes=shapes)
+    ref_s = [s.clone() for s in scores]
+    m, v = [torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes]
+    ref_m, ref_v = clone_all(m, v)
+    g = gen(8)
+    for t in range(1, 6):
+        grads = [torch.randn(s, generator=g) * 1e-4 for s in shapes]
+        inv1, inv2 = [1 / (1 - 0.8 ** t)] * 2, [1 / (1 - 0.99 ** t)] * 2
+        args = (inv1, inv2, 1e-2, 0.8, 0.99, 0.0, torch.tensor(1e-4), torch.tensor(1.0), True)
+        counts, want = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+        C.multi_score_adam_update_(scores, grads, m, v, *args, counts)
+        reference.multi_score_adam_update_(ref_s, grads, ref_m, ref_v, *args, want)
+        assert torch.equal(counts, want)
+    for got, want in zip(scores + m + v, ref_s + ref_m + ref_v):
+        assert torch.equal(got, want)
+
+
+def test_multi_score_adam_update_errors():
+    def args(**kw):
+        a = dict(scores=[torch.zeros(4)], grads=[torch.zeros(4)], exp_avg=[torch.zeros(4)], exp_avg_sq=[torch.zeros(4)],
+                 inv_bias1=[10.0], inv_bias2=[1000.0], lr=0.1, beta1=0.9, beta2=0.999, eps=1e-12,
+                 gamma=torch.tensor(0.0), active=torch.tensor(1.0), recovery=True,
+                 counts=torch.zeros(1, dtype=torch.int64))
+        a.update(kw)
+        return tuple(a.values())
+
+    op = C.multi_score_adam_update_
+    with pytest.raises(RuntimeError, match=r"got 1 `scores` but 2 `exp_avg`, 1 `exp_avg_sq`, 1 `inv_bias1` and 1"):
+        op(*args(exp_avg=[torch.zeros(4)] * 2))
+    with pytest.raises(RuntimeError, match=r"but 1 `exp_avg`, 1 `exp_avg_sq`, 0 `inv_bias1` and 1 `inv_bias2`"):
+        op(*args(inv_bias1=[]))
+    with pytest.raises(RuntimeError, match="multi_score_adam_update_: got 1 `scores` but 2 `grads`"):
+        op(*args(grads=[torch.zeros(4)] * 2))
+    with pytest.raises(RuntimeError, match=r"`exp_avg_sq\[0\]` must be float32, got Half"):
+        op(*args(exp_avg_sq=[torch.zeros(4, dtype=torch.float16)]))
+    with pytest.raises(RuntimeError, match=r"`exp_avg\[0\]` has shape \[2, 2\] but `scores\[0\]` has shape \[4\]"):
+        op(*args(exp_avg=[torch.zeros(2, 2)]))
+    with pytest.raises(RuntimeError, match=r"`exp_avg\[0\]` must be contiguous"):
+        op(*args(scores=[torch.zeros(2, 3)], grads=[torch.zeros(2, 3)], exp_avg=[torch.zeros(3, 2).t()],
+                 exp_avg_sq=[torch.zeros(2, 3)]))
+    with pytest.raises(RuntimeError, match=r"multi_score_adam_update_: `scores\[0\]` must be contiguous"):
+        op(*args(scores=[torch.zeros(3, 2).t()], grads=[torch.zeros(2, 3)], exp_avg=[torch.zeros(2, 3)],
+                 exp_avg_sq=[torch.zeros(2, 3)]))
+    with pytest.raises(RuntimeError, match=r"`scores\[0\]` must be float32"):
+        op(*args(scores=[torch.zeros(4, dtype=torch.float64)]))
+    with pytest.raises(RuntimeError, match=r"`grads\[0\]` must be float32, float16 or bfloat16, got Double"):
+        op(*args(grads=[torch.zeros(4, dtype=torch.float64)]))
+    with pytest.raises(RuntimeError, match="`gamma` must be a 0-d float32"):
+        op(*args(gamma=torch.tensor([0.0])))
+    with pytest.raises(RuntimeError, match="`counts` must be a contiguous int64 tensor of shape"):
+        op(*args(counts=torch.zeros(1, dtype=torch.int32)))
+    with pytest.raises(RuntimeError, match=r"`inv_bias1\[0\]` and `inv_bias2\[0\]` must be finite and >= 1"):
+        op(*args(inv_bias2=[0.5]))
+    with pytest.raises(RuntimeError, match=r"`beta1` and `beta2` must be in \[0, 1\)"):
+        op(*args(beta2=1.0))
+    with pytest.raises(RuntimeError, match="`eps` must be >= 0"):
+        op(*args(eps=-1.0))
+    # a grad that is not contiguous is read as it is (it is not written)
+    g = torch.randn(3, 2).t()
+    s, m, v, c = [torch.ones(2, 3)], [torch.zeros(2, 3)], [torch.zeros(2, 3)], torch.zeros(1, dtype=torch.int64)
+    ref = clone_all(s, m, v)
+    op(*args(scores=s, grads=[g], exp_avg=m, exp_avg_sq=v, counts=c))
+    reference.multi_score_adam_update_(ref[0], [g.contiguous()], ref[1], ref[2], *args()[4:13],
+                                       torch.zeros(1, dtype=torch.int64))
+    assert all(torch.equal(a, b) for a, b in zip(s + m + v, ref[0] + ref[1] + ref[2]))
+
+
 # --------------------------------------------------------------------------- 1-bit-mask serving
 
 def check_close(got, want64, torch_out, x, w, name):
@@ -226,6 +342,11 @@ def opcheck_cases(device) -> dict:
         "multi_score_update_": (C.multi_score_update_.default,
                                 (scores, grads, 0.1, torch.tensor(1e-3, **f32), torch.tensor(1.0, **f32), False,
                                  torch.zeros(2, dtype=torch.int64, device=device))),
+        "multi_score_adam_update_": (C.multi_score_adam_update_.default,
+                                     (*make_adam_args(torch.float32, seed=4, device=device, shapes=[(4, 6), (9,)],
+                                                      steps=[1, 5]),
+                                      0.1, 0.9, 0.999, 1e-12, torch.tensor(1e-3, **f32), torch.tensor(1.0, **f32),
+                                      False, torch.zeros(2, dtype=torch.int64, device=device))),
         "bitmask_linear": (C.bitmask_linear.default, (x, w, packed, b)),
         "bitmask_linear/no bias": (C.bitmask_linear.default, (x, w, packed, None)),
         "multi_bitmask_linear": (C.multi_bitmask_linear.default,
@@ -233,8 +354,8 @@ def opcheck_cases(device) -> dict:
     }
 
 
-OPCHECK_CASES = ("pack_mask", "pack_positive", "unpack_mask", "multi_score_update_", "bitmask_linear", "bitmask_linear/no bias",
-                 "multi_bitmask_linear")
+OPCHECK_CASES = ("pack_mask", "pack_positive", "unpack_mask", "multi_score_update_", "multi_score_adam_update_",
+                 "bitmask_linear", "bitmask_linear/no bias", "multi_bitmask_linear")
 
 
 def test_opcheck_covers_every_op():
@@ -351,6 +472,40 @@ def test_cuda_multi_score_update(recovery, grad_dtype):
     reference.multi_score_update_([s_ref], [g], 0.1, gam, one, recovery, want)
     C.multi_score_update_([s], [g], 0.1, gam, one, recovery, counts)
     assert torch.equal(s, s_ref) and torch.equal(counts, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recovery", [True, False])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_multi_score_adam_update(recovery, grad_dtype):
+    """The CUDA kernel against the reference on CUDA (torch's CUDA sqrt is correctly rounded, as __fsqrt_rn)."""
+    needs_cuda_ops()
+    shapes = ADAM_SHAPES + [(768, 3072), (4096, 11008), (3, 16385)]  # many chunks, odd tails
+    steps = ADAM_STEPS + [2, 9, 1]
+    for active in (1.0, 0.0):
+        scores, grads, m, v, inv1, inv2 = make_adam_args(grad_dtype, seed=5, device="cuda", shapes=shapes, steps=steps)
+        want_s, want_m, want_v = clone_all(scores, m, v)
+        gamma, act = torch.tensor(3e-4, device="cuda"), torch.tensor(active, device="cuda")
+        counts = torch.full((len(scores),), 777, dtype=torch.int64, device="cuda")
+        want = torch.zeros_like(counts)
+        reference.multi_score_adam_update_(want_s, grads, want_m, want_v, inv1, inv2, 1e-3, 0.9, 0.999, 1e-12, gamma,
+                                           act, recovery, want)
+        C.multi_score_adam_update_(scores, grads, m, v, inv1, inv2, 1e-3, 0.9, 0.999, 1e-12, gamma, act, recovery,
+                                   counts)
+        for got, exp in zip(scores + m + v, want_s + want_m + want_v):
+            assert torch.equal(got, exp)
+        assert torch.equal(counts, want)
+    # misaligned score / moment tensors (offset views): the scalar path of the kernel
+    bufs = [torch.rand(1001, device="cuda") * 1e-6 for _ in range(3)]
+    s, m, v = [[b[1:]] for b in bufs]
+    ref = clone_all(s, m, v)
+    g = [torch.randn(1000, device="cuda").to(grad_dtype) * 1e-5]
+    counts, want = torch.zeros(1, dtype=torch.int64, device="cuda"), torch.zeros(1, dtype=torch.int64, device="cuda")
+    one, gam = torch.tensor(1.0, device="cuda"), torch.tensor(1e-3, device="cuda")
+    reference.multi_score_adam_update_(ref[0], g, ref[1], ref[2], [2.0], [30.0], 0.1, 0.9, 0.999, 1e-12, gam, one,
+                                       recovery, want)
+    C.multi_score_adam_update_(s, g, m, v, [2.0], [30.0], 0.1, 0.9, 0.999, 1e-12, gam, one, recovery, counts)
+    assert all(torch.equal(a, b) for a, b in zip(s + m + v, ref[0] + ref[1] + ref[2])) and torch.equal(counts, want)
 
 
 @pytest.mark.gpu

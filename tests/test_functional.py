@@ -223,6 +223,11 @@ def _opcheck_cases() -> dict:
         "multi_score_update_": (ops.multi_score_update_.default,
                                 ([s.clone(), bs.clone()], [s, bs], 0.1, f32(1e-3), f32(1.0), False,
                                  torch.zeros(2, dtype=torch.int64), "reference")),
+        "multi_score_adam_update_": (ops.multi_score_adam_update_.default,
+                                     ([s.clone(), bs.clone()], [s, bs], [s * 0.1, bs * 0.1], [s * s, bs * bs],
+                                      [10.0, 1.0 / (1 - 0.9 ** 2)], [1000.0, 1.0 / (1 - 0.999 ** 2)], 0.1, 0.9, 0.999,
+                                      1e-12, f32(1e-3), f32(1.0), False, torch.zeros(2, dtype=torch.int64),
+                                      "reference")),
         "pack_mask": (ops.pack_mask.default, (mask, "reference")),
         "pack_positive": (ops.pack_positive.default, (s, "reference")),
         "unpack_mask": (ops.unpack_mask.default, (packed, mask.numel(), "reference")),
@@ -231,6 +236,21 @@ def _opcheck_cases() -> dict:
                                  (x, w, torch.stack([packed, abp.pack_mask(~mask)]), torch.tensor([0, 1, 1, 0, 1]), b,
                                   "reference")),
     }
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (7,), (3, 40000)])
+def test_sqrt_rn_is_the_correctly_rounded_root(shape):
+    """The reference's fp32 root (Adam's denominator) is IEEE's, which numpy's is: torch.sqrt on CPU may be an ulp
+    off (see reference.sqrt_rn), the compiled ops are not."""
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.rand(shape, generator=g) * 10.0 ** torch.randint(-30, 30, shape, generator=g)
+    want = np.sqrt(x.numpy())
+    assert np.array_equal(R.sqrt_rn(x).numpy(), want)
+    if x.dim() == 2:
+        assert np.array_equal(R.sqrt_rn(x.t()).numpy(), want.T)  # a strided input
+    y = x.clone()
+    assert R.sqrt_rn(y, out=y) is y and np.array_equal(y.numpy(), want)  # in place
 
 
 def test_opcheck_covers_every_op():

@@ -90,6 +90,56 @@ def test_adam_step_equals_torch_adam_plus_the_gamma_push():
     assert opt.counts.tolist() == [int((s <= 0).sum()) for s in opt.scores]
 
 
+@pytest.mark.parametrize("path", ["auto", "reference", "eager"])
+def test_adam_steps_equal_the_eager_op_sequence_bit_for_bit(path):
+    """The default score optimiser steps through abp::multi_score_adam_update_ (Adam's moments and the score step in
+    one pass). After several steps in which some tensors take no part (each keeps its own step count), its scores,
+    moments and counts are, bit for bit, those of Adam's eager op sequence written out here followed by the SGD
+    score step; so are those of the eager path (``_adam_directions``, which the per-tensor variants take)."""
+    from abp import _ext, _ops, reference
+
+    m = _tiny_bert(score_init_mode="magnitude")
+    b1, b2, lr, gamma, eps = 0.9, 0.999, 1e-3, 3e-4, 1e-12
+    opt = ScoreOptimizer(m, lr=lr, target_sparsity=0.95, prune_steps=50, gamma=gamma, optimizer="adam", eps=eps,
+                         recovery=False, backend=None if path == "auto" else "reference")
+    ref = [s.detach().clone() for s in opt.scores]
+    mom = [(torch.zeros_like(r), torch.zeros_like(r)) for r in ref]
+    steps = [0] * len(ref)
+    gam, one = torch.tensor(gamma), torch.tensor(1.0)
+    g = torch.Generator().manual_seed(3)
+    for k in range(5):
+        live = [i for i in range(len(ref)) if (i + k) % 3]
+        grads = {i: torch.randn(ref[i].shape, generator=g) * 10.0 ** torch.randint(-9, -2, ref[i].shape, generator=g)
+                 for i in live}
+        for i, s in enumerate(opt.scores):
+            s.grad = grads[i].clone() if i in grads else None
+        if path == "eager":
+            with torch.no_grad():
+                dirs = opt._adam_directions(live, [grads[i] for i in live])
+                counts = torch.zeros(len(live), dtype=torch.int64)
+                _ops.multi_score_update_([opt.scores[i] for i in live], dirs, lr, opt.gamma, opt.active, False, counts,
+                                         "")
+            for s in opt.scores:
+                s.grad = None
+        else:
+            opt.step()
+        for i in live:
+            mi, vi = mom[i]
+            steps[i] += 1
+            gi = grads[i]
+            mi.mul_(b1).add_(gi * (1 - b1))
+            vi.mul_(b2).add_((gi * gi) * (1 - b2))
+            denom = reference.sqrt_rn(vi * (1 / (1 - b2 ** steps[i]))).add_(eps)
+            reference.score_update_(ref[i], (mi * (1 / (1 - b1 ** steps[i]))).div_(denom), lr, gam, one, False)
+    assert opt.moment_steps == steps and min(steps) < max(steps)
+    for s, r, (mo, vo), (mr, vr) in zip(opt.scores, ref, opt.moments, mom):
+        assert torch.equal(s.detach(), r) and torch.equal(mo, mr) and torch.equal(vo, vr)
+    if path != "eager":
+        assert opt.counts.tolist() == [int((r <= 0).sum()) for r in ref]
+        assert abp.last_backend("multi_score_adam_update_") == ("reference" if path == "reference" else
+                                                                "cpp" if _ext.available() else "reference")
+
+
 def test_adam_tensor_step_equals_a_hand_written_oracle():
     """adam_tensor: Adam's first moment per score, one second moment per tensor (its mean square gradient)."""
     m = _tiny_bert(score_init_mode="magnitude")

@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from abp import _ops
 from abp.functional import ScoreSGD
 from abp.train.score_optim import FusedUpdateError, ScoreOptimizer
 
@@ -263,11 +262,7 @@ class ShardedScoreOptimizer(ScoreOptimizer):
         if live:
             scores = [self.scores[i] for i in live]
             counts = torch.empty(len(live), dtype=torch.int64, device=self.counts.device)
-            grads = [local_shard(s.grad) for s in scores]
-            if self.optimizer != "sgd":
-                grads = self._adam_directions(live, grads)
-            _ops.multi_score_update_([local_shard(s) for s in scores], grads, self.lr,
-                                     self.gamma, self.active, self.recovery, counts, self.backend)
+            self._update(live, [local_shard(s) for s in scores], [local_shard(s.grad) for s in scores], counts)
             dist.all_reduce(counts)  # per-tensor θ ≤ 0 over all shards: the same global counts on every rank
             self.counts[torch.tensor(live, device=counts.device)] = counts
             for s in scores:

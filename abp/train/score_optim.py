@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from abp import _ops
+from abp import _ops, reference
 from abp.functional import ScoreSGD
 from abp.nn import MaskedLinear
 from abp.patch import masked_modules, shared_weights
@@ -195,11 +195,7 @@ class ScoreOptimizer:
             scores = [self.scores[i] for i in live]
             counts = self.counts if len(live) == len(self.scores) else torch.empty(len(live), dtype=torch.int64,
                                                                                       device=self.counts.device)
-            grads = [s.grad for s in scores]
-            if self.optimizer != "sgd":
-                grads = self._adam_directions(live, grads)
-            _ops.multi_score_update_(scores, grads, self.lr, self.gamma, self.active,
-                                     self.recovery, counts, self.backend)
+            self._update(live, scores, [s.grad for s in scores], counts)
             if counts is not self.counts:
                 self.counts[torch.tensor(live, device=counts.device)] = counts
             for s in scores:
@@ -224,29 +220,48 @@ class ScoreOptimizer:
             return torch.zeros((), dtype=torch.float32, device=s.device)
         return torch.zeros_like(s)
 
+    def _update(self, live: list[int], scores: list[torch.Tensor], grads: list[torch.Tensor],
+                counts: torch.Tensor) -> None:
+        """One step of the live tensors ``scores`` (``counts`` ← their θ ≤ 0): SGD and Adam each in one multi-tensor
+        op (Adam's moments and the score step in one pass); the variants with per-tensor statistics compute their
+        directions in eager torch first."""
+        if self.optimizer == "adam":
+            b1, b2 = self.betas
+            inv1, inv2 = zip(*(self._inv_bias(i) for i in live))
+            _ops.multi_score_adam_update_(scores, grads, [self.moments[i][0] for i in live],
+                                          [self.moments[i][1] for i in live], list(inv1), list(inv2), self.lr, b1, b2,
+                                          self.eps, self.gamma, self.active, self.recovery, counts, self.backend)
+            return
+        if self.optimizer != "sgd":
+            grads = self._adam_directions(live, grads)
+        _ops.multi_score_update_(scores, grads, self.lr, self.gamma, self.active, self.recovery, counts, self.backend)
+
+    def _inv_bias(self, i: int) -> tuple[float, float]:
+        """Count one more Adam step of tensor ``i``; its bias corrections ``1/(1−β1^t)``, ``1/(1−β2^t)``."""
+        self.moment_steps[i] += 1
+        t = self.moment_steps[i]
+        return 1 / (1 - self.betas[0] ** t), 1 / (1 - self.betas[1] ** t)
+
     def _adam_directions(self, live: list[int], grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Adam's bias-corrected ``m̂ / (√v̂ + ε)`` for the live tensors (their moments updated in place); with
-        ``adam_tensor``, ``v`` is the running mean square of the whole tensor's gradient; with ``adam_floor``, ``v̂``
-        is floored at its tensor's mean ``v̂``, with ``adam_ceiling`` capped there."""
+        """Adam's bias-corrected ``m̂ / (√v̂ + ε)`` for the live tensors (their moments updated in place), in the op
+        order of :func:`abp.reference.adam_direction_`; with ``adam_tensor``, ``v`` is the running mean square of the
+        whole tensor's gradient; with ``adam_floor``, ``v̂`` is floored at its tensor's mean ``v̂``, with
+        ``adam_ceiling`` capped there."""
         b1, b2 = self.betas
         out = []
         for i, g in zip(live, grads):
             m, v = self.moments[i]
+            inv1, inv2 = self._inv_bias(i)
             g = g.float()
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            if v.dim():
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            else:
-                v.mul_(b2).add_(g.square().mean(), alpha=1 - b2)
-            self.moment_steps[i] += 1
-            t = self.moment_steps[i]
-            vhat = v / (1 - b2 ** t)
+            tmp = g * (1 - b1)  # one scratch tensor per score tensor (fresh large tensors cost page faults on CPU)
+            m.mul_(b1).add_(tmp)
+            v.mul_(b2).add_(torch.mul(g, g, out=tmp).mul_(1 - b2) if v.dim() else g.square().mean() * (1 - b2))
+            vhat = v * inv2
             if self.optimizer == "adam_floor":
-                vhat = torch.maximum(vhat, vhat.mean())
+                vhat = torch.maximum(vhat, vhat.mean(), out=vhat)
             elif self.optimizer == "adam_ceiling":
-                vhat = torch.minimum(vhat, vhat.mean())
-            denom = vhat.sqrt_().add_(self.eps)
-            out.append(m / (1 - b1 ** t) / denom)
+                vhat = torch.minimum(vhat, vhat.mean(), out=vhat)
+            out.append(torch.mul(m, inv1, out=tmp).div_(reference.sqrt_rn(vhat, out=vhat).add_(self.eps)))
         return out
 
     def sparsity(self) -> float:
