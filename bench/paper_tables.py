@@ -24,6 +24,7 @@ ROWS = [
     ("abp_uniform_adam", "ABP, uniform θ0 + Adam"),
     ("abp_usage", "ABP default + unused token rows first"),
     ("abp_hard", "ABP default with the hard mask 1[θ>0] in the forward (t_l → ∞)"),
+    ("abp_cubic", "ABP default with the sparsity ramped on a cubic schedule"),
     ("abp_paper", "ABP with the paper's α, β, γ, θ0"),
     ("random", "random mask (head trained)"),
     ("mp", "magnitude pruning (Zhu & Gupta, mask on the original weights)"),

@@ -601,6 +601,23 @@ def test_a_variant_with_the_defaults_settings_reuses_the_defaults_run(grid):
     assert all("reused_from" not in res[m] for m in others)
 
 
+def test_every_variant_setting_is_in_the_budget():
+    """A run is reused only where its budget matches, so every ABPConfig field a variant sets must show in it:
+    variants whose resolved settings differ have different budgets (else one would adopt the other's runs)."""
+    import dataclasses
+
+    from abp.experiments.methods import ABP_VARIANTS
+    from abp.train.config import ABPConfig
+
+    exp = ExperimentConfig(max_steps=40)
+    resolved = {m: dataclasses.asdict(ABPConfig(**{"head_lr": exp.head_lr, **over})) for m, over in ABP_VARIANTS.items()}
+    for a in ABP_VARIANTS:
+        for b in ABP_VARIANTS:
+            if a < b and resolved[a] != resolved[b]:
+                diff = sorted(k for k in resolved[a] if resolved[a][k] != resolved[b][k])
+                assert exp.budget(a) != exp.budget(b), f"{a} and {b} differ in {diff} but share a budget"
+
+
 def test_paper_probe_runs_on_the_grid(grid, tiny_model_dir, tiny_glue, tmp_path):
     """bench/paper_probe.py: loads the grid's feature-extraction head, prunes by each rule, writes its JSON."""
     import importlib.util

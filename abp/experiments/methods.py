@@ -54,7 +54,7 @@ ABP_SETTINGS = ("score_init_mode", "score_optimizer", "score_lr_ratio", "score_l
                 "warmup_fraction", "prune_fraction", "score_init", "score_init_spread", "score_init_std")
 # Settings recorded only where a run moves them from their neutral value (so earlier budgets stay valid). t_l's is
 # σ(1e5·θ), the forward of every run recorded before the hard mask became the default: a budget without t_l ran it.
-ABP_OPTIONAL_SETTINGS = {"unused_token_scale": 1.0, "t_l": 1e5}
+ABP_OPTIONAL_SETTINGS = {"unused_token_scale": 1.0, "t_l": 1e5, "schedule": "linear"}
 SOFT = {"t_l": 1e5}  # the forward σ(1e5·θ) of the paper, pinned (see ABP_OPTIONAL_SETTINGS)
 ABP_VARIANTS: dict[str, dict] = {
     "abp": {},
@@ -79,6 +79,8 @@ ABP_VARIANTS: dict[str, dict] = {
     # the hard mask 1[θ>0] in the forward (t_l → ∞): the default since this row measured it against the σ(1e5·θ)
     # rows of `abp`, which were recorded before (their budgets have no t_l); new `abp` cells take these runs over
     "abp_hard": {"t_l": None},
+    # the default with the controller's target ramped on Zhu & Gupta's cubic (fast early, slow near the target)
+    "abp_cubic": {"schedule": "cubic"},
 }
 METHODS = (*ABP_VARIANTS, "random", "mp", "imp", "wanda", "feature_extraction", "finetune",
            "abp_shuffled", "abp_reinit", "abp_norecovery")
