@@ -16,7 +16,8 @@ from typing import Any, Optional
 import torch
 
 from abp.train.checkpoint import (CheckpointError, _flatten_optimizer, _unflatten_optimizer, assemble_or_refuse,
-                                  read_tensor_file, rng_state_tensors, rng_states, verify_digest, write_signed)
+                                  parsed_meta, read_tensor_file, rng_state_tensors, rng_states, verify_digest,
+                                  with_prefix, write_signed)
 
 FORMAT = "abp-finetune-checkpoint"
 FORMAT_VERSION = "1"
@@ -64,13 +65,8 @@ def load_finetune_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _assemble(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, Any]:
-    def parsed(key: str, kind: type) -> Any:
-        value = json.loads(meta[key])
-        if not isinstance(value, kind):
-            raise TypeError(f"{key} is a {type(value).__name__}, not a {kind.__name__}")
-        return value
-
-    pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    parsed = lambda key, kind: parsed_meta(meta, key, kind)  # noqa: E731
+    pick = lambda prefix: with_prefix(tensors, prefix)  # noqa: E731
     step = int(meta["step"])
     losses = tensors["losses"]
     if losses.dtype != torch.float64 or losses.dim() != 1 or losses.numel() != step or step < 0:

@@ -173,15 +173,23 @@ def restore_rng_states(rng: dict[str, Optional[torch.Tensor]]) -> None:
         torch.cuda.set_rng_state(rng["cuda"])
 
 
+def parsed_meta(meta: dict[str, str], key: str, kind: type) -> Any:
+    """The JSON metadata entry ``key``, which must parse to a ``kind`` (a wrong type raises ``TypeError``)."""
+    value = json.loads(meta[key])
+    if not isinstance(value, kind):
+        raise TypeError(f"{key} is a {type(value).__name__}, not a {kind.__name__}")
+    return value
+
+
+def with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with ``prefix``, keyed by the rest of the name."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def _assemble(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's parts, each checked for the type a resume needs (a wrong one raises)."""
-    def parsed(key: str, kind: type) -> Any:
-        value = json.loads(meta[key])
-        if not isinstance(value, kind):
-            raise TypeError(f"{key} is a {type(value).__name__}, not a {kind.__name__}")
-        return value
-
-    pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    parsed = lambda key, kind: parsed_meta(meta, key, kind)  # noqa: E731
+    pick = lambda prefix: with_prefix(tensors, prefix)  # noqa: E731
     so = pick("score_optim/")
     for k in ("gamma", "active", "pruned"):
         if so[k].numel() != 1:
