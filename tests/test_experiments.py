@@ -601,6 +601,28 @@ def test_a_variant_with_the_defaults_settings_reuses_the_defaults_run(grid):
     assert all("reused_from" not in res[m] for m in others)
 
 
+def test_report_shows_the_pinned_default_once_and_names_neutral_settings():
+    """``abp`` adopting the pinned variant's runs: the report's tables and figures show them once (as ``abp``), and a
+    variant whose budget leaves an optional setting out is listed with that setting's neutral value."""
+    from abp.experiments.report import _abp_settings_text, copies_of_default
+
+    exp = ExperimentConfig(max_steps=40)
+
+    def run(method, seed, reused=None):
+        r = {"method": method, "sparsity": 0.5, "seed": seed, "budget": exp.budget(method),
+             "run_dir": f"/x/{R.RunSpec('sst2', method, 0.5, seed).name}"}
+        return {**r, "reused_from": reused} if reused else r
+
+    pinned = [run("abp_cubic", s) for s in (0, 1)]
+    adopted = [run("abp", s, R.RunSpec("sst2", "abp_cubic", 0.5, s).name) for s in (0, 1)]
+    older = [run("abp_adam", 0)]
+    assert copies_of_default(pinned + adopted + older) == {"abp_cubic"}
+    assert copies_of_default(pinned + adopted[:1] + older) == set()  # seed 1 of abp_cubic is its own
+    text = _abp_settings_text(adopted + pinned + older)
+    assert "`abp_cubic`: as `abp`" in text
+    assert '`abp_adam`: t_l=100000.0, schedule="linear"' in text  # left out of its budget: the neutral values
+
+
 def test_every_variant_setting_is_in_the_budget():
     """A run is reused only where its budget matches, so every ABPConfig field a variant sets must show in it:
     variants whose resolved settings differ have different budgets (else one would adopt the other's runs)."""

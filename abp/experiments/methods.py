@@ -52,35 +52,37 @@ from abp.train.tasks import get_task
 # budget (steps, batch, head lr) applies to all of them except where a variant names its own (abp_paper).
 ABP_SETTINGS = ("score_init_mode", "score_optimizer", "score_lr_ratio", "score_lr", "gamma", "head_lr",
                 "warmup_fraction", "prune_fraction", "score_init", "score_init_spread", "score_init_std")
-# Settings recorded only where a run moves them from their neutral value (so earlier budgets stay valid). t_l's is
-# σ(1e5·θ), the forward of every run recorded before the hard mask became the default: a budget without t_l ran it.
+# Settings recorded only where a run moves them from their neutral value (so earlier budgets stay valid). The neutral
+# values are what every run recorded before the hard mask and the cubic ramp became the default ran: σ(1e5·θ) in the
+# forward and a linear ramp of the controller's target; a budget without t_l or schedule ran them.
 ABP_OPTIONAL_SETTINGS = {"unused_token_scale": 1.0, "t_l": 1e5, "schedule": "linear"}
-SOFT = {"t_l": 1e5}  # the forward σ(1e5·θ) of the paper, pinned (see ABP_OPTIONAL_SETTINGS)
+BEFORE = {"t_l": 1e5, "schedule": "linear"}  # the σ(1e5·θ) forward and the linear ramp, pinned (see above)
 ABP_VARIANTS: dict[str, dict] = {
     "abp": {},
     # the paper's settings at the grid's budget: α = β = 2e-5, γ = 2e-7 fixed, θ0 ~ N(0.01, var 0.001), no warm-up
     # (the grid's batch, steps and head for every method, so only the mask's settings differ)
     "abp_paper": {k: v for k, v in paper_preset("sst2").items()
                   if k not in ("batch_size", "epochs", "t_s", "recovery", "head", "head_pool")},
-    # one choice changed at a time against the default; these rows, like every row recorded before the hard mask
-    # became the default, run the forward σ(1e5·θ) (SOFT), so their recorded budgets and later seeds stay one grid
-    "abp_uniform": {"score_init_mode": "uniform", "score_optimizer": "sgd", **SOFT},  # θ0 ~ 0.01·U(0, 2), plain SGD
-    "abp_magnitude": {"score_init_mode": "magnitude", "score_optimizer": "sgd", **SOFT},  # θ0 ∝ |w|, plain SGD
-    "abp_adam": {"score_init_mode": "magnitude", "score_optimizer": "adam", **SOFT},  # θ0 ∝ |w|, Adam
-    "abp_uniform_adam": {"score_init_mode": "uniform", "score_optimizer": "adam", **SOFT},  # θ0 ~ 0.01·U(0, 2), Adam
+    # one choice changed at a time; these rows, like every row recorded before the hard mask and the cubic ramp
+    # became the default, run the forward σ(1e5·θ) and the linear ramp (BEFORE), so their budgets stay one grid
+    "abp_uniform": {"score_init_mode": "uniform", "score_optimizer": "sgd", **BEFORE},  # θ0 ~ 0.01·U(0, 2), plain SGD
+    "abp_magnitude": {"score_init_mode": "magnitude", "score_optimizer": "sgd", **BEFORE},  # θ0 ∝ |w|, plain SGD
+    # θ0 ∝ |w|, Adam: the default before the hard mask and the cubic ramp (its rows hold the grid's former `abp` rows)
+    "abp_adam": {"score_init_mode": "magnitude", "score_optimizer": "adam", **BEFORE},
+    "abp_uniform_adam": {"score_init_mode": "uniform", "score_optimizer": "adam", **BEFORE},  # θ0 ~ 0.01·U(0, 2), Adam
     # θ0 ∝ |w|, Adam with one second moment per tensor (steps ∝ the gradient inside a tensor)
-    "abp_adam_tensor": {"score_init_mode": "magnitude", "score_optimizer": "adam_tensor", **SOFT},
+    "abp_adam_tensor": {"score_init_mode": "magnitude", "score_optimizer": "adam_tensor", **BEFORE},
     # θ0 ∝ |w|, Adam with each score's second moment floored at its tensor's mean (weak gradients move ∝ their size)
-    "abp_adam_floor": {"score_init_mode": "magnitude", "score_optimizer": "adam_floor", **SOFT},
+    "abp_adam_floor": {"score_init_mode": "magnitude", "score_optimizer": "adam_floor", **BEFORE},
     # θ0 ∝ |w|, Adam with each score's second moment capped at its tensor's mean (strong gradients move ∝ their size)
-    "abp_adam_ceiling": {"score_init_mode": "magnitude", "score_optimizer": "adam_ceiling", **SOFT},
+    "abp_adam_ceiling": {"score_init_mode": "magnitude", "score_optimizer": "adam_ceiling", **BEFORE},
     # θ0 ∝ |w|, Adam, and the embedding rows of tokens absent from the training set first in line (θ0 × 0.01)
-    "abp_usage": {"score_init_mode": "magnitude", "score_optimizer": "adam", "unused_token_scale": 0.01, **SOFT},
-    # the hard mask 1[θ>0] in the forward (t_l → ∞): the default since this row measured it against the σ(1e5·θ)
-    # rows of `abp`, which were recorded before (their budgets have no t_l); new `abp` cells take these runs over
-    "abp_hard": {"t_l": None},
-    # the default with the controller's target ramped on Zhu & Gupta's cubic (fast early, slow near the target)
-    "abp_cubic": {"schedule": "cubic"},
+    "abp_usage": {"score_init_mode": "magnitude", "score_optimizer": "adam", "unused_token_scale": 0.01, **BEFORE},
+    # the hard mask 1[θ>0] in the forward (t_l → ∞), linear ramp: measured against abp_adam's σ(1e5·θ)
+    "abp_hard": {"t_l": None, "schedule": "linear"},
+    # the hard mask and the controller's target ramped on Zhu & Gupta's cubic (fast early, slow near the target):
+    # today's default, pinned, so its rows keep their meaning when the default moves again (`abp` adopts them)
+    "abp_cubic": {"score_init_mode": "magnitude", "score_optimizer": "adam", "t_l": None, "schedule": "cubic"},
 }
 METHODS = (*ABP_VARIANTS, "random", "mp", "imp", "wanda", "feature_extraction", "finetune",
            "abp_shuffled", "abp_reinit", "abp_norecovery")

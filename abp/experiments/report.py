@@ -19,7 +19,7 @@ from typing import Iterable, Optional, Sequence
 
 from abp._atomic import write_text
 from abp.experiments.analysis import COMPONENTS, load_keep_masks, mask_overlap, sparsity_breakdown
-from abp.experiments.methods import ABP_VARIANTS, DENSE_METHODS, LEARNT_METHODS, method_order
+from abp.experiments.methods import ABP_OPTIONAL_SETTINGS, ABP_VARIANTS, DENSE_METHODS, LEARNT_METHODS, method_order
 from abp.experiments.record import collect_results, record_doc
 from abp.train.tasks import get_task
 
@@ -158,7 +158,8 @@ def _budget_text(results: Sequence[dict]) -> str:
 
 def _abp_settings_text(results: Sequence[dict]) -> str:
     """Each Algorithm-1 method's settings as recorded in its runs: ``abp``'s in full, the others where they
-    differ from it (several recorded settings under one name are all listed, never merged)."""
+    differ from it (several recorded settings under one name are all listed, never merged). A setting a budget
+    leaves out is at its neutral value (``ABP_OPTIONAL_SETTINGS``)."""
     seen: dict[str, list[dict]] = defaultdict(list)
     for r in sorted(results, key=lambda r: method_order(r["method"])):
         st = r["budget"].get("abp")
@@ -168,10 +169,24 @@ def _abp_settings_text(results: Sequence[dict]) -> str:
     parts = []
     for method, settings in seen.items():
         for st in settings:
-            shown = st if base is None or method == "abp" else {k: v for k, v in st.items()
-                                                                 if k not in base or base[k] != v}
+            if base is None or method == "abp":
+                shown = st
+            else:
+                full, ref = {**st, **{k: st.get(k, v) for k, v in ABP_OPTIONAL_SETTINGS.items()}}, {**ABP_OPTIONAL_SETTINGS, **base}
+                shown = {k: v for k, v in full.items() if ref.get(k) != v}
             parts.append(f"`{method}`: " + (", ".join(f"{k}={json.dumps(v)}" for k, v in shown.items()) or "as `abp`"))
     return "; ".join(parts)
+
+
+def copies_of_default(results: Sequence[dict]) -> set[str]:
+    """The variants whose every run is the source of an ``abp`` run (``reused_from``): today's default pinned
+    under its own name. Tables and figures show their runs once, as ``abp``'s."""
+    sources = {r["reused_from"] for r in results if r["method"] == "abp" and r.get("reused_from")}
+    names: dict[str, list[str]] = defaultdict(list)
+    for r in results:
+        if r["method"] != "abp" and "run_dir" in r:
+            names[r["method"]].append(Path(r["run_dir"]).name)
+    return {m for m, runs in names.items() if m in ABP_VARIANTS and all(n in sources for n in runs)}
 
 
 def write_report(output: str | Path, *, plots: bool = True) -> list[Path]:
@@ -197,12 +212,13 @@ def write_report(output: str | Path, *, plots: bool = True) -> list[Path]:
             from abp.experiments.plots import plot_metric_vs_sparsity, plot_sparsity_profile
 
             metric = get_task(task).primary_metric
+            hidden = copies_of_default(rs)
             p = output / f"fig2-{task}-{model}.png"
-            plot_metric_vs_sparsity(doc["rows"], metric, p, title=f"{task} / {model}: dev {metric} vs sparsity\n"
+            plot_metric_vs_sparsity([row for row in doc["rows"] if row["method"] not in hidden], metric, p, title=f"{task} / {model}: dev {metric} vs sparsity\n"
                                     f"(mean ± std over seeds; {rs[0]['steps']} steps)")
             written.append(p)
             prof = analysis[f"{task}-{model}"]["profiles"]
-            learnt = {f"{m} s={s}": v for m in LEARNT_METHODS for s, v in sorted(prof.get(m, {}).items())}
+            learnt = {f"{m} s={s}": v for m in LEARNT_METHODS if m not in hidden for s, v in sorted(prof.get(m, {}).items())}
             if learnt:
                 p = output / f"fig3-{task}-{model}.png"
                 plot_sparsity_profile(learnt, p, title=f"{task} / {model}: where the learnt masks prune "
@@ -306,7 +322,8 @@ def render_markdown(output: Path, groups: dict, analysis: dict) -> str:
     for (task, model), rs in groups.items():
         spec = get_task(task)
         sparsities = sorted({r["sparsity"] for r in rs if r["sparsity"] is not None})
-        methods = sorted({r["method"] for r in rs}, key=method_order)
+        hidden = copies_of_default(rs)
+        methods = sorted({r["method"] for r in rs} - hidden, key=method_order)
         for metric in spec.metric_keys():
             lines += [f"## {task} / {model}: dev {metric}", ""]
             body = []
@@ -322,6 +339,9 @@ def render_markdown(output: Path, groups: dict, analysis: dict) -> str:
                 body.append(["mp, its fine-tuned weights (not kept: reference only)", ""] + [
                     _fmt([r["phase1"]["finetuned_metrics"][metric] for r in mp_ft if r["sparsity"] == s]) for s in sparsities])
             lines += _table(["method", "dense"] + [f"s={s:g}" for s in sparsities], body) + [""]
+            if hidden:
+                lines += [", ".join(f"`{m}`" for m in sorted(hidden, key=method_order)) + " (today's default, pinned under "
+                          "its own name) holds exactly the runs of `abp` and is not repeated in this section.", ""]
         lines += _findings_lines(task, model, spec.primary_metric, rs)
         lines += [f"### {task} / {model}: sparsity reached (mean over seeds)", ""]
         body = []
@@ -340,7 +360,7 @@ def render_markdown(output: Path, groups: dict, analysis: dict) -> str:
                       "pruned set with the set that prunes the lowest initial scores θ₀ of each tensor (same counts): 1 = "
                       "the mask is its initialisation's order; runs recorded before it was measured show —.", ""]
             body = []
-            for m in sorted({r["method"] for r in rec}, key=method_order):
+            for m in sorted({r["method"] for r in rec} - hidden, key=method_order):
                 for s in sparsities:
                     mine = [r["recovery"] for r in rec if r["method"] == m and r["sparsity"] == s]
                     if mine:
@@ -353,7 +373,7 @@ def render_markdown(output: Path, groups: dict, analysis: dict) -> str:
             lines += _table(["method", "s", "kept weights that were pruned before", "ever pruned",
                              "pruned set vs θ₀'s lowest (Jaccard [chance])", "complete"], body) + [""]
         prof = analysis[f"{task}-{model}"]["profiles"]
-        learnt = [(m, s) for m in LEARNT_METHODS for s in sorted(prof.get(m, {}))]
+        learnt = [(m, s) for m in LEARNT_METHODS if m not in hidden for s in sorted(prof.get(m, {}))]
         if learnt:
             comps = [c for c in COMPONENTS if any(c in prof[m][s]["components"] for m, s in learnt)]
             lines += [f"### {task} / {model}: where the learnt masks prune (sparsity per component, mean over seeds)", ""]
@@ -365,7 +385,7 @@ def render_markdown(output: Path, groups: dict, analysis: dict) -> str:
                                                                    for l in layers] for m, s in learnt]) + [""]
         ov = analysis[f"{task}-{model}"]["overlaps"]
         baselines = ("random", "mp", "imp", "wanda")
-        pairs = sorted({(o["a"], o["b"]) for o in ov if (o["a"] == "abp" and o["b"] != "abp_shuffled")
+        pairs = sorted({(o["a"], o["b"]) for o in ov if (o["a"] == "abp" and o["b"] != "abp_shuffled" and o["b"] not in hidden)
                         or (o["a"] in baselines and o["b"] in baselines and "random" not in (o["a"], o["b"]))},
                        key=lambda ab: (method_order(ab[0]), method_order(ab[1])))
         if pairs:
@@ -379,7 +399,7 @@ def render_markdown(output: Path, groups: dict, analysis: dict) -> str:
                     row.append(f"{_fmt([o['jaccard_pruned'] for o in mine], 3)} [{statistics.fmean(o['jaccard_random'] for o in mine):.3f}]"
                                if mine else "—")
                 body.append(row)
-            for o_m in sorted({o["method"] for o in analysis[f"{task}-{model}"]["seed_overlaps"]}, key=method_order):
+            for o_m in sorted({o["method"] for o in analysis[f"{task}-{model}"]["seed_overlaps"]} - hidden, key=method_order):
                 row = [f"{o_m}, seed vs seed"]
                 for s in sparsities:
                     mine = [o for o in analysis[f"{task}-{model}"]["seed_overlaps"] if o["method"] == o_m and o["sparsity"] == s]
