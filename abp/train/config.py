@@ -29,8 +29,9 @@ class ABPConfig:
     #   gradients through a random head are noise, and plain SGD would prune on that noise
     prune_fraction: float = 0.5  # share of the steps over which auto-γ ramps to the target, after the warm-up
     schedule: str = "cubic"  # target ramp of the auto-γ controller: cubic (Zhu & Gupta's s·(1−(1−t)³): most pruning
-    #   early, the last weights chosen at nearly the final sparsity) | linear. On the grid (3 seeds) cubic gains +0.9 to
-    #   +4.9 points over linear at 70–99 % sparsity and ties at 20–50 %: bench/results/paper/notes.md
+    #   early, the last weights chosen at nearly the final sparsity) | linear. Cubic gains +0.9 to +4.9 points over
+    #   linear at 70–99 % sparsity on the grid (3 seeds) and costs 0.3–0.6 there at 50 %, 1.4 on the README's SST-2 job
+    #   (600 steps, 0.821 vs 0.835, 3 seeds): at 50 % and below linear is the better pick (bench/results/paper/notes.md)
     t_l: Optional[float] = None  # forward mask: None = the hard mask 1[θ>0] (the paper's output, the limit of its
     #   σ(t_l·θ) at t_l = 1e5; same dev scores on the grid, and what the 1-bit v2 kernels read); a float = σ(t_l·θ)
     t_s: float = 1.0  # surrogate temperature of the backward: ∇θ = ∂L/∂m · t_s·σ'(t_s·θ)
