@@ -64,6 +64,18 @@ def test_unknown_init_mode_is_refused_by_name():
         ABPConfig(score_init_mode="wide").validate()
     with pytest.raises(ValueError, match="score_optimizer"):
         ABPConfig(score_optimizer="lion").validate()
+    with pytest.raises(ValueError, match="schedule must be one of linear, quadratic, cubic, got 'step'"):
+        ABPConfig(schedule="step").validate()
+
+
+@pytest.mark.parametrize("schedule, p", [("linear", 1), ("quadratic", 2), ("cubic", 3)])
+def test_controller_target_follows_the_named_ramp(schedule, p):
+    """s·(1 − (1 − t)^p) over the pruning window, then the target: checked at the window's quarter points."""
+    opt = ScoreOptimizer(_tiny_bert(), lr=0.0, target_sparsity=0.8, prune_steps=8, schedule=schedule)
+    got = [opt.target_at(k) for k in (0, 2, 4, 6, 8, 20)]
+    want = [0.8 * (1 - (1 - t) ** p) for t in (0.0, 0.25, 0.5, 0.75, 1.0, 1.0)]
+    assert got == pytest.approx(want, abs=1e-12)
+    assert all(b >= a for a, b in zip(got, got[1:]))
 
 
 # ------------------------------------------------------------------------------------ Adam on the scores

@@ -83,6 +83,8 @@ ABP_VARIANTS: dict[str, dict] = {
     # the hard mask and the controller's target ramped on Zhu & Gupta's cubic (fast early, slow near the target):
     # today's default, pinned, so its rows keep their meaning when the default moves again (`abp` adopts them)
     "abp_cubic": {"score_init_mode": "magnitude", "score_optimizer": "adam", "t_l": None, "schedule": "cubic"},
+    # today's default with the ramp between the linear and the cubic one, s·(1 − (1 − t)²)
+    "abp_quadratic": {"score_init_mode": "magnitude", "score_optimizer": "adam", "t_l": None, "schedule": "quadratic"},
 }
 METHODS = (*ABP_VARIANTS, "random", "mp", "imp", "wanda", "feature_extraction", "finetune",
            "abp_shuffled", "abp_reinit", "abp_norecovery")

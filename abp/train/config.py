@@ -29,7 +29,7 @@ class ABPConfig:
     #   gradients through a random head are noise, and plain SGD would prune on that noise
     prune_fraction: float = 0.5  # share of the steps over which auto-γ ramps to the target, after the warm-up
     schedule: str = "cubic"  # target ramp of the auto-γ controller: cubic (Zhu & Gupta's s·(1−(1−t)³): most pruning
-    #   early, the last weights chosen at nearly the final sparsity) | linear. Cubic gains +0.9 to +4.9 points over
+    #   early, the last weights chosen at nearly the final sparsity) | quadratic | linear. Cubic gains +0.9 to +4.9 points over
     #   linear at 70–99 % sparsity on the grid (3 seeds) and costs 0.3–0.6 there at 50 %, 1.4 on the README's SST-2 job
     #   (600 steps, 0.821 vs 0.835, 3 seeds): at 50 % and below linear is the better pick (bench/results/paper/notes.md)
     t_l: Optional[float] = None  # forward mask: None = the hard mask 1[θ>0] (the paper's output, the limit of its
@@ -122,8 +122,10 @@ class ABPConfig:
         if self.distributed not in ("auto", "ddp", "fsdp"):
             raise ValueError(f"distributed must be auto, ddp or fsdp, got {self.distributed!r}")
         from abp.nn import SCORE_INIT_MODES
-        from abp.train.score_optim import OPTIMIZERS
+        from abp.train.score_optim import OPTIMIZERS, SCHEDULES
 
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.score_init_mode not in SCORE_INIT_MODES:
             raise ValueError(f"score_init_mode must be one of {', '.join(SCORE_INIT_MODES)}, got {self.score_init_mode!r}")
         if self.score_optimizer not in OPTIMIZERS:

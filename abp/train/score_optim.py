@@ -91,6 +91,11 @@ class FusedUpdateError(RuntimeError):
     """The fused score update would not be exact here."""
 
 
+# The controller's target ramp s·(1 − (1 − t)^p) over the pruning window, by name: p = 1 is a straight line, p = 3
+# Zhu & Gupta's cubic (most of the pruning early, the last weights chosen slowly near the final sparsity).
+SCHEDULES = {"linear": 1, "quadratic": 2, "cubic": 3}
+
+
 class ScoreOptimizer:
     """Owns the scores' SGD step, the γ schedule and the stop rule of Algorithm 1."""
 
@@ -115,8 +120,8 @@ class ScoreOptimizer:
             raise ValueError(f"target sparsity must be in [0, 1), got {target_sparsity}")
         if prune_steps < 1:
             raise ValueError(f"prune_steps must be >= 1, got {prune_steps}")
-        if schedule not in ("linear", "cubic"):
-            raise ValueError(f"schedule must be 'linear' or 'cubic', got {schedule!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"score optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
         if optimizer != "sgd" and fused:
@@ -179,7 +184,7 @@ class ScoreOptimizer:
     def target_at(self, step: int) -> float:
         """The sparsity the auto-γ controller aims at after ``step`` steps."""
         frac = min(1.0, step / self.prune_steps)
-        return self.target * (frac if self.schedule == "linear" else 1.0 - (1.0 - frac) ** 3)
+        return self.target * (1.0 - (1.0 - frac) ** SCHEDULES[self.schedule])
 
     @torch.no_grad()
     def step(self) -> None:
