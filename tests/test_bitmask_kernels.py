@@ -1,14 +1,8 @@
 """abp.kernels' 1-bit-mask matmuls (``bitmask_matmul``, ``bitmask_matmul_dx``, ``multi_bitmask_matmul``)
 against float64 references built with abp.reference, on random data.
 
-Same approach as tests/test_triton_kernels.py. Without CUDA the kernels run in the Triton
-interpreter: ``TRITON_INTERPRET=1`` is set below before abp.kernels (and so triton) is imported.
-If triton was already imported in this process without it, the kernel tests skip and
-``test_interpreter_in_fresh_process`` re-runs this file in a new process with the variable set
-from the start. Accuracy rule: the kernel's max error against the float64 reference is at most
-twice torch's own error in the same dtype plus two ulps (of the output dtype) of the output's
-scale. Every ``torch.empty`` returns NaNs during a test, so an output element a kernel fails to
-write shows up as non-finite.
+Where the kernels run (the Triton interpreter without CUDA), the accuracy rule and the poisoned outputs:
+tests/kernel_cases.py.
 
 The masks are packed with :func:`abp.reference.pack_mask`; sizes 1, 7, 33, 97, 130 put every
 dimension against the interpreter's 32-tiles, and K = 1, 7, 33, 130 are not multiples of 8, so a
@@ -16,83 +10,26 @@ weight row's bits start mid-byte.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import zlib
-from pathlib import Path
-
+import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from abp import reference as R
+from kernel_cases import (CUDA, DEVICE, DTYPES, K, _gen, assert_accurate, f64, needs_fresh_process, needs_kernels,
+                          randn, rerun_in_fresh_process, scores_with_density, shape_id)
 
-import pytest  # noqa: E402
+pytestmark = pytest.mark.usefixtures("poisoned_empty", "one_config_for_small_shapes")
 
-import abp.kernels as K  # noqa: E402
-from abp import reference as R  # noqa: E402
-
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-KERNELS_OK, WHY = K.triton_available(DEVICE)
-needs_kernels = pytest.mark.skipif(not KERNELS_OK, reason=WHY)
-
-# bf16 only on GPU: the interpreter has no bf16 arithmetic.
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 # (M, N, K): then 0 in every role (no tokens, no outputs, no inputs: y is the bias alone).
 SHAPES = [(1, 7, 33), (7, 33, 1), (33, 1, 7), (97, 130, 33), (130, 97, 130), (0, 7, 33), (7, 0, 33), (7, 33, 0)]
-EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 # another device than the kernels', for the device checks
 OTHER_DEVICE = torch.device("cpu" if CUDA else "meta")
 
 
 # ----------------------------------------------------------------------------------------------
-# fixtures and helpers
+# helpers
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    """Every floating ``torch.empty`` is filled with NaN: an element a kernel leaves unwritten shows."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
-@pytest.fixture(autouse=True)
-def one_config_for_small_shapes(request, monkeypatch):
-    """On a GPU, the many small-shape tests use one fixed tile (no autotuning per shape)."""
-    if CUDA and request.node.get_closest_marker("gpu") is None:
-        monkeypatch.setenv("ABP_TRITON_AUTOTUNE", "0")
-
-
-def _gen(*key) -> torch.Generator:
-    """A generator seeded from the test's parameters: random data, reproducible failures."""
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def randn(shape, dtype, gen) -> torch.Tensor:
-    return torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
-
-
-def scores_with_density(shape, density: float, gen) -> torch.Tensor:
-    """fp32 scores, a fraction ``density`` of them > 0, the rest ≤ 0 with about 1/8 exactly 0."""
-    mag = torch.rand(shape, generator=gen) * 2.0 + 0.05
-    pos = torch.rand(shape, generator=gen) < density
-    zero = torch.rand(shape, generator=gen) < 0.125
-    return torch.where(pos, mag, torch.where(zero, torch.zeros(()), -mag)).to(DEVICE)
-
-
 def mask_with_density(shape, density: float, gen) -> torch.Tensor:
     return torch.rand(shape, generator=gen).to(DEVICE) < density
-
-
-def f64(*ts):
-    return [None if t is None else t.double() for t in ts]
 
 
 def masked_dx_f64(dy, w, packed):
@@ -105,22 +42,6 @@ def masked_dx_torch(dy, w, packed):
     """The same in the inputs' dtype: torch's own error, the yardstick of the accuracy rule."""
     m = R.unpack_mask(packed, w.numel()).view_as(w)
     return dy @ (w * m.to(w.dtype))
-
-
-def assert_accurate(out: torch.Tensor, ref: torch.Tensor, torch_out: torch.Tensor, what: str) -> None:
-    """``|out − ref| ≤ 2·|torch_out − ref| + 2 ulps(out.dtype)·max|ref|`` (max over elements)."""
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), f"{what}: non-finite values (an output element left unwritten?)"
-    if out.numel() == 0:
-        return
-    err = (out.double() - ref).abs().max().item()
-    torch_err = (torch_out.double() - ref).abs().max().item()
-    tol = 2 * torch_err + 2 * EPS[out.dtype] * ref.abs().max().item()
-    assert err <= tol, f"{what}: max error {err:.3g} > tol {tol:.3g} (torch's own error {torch_err:.3g})"
-
-
-def shape_id(s):
-    return "x".join(map(str, s))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,18 +257,10 @@ def test_interpreter_refuses_bf16():
         K.bitmask_matmul(x, w, torch.ones(5, dtype=torch.uint8))
 
 
-@pytest.mark.skipif(KERNELS_OK or CUDA, reason="the kernels run in this process")
+@needs_fresh_process
 def test_interpreter_in_fresh_process():
     """triton was imported before TRITON_INTERPRET=1 here: run this file where it is set first."""
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "--import-mode=importlib", "-q", "-p", "no:cacheprovider",
-         str(Path(__file__).resolve())],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout, proc.stdout[-2000:]
+    rerun_in_fresh_process(__file__)
 
 
 # ----------------------------------------------------------------------------------------------

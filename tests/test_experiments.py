@@ -23,41 +23,10 @@ from abp.experiments.recovery import RecoveryTracker
 from abp.experiments.report import write_report
 from abp.train.score_optim import ScoreOptimizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 S = 0.5
 SEED = 0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~8x faster than two fighting for it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_glue(tmp_path_factory):
-    """SST-2 and STS-B in the official GLUE layout (headers by name), made of a few words."""
-    d = tmp_path_factory.mktemp("glue")
-    g = torch.Generator().manual_seed(0)
-    words = ["good", "bad", "fine", "awful", "great", "poor", "movie", "plot", "the", "a"]
-
-    def sentence():
-        return " ".join(words[i] for i in torch.randint(0, len(words), (6,), generator=g).tolist())
-
-    def polarity(s):
-        return sum(w in ("good", "fine", "great") for w in s.split()) - sum(w in ("bad", "awful", "poor") for w in s.split())
-
-    (d / "SST-2").mkdir()
-    (d / "STS-B").mkdir()
-    for split, n in (("train", 96), ("dev", 40)):
-        rows = ["sentence\tlabel"] + [f"{s}\t{int(polarity(s) > 0)}" for s in (sentence() for _ in range(n))]
-        (d / "SST-2" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-        pairs = [(sentence(), sentence()) for _ in range(n)]
-        rows = ["sentence1\tsentence2\tscore"] + [f"{a}\t{b}\t{2.5 + 0.4 * (polarity(a) - polarity(b)):.2f}" for a, b in pairs]
-        (d / "STS-B" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-    return str(d)
 
 
 def _exp(model_dir, glue, **kw):

@@ -19,31 +19,9 @@ from abp.experiments.finetune import FineTuner
 from abp.experiments.finetune_checkpoint import load_finetune_checkpoint
 from abp.train.checkpoint import CheckpointError, read_tensor_file
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS, EVERY = 12, 4  # 5 batches an epoch: the step-8 checkpoint resumes mid-epoch (epoch 1, batch 3)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_sst2(tmp_path_factory):
-    """SST-2 in the GLUE layout: 40 train and 16 dev sentences of a few words."""
-    d = tmp_path_factory.mktemp("glue")
-    g = torch.Generator().manual_seed(1)
-    words = ["good", "bad", "fine", "awful", "great", "poor", "movie", "plot", "the", "a"]
-    (d / "SST-2").mkdir()
-    for split, n in (("train", 40), ("dev", 16)):
-        rows = ["sentence\tlabel"]
-        for _ in range(n):
-            ws = [words[i] for i in torch.randint(0, len(words), (6,), generator=g).tolist()]
-            rows.append(" ".join(ws) + f"\t{int(sum(w in ('good', 'fine', 'great') for w in ws) > 1)}")
-        (d / "SST-2" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-    return str(d)
 
 
 @pytest.fixture(scope="module")

@@ -1,100 +1,30 @@
 """abp.kernels (Triton) against float64 references built with abp.reference, on random data.
 
-Without CUDA the kernels run in the Triton interpreter. Triton picks interpreter or compiler when
-a function is decorated, i.e. at import, so ``TRITON_INTERPRET=1`` is set below *before*
-abp.kernels (and so triton) is imported; it stays set for the rest of the pytest session. If
-triton was already imported earlier in this process without it (by another test module or a
-conftest), the interpreter cannot work in this process: the kernel tests then skip with that
-reason and ``test_interpreter_in_fresh_process`` re-runs this file in a new Python process with
-the variable set from the start, so the checks still run and can still fail.
-
-Accuracy rule (flash-attention style): the kernel's max error against the fp64 reference may be
-at most twice torch's own error in the same dtype plus two ulps (of the output dtype) of the
-output's scale. Outputs are poisoned: every ``torch.empty`` returns NaNs during a test, so an
-element a kernel fails to write shows up as non-finite.
+Where the kernels run (the Triton interpreter without CUDA), the accuracy rule and the poisoned outputs:
+tests/kernel_cases.py.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import zlib
-from pathlib import Path
-
+import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from abp import reference as R
+from kernel_cases import (CUDA, DEVICE, DTYPES, EPS, K, _gen, assert_accurate, f64, needs_fresh_process, needs_kernels,
+                          randn, rerun_in_fresh_process, scores_with_density, shape_id)
 
-import pytest  # noqa: E402
+pytestmark = pytest.mark.usefixtures("poisoned_empty", "one_config_for_small_shapes")
 
-import abp.kernels as K  # noqa: E402
-from abp import reference as R  # noqa: E402
-
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-KERNELS_OK, WHY = K.triton_available(DEVICE)
-needs_kernels = pytest.mark.skipif(not KERNELS_OK, reason=WHY)
-
-# bf16 only on GPU: the interpreter has no bf16 arithmetic.
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 # (M, N, K): sizes 1, 7, 33, 97, 130 in every role; tails against the interpreter's 32-tiles
 # and several tile groups for the swizzle. Then 0 in every role: no tokens (the forward and dX are
 # empty, dθ is an empty sum over M, i.e. zeros, and the fused step still applies γ), no outputs,
 # no inputs (the forward is the bias alone, dX is empty, the bias-score grad still sums over M).
 # Each of them is an empty reduction for one of the kernels.
 SHAPES = [(1, 7, 33), (7, 33, 1), (33, 1, 7), (97, 130, 33), (130, 97, 130), (0, 7, 33), (7, 0, 33), (33, 7, 0)]
-EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
 # ----------------------------------------------------------------------------------------------
-# fixtures and helpers
+# helpers
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def allocations(monkeypatch):
-    """Poison every ``torch.empty`` (floats filled with NaN) and record the shapes allocated."""
-    made: list[tuple[int, ...]] = []
-    real_empty = torch.empty
-
-    def poisoned_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        made.append(tuple(t.shape))
-        return t
-
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
-    return made
-
-
-@pytest.fixture(autouse=True)
-def one_config_for_small_shapes(request, monkeypatch):
-    """On a GPU, the many small-shape tests use one fixed tile (no autotuning per shape)."""
-    if CUDA and request.node.get_closest_marker("gpu") is None:
-        monkeypatch.setenv("ABP_TRITON_AUTOTUNE", "0")
-
-
-def _gen(*key) -> torch.Generator:
-    """A generator seeded from the test's parameters: random data, reproducible failures."""
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def randn(shape, dtype, gen) -> torch.Tensor:
-    return torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
-
-
-def scores_with_density(shape, density: float, gen) -> torch.Tensor:
-    """fp32 scores, a fraction ``density`` of them > 0, the rest ≤ 0 with about 1/8 exactly 0."""
-    mag = torch.rand(shape, generator=gen) * 2.0 + 0.05
-    pos = torch.rand(shape, generator=gen) < density
-    zero = torch.rand(shape, generator=gen) < 0.125
-    return torch.where(pos, mag, torch.where(zero, torch.zeros(()), -mag)).to(DEVICE)
-
-
-def f64(*ts):
-    return [None if t is None else t.double() for t in ts]
-
-
 def score_grad_f64(dy, x, w, s, b=None, bs=None, t_s=1.0):
     """float64 oracle of :func:`abp.reference.score_grad`.
 
@@ -110,18 +40,6 @@ def score_grad_f64(dy, x, w, s, b=None, bs=None, t_s=1.0):
     ds = (dy.t() @ x) * w * surrogate(s)
     dbs = None if bs is None else dy.sum(0) * b.double() * surrogate(bs)
     return ds, dbs
-
-
-def assert_accurate(out: torch.Tensor, ref: torch.Tensor, torch_out: torch.Tensor, what: str) -> None:
-    """``|out − ref| ≤ 2·|torch_out − ref| + 2 ulps(out.dtype)·max|ref|`` (max over elements)."""
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), f"{what}: non-finite values (an output element left unwritten?)"
-    if out.numel() == 0:
-        return
-    err = (out.double() - ref).abs().max().item()
-    torch_err = (torch_out.double() - ref).abs().max().item()
-    tol = 2 * torch_err + 2 * EPS[out.dtype] * ref.abs().max().item()
-    assert err <= tol, f"{what}: max error {err:.3g} > tol {tol:.3g} (torch's own error {torch_err:.3g})"
 
 
 def make_problem(shape, dtype, density, bias_mode, seed_key):
@@ -150,7 +68,7 @@ FWD_CASES = [  # (mask density, t_l, bias)
 @needs_kernels
 @pytest.mark.parametrize("case", FWD_CASES, ids=lambda c: f"d{c[0]}-t{c[1]}-{c[2]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_masked_matmul(shape, dtype, case):
     density, t_l, bias_mode = case
     x, w, _, s, b, bs = make_problem(shape, dtype, density, bias_mode, ("fwd", shape, str(dtype), case))
@@ -166,7 +84,7 @@ DX_CASES = [(0.0, None), (0.5, None), (0.5, 2.5), (1.0, 2.5)]  # (mask density, 
 @needs_kernels
 @pytest.mark.parametrize("case", DX_CASES, ids=lambda c: f"d{c[0]}-t{c[1]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_masked_matmul_dx(shape, dtype, case):
     density, t_l = case
     _, w, dy, s, _, _ = make_problem(shape, dtype, density, "none", ("dx", shape, str(dtype), case))
@@ -233,7 +151,7 @@ GRAD_CASES = [("none", 1.0), ("bias", 0.5), ("bias+scores", 1.0), ("bias+scores"
 @needs_kernels
 @pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"{c[0]}-ts{c[1]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_score_grad(shape, dtype, case):
     bias_mode, t_s = case
     x, w, dy, s, b, bs = make_problem(shape, dtype, 0.5, bias_mode, ("grad", shape, str(dtype), case))
@@ -298,8 +216,8 @@ UPDATE_CASES = [(True, "none"), (True, "bias+scores"), (False, "bias+scores"), (
 @needs_kernels
 @pytest.mark.parametrize("case", UPDATE_CASES, ids=lambda c: f"recovery{c[0]}-{c[1]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_score_grad_update(shape, dtype, case, allocations):
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_score_grad_update(shape, dtype, case, poisoned_empty):
     recovery, bias_mode = case
     x, w, dy, s, b, bs = make_problem(shape, dtype, 0.5, bias_mode, ("upd", shape, str(dtype), case))
     lr, t_s = 0.1, 1.5
@@ -315,10 +233,10 @@ def test_score_grad_update(shape, dtype, case, allocations):
     # H200); the claim under test is about the kernel's steady state.
     K.score_grad_update_(dy, x, w, s.clone(), lr=lr, gamma=gamma, active=active, recovery=recovery,
                          counts=counts.clone(), bias=b, bias_scores=bs.clone() if bs is not None else None, t_s=t_s)
-    allocations.clear()
+    poisoned_empty.clear()  # the shapes torch.empty made
     K.score_grad_update_(dy, x, w, s_new, lr=lr, gamma=gamma, active=active, recovery=recovery,
                          counts=counts, bias=b, bias_scores=bs_new, t_s=t_s)
-    assert allocations == [], f"the fused update allocated {allocations} (no dW/dθ expected)"
+    assert poisoned_empty == [], f"the fused update allocated {poisoned_empty} (no dW/dθ expected)"
 
     c = counts.tolist()
     _check_step("scores", s, s_new, ref[0], c[0], 3, recovery)
@@ -451,18 +369,10 @@ def test_devices_and_interpreter_limits():
             K.masked_matmul(x, w, torch.ones(5, 8))
 
 
-@pytest.mark.skipif(KERNELS_OK or CUDA, reason="the kernels run in this process")
+@needs_fresh_process
 def test_interpreter_in_fresh_process():
     """triton was imported before TRITON_INTERPRET=1 here: run this file where it is set first."""
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "--import-mode=importlib", "-q", "-p", "no:cacheprovider",
-         str(Path(__file__).resolve())],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout, proc.stdout[-2000:]
+    rerun_in_fresh_process(__file__)
 
 
 # ----------------------------------------------------------------------------------------------
