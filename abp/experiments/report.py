@@ -172,7 +172,8 @@ def _abp_settings_text(results: Sequence[dict]) -> str:
             if base is None or method == "abp":
                 shown = st
             else:
-                full, ref = {**st, **{k: st.get(k, v) for k, v in ABP_OPTIONAL_SETTINGS.items()}}, {**ABP_OPTIONAL_SETTINGS, **base}
+                full = {**st, **{k: v for k, v in ABP_OPTIONAL_SETTINGS.items() if k not in st}}
+                ref = {**ABP_OPTIONAL_SETTINGS, **base}
                 shown = {k: v for k, v in full.items() if ref.get(k) != v}
             parts.append(f"`{method}`: " + (", ".join(f"{k}={json.dumps(v)}" for k, v in shown.items()) or "as `abp`"))
     return "; ".join(parts)
@@ -184,7 +185,7 @@ def copies_of_default(results: Sequence[dict]) -> set[str]:
     sources = {r["reused_from"] for r in results if r["method"] == "abp" and r.get("reused_from")}
     names: dict[str, list[str]] = defaultdict(list)
     for r in results:
-        if r["method"] != "abp" and "run_dir" in r:
+        if r["method"] != "abp":
             names[r["method"]].append(Path(r["run_dir"]).name)
     return {m for m, runs in names.items() if m in ABP_VARIANTS and all(n in sources for n in runs)}
 
@@ -214,7 +215,8 @@ def write_report(output: str | Path, *, plots: bool = True) -> list[Path]:
             metric = get_task(task).primary_metric
             hidden = copies_of_default(rs)
             p = output / f"fig2-{task}-{model}.png"
-            plot_metric_vs_sparsity([row for row in doc["rows"] if row["method"] not in hidden], metric, p, title=f"{task} / {model}: dev {metric} vs sparsity\n"
+            rows = [row for row in doc["rows"] if row["method"] not in hidden]
+            plot_metric_vs_sparsity(rows, metric, p, title=f"{task} / {model}: dev {metric} vs sparsity\n"
                                     f"(mean ± std over seeds; {rs[0]['steps']} steps)")
             written.append(p)
             prof = analysis[f"{task}-{model}"]["profiles"]
