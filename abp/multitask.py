@@ -528,7 +528,8 @@ class MultiTaskModel(nn.Module):
             rows = (ids == t).nonzero().squeeze(1)
             hidden = tuple(h.index_select(0, rows) for h in out.hidden_states)
             mask = attention_mask.index_select(0, rows) if attention_mask is not None else None
-            logits = self.heads[t](hidden, mask)
+            types = token_type_ids.index_select(0, rows) if token_type_ids is not None else None
+            logits = self.heads[t](hidden, mask, types)
             results[self.task_names[t]] = TaskOutput(rows, logits.squeeze(-1) if logits.shape[-1] == 1 else logits)
         return MultiTaskOutput(results, int(input_ids.shape[0]))
 

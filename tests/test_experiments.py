@@ -561,7 +561,7 @@ def test_a_variant_with_the_defaults_settings_reuses_the_defaults_run(grid):
     from abp.experiments.methods import ABP_VARIANTS
 
     exp, res = grid["exp"], grid["results"]
-    same = [m for m in ABP_VARIANTS if m != "abp" and exp.budget(m) == exp.budget("abp")]
+    same = [m for m in ABP_VARIANTS if m != "abp" and exp.budget(m, "sst2") == exp.budget("abp", "sst2")]
     assert len(same) == 1, f"exactly one named variant should pin today's default, got {same}"
     twin = res[same[0]]
     assert twin["reused_from"] == R.RunSpec("sst2", "abp", S, SEED).name and twin["metrics"] == res["abp"]["metrics"]
@@ -578,7 +578,7 @@ def test_report_shows_the_pinned_default_once_and_names_neutral_settings():
     exp = ExperimentConfig(max_steps=40)
 
     def run(method, seed, reused=None):
-        r = {"method": method, "sparsity": 0.5, "seed": seed, "budget": exp.budget(method),
+        r = {"method": method, "sparsity": 0.5, "seed": seed, "budget": exp.budget(method, "sst2"),
              "run_dir": f"/x/{R.RunSpec('sst2', method, 0.5, seed).name}"}
         return {**r, "reused_from": reused} if reused else r
 
@@ -606,7 +606,7 @@ def test_every_variant_setting_is_in_the_budget():
         for b in ABP_VARIANTS:
             if a < b and resolved[a] != resolved[b]:
                 diff = sorted(k for k in resolved[a] if resolved[a][k] != resolved[b][k])
-                assert exp.budget(a) != exp.budget(b), f"{a} and {b} differ in {diff} but share a budget"
+                assert exp.budget(a, "sst2") != exp.budget(b, "sst2"), f"{a} and {b} differ in {diff} but share a budget"
 
 
 def test_paper_probe_runs_on_the_grid(grid, tiny_model_dir, tiny_glue, tmp_path):

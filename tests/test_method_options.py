@@ -346,12 +346,12 @@ def test_grid_variants_pin_their_settings_in_the_budget():
     from abp.experiments.methods import ABP_VARIANTS, ExperimentConfig
 
     exp = ExperimentConfig(max_steps=40)
-    budgets = {m: exp.budget(m)["abp"] for m in ABP_VARIANTS}
+    budgets = {m: exp.budget(m, "sst2")["abp"] for m in ABP_VARIANTS}
     assert budgets["abp_magnitude"]["score_init_mode"] == "magnitude" and budgets["abp_adam"]["score_optimizer"] == "adam"
     assert budgets["abp_paper"]["gamma"] == 2e-7 and budgets["abp_paper"]["head_lr"] == 2e-5
     assert budgets["abp_uniform"]["score_init_mode"] == "uniform"
     assert len({json.dumps(b, sort_keys=True) for m, b in budgets.items() if m != "abp"}) == len(budgets) - 1
-    assert "abp" not in exp.budget("mp") and exp.budget("abp_shuffled")["abp"] == budgets["abp"]
+    assert "abp" not in exp.budget("mp", "sst2") and exp.budget("abp_shuffled", "sst2")["abp"] == budgets["abp"]
     cfg = exp.abp_config("sst2", 0.5, 0, **ABP_VARIANTS["abp_paper"])
     assert (cfg.head_lr, cfg.batch_size, cfg.max_steps) == (2e-5, 16, 40)  # the grid's batch and steps, the paper's β
 

@@ -17,7 +17,7 @@ CPU_BACKENDS = ["reference"] + (["cpp"] if _ext.has_op("multi_bitmask_linear", t
 # name -> (mask_model options, head kind, head pooling, labels)
 TASKS = {
     "sst2": (dict(), "paper", "mean", 2),
-    "stsb": (dict(mask_bias=True, layernorm=True), "pooled", "mean", 1),
+    "stsb": (dict(mask_bias=True, layernorm=True), "pooled", "pair", 1),  # pair: the rows' token_type_ids reach it
     "rte": (dict(embeddings=False), "paper", "cls", 2),
 }
 SENTENCES = [("a gripping, funny film", None), ("the plot goes nowhere and the actors know it", None),

@@ -28,13 +28,13 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from abp.models import load_backbone, native_pooling
+from abp.models import load_backbone
 from abp.patch import MaskConfig, mask_model, masked_modules
 from abp.train.checkpoint import CheckpointError, _digest, restore_rng_states
 from abp.train.data import Batcher, load_split
 from abp.train.config import RESUMABLE_CHANGES, ABPConfig
 from abp.train.evaluate import autocast_context, dev_batchers, evaluate_model
-from abp.train.heads import Classifier, make_head
+from abp.train.heads import Classifier, make_head, resolve_pool
 from abp.train.tasks import get_task
 from abp.train.devices import pick_device
 
@@ -129,7 +129,7 @@ class FineTuner:
         self.num_labels = self.task.num_labels
         backbone, self.tokenizer = load_backbone(cfg.model)
         c = backbone.config
-        pool = native_pooling(cfg.model) if cfg.head_pool == "auto" else cfg.head_pool
+        pool = resolve_pool(cfg.head_pool, cfg.model, self.task.text_b is not None)
         head = make_head(cfg.head, c.hidden_size, c.num_hidden_layers + 1, self.num_labels, pool=pool)
         self.model = Classifier(backbone, head, self.num_labels).to(self.device)
         self.weights = maskable_weights(self.model.backbone, cfg)

@@ -41,10 +41,11 @@ from abp.experiments.masks import (apply_masks_, load_masks, magnitude_masks, ra
                                    wanda_masks)
 from abp.experiments.finetune import FineTuner, FinetuneOptions, load_task_data
 from abp.experiments.trainers import ExperimentTrainer, TrackedTrainer
-from abp.models import DEFAULT_MODEL, load_backbone
+from abp.models import DEFAULT_MODEL, load_backbone, native_pooling
 from abp.patch import masked_modules
 from abp.provenance import code_version
 from abp.train.config import ABPConfig, paper_preset
+from abp.train.heads import resolve_pool
 from abp.train.tasks import get_task
 
 # Named settings of Algorithm 1 on the grid. ``abp`` is abp's default (ABPConfig's own values); every other
@@ -113,6 +114,7 @@ class ExperimentConfig:
     train_subsample: Optional[int] = None
     head_lr: float = 3e-3
     eval_every: Optional[int] = None  # None: one dev evaluation, at the end (no selection on dev)
+    head_pool: str = "auto"  # the head's pooling for every method (ABPConfig.head_pool); recorded unless auto
     device: str = "auto"
     # the fine-tuning loop (finetune, mp, imp)
     backbone_lr: float = 2e-5
@@ -142,11 +144,15 @@ class ExperimentConfig:
                    "abp_reinit": ("reinit_sigma", "recovery_every"), "abp": ("recovery_every",),
                    "abp_norecovery": ("recovery_every",)}
 
-    def budget(self, method: str) -> dict:
-        """The settings a run of ``method`` depends on (a finished run is reused only if they match);
-        for Algorithm 1's methods that includes the ABP settings it ran with."""
+    def budget(self, method: str, task: str) -> dict:
+        """The settings a run of ``method`` on ``task`` depends on (a finished run is reused only if they match);
+        for Algorithm 1's methods that includes the ABP settings it ran with. The head's pooling is recorded
+        where it is not the model's own per-sentence pooling, which every budget recorded without it ran."""
         out = {k: getattr(self, k) for k in self._COMMON + self._PER_METHOD.get(method, ("recovery_every",)
                                                                                   if method in ABP_VARIANTS else ())}
+        pool = resolve_pool(self.head_pool, self.model, get_task(task).text_b is not None)
+        if pool != native_pooling(self.model):
+            out["head_pool"] = pool
         if method in LEARNT_METHODS or method == "abp_shuffled":
             cfg = dataclasses.asdict(ABPConfig(**{"head_lr": self.head_lr, **ABP_VARIANTS.get(method, {})}))
             out["abp"] = {k: cfg[k] for k in ABP_SETTINGS}
@@ -159,7 +165,7 @@ class ExperimentConfig:
                   "target_sparsity": sparsity or 0.0, "head_lr": self.head_lr, "batch_size": self.batch_size,
                   "max_length": self.max_length, "max_steps": n, "eval_every": self.eval_every or n,
                   "log_every": min(10, n), "checkpoint_every": max(1, math.ceil(n / 4)), "seed": seed,
-                  "device": self.device}
+                  "device": self.device, "head_pool": self.head_pool}
         cfg = ABPConfig(**{**fields, **over})
         cfg.validate()
         return cfg
@@ -443,7 +449,7 @@ def run_method(method: str, exp: ExperimentConfig, task: str, sparsity: Optional
     result = {
         "task": task, "model": model_label(exp.model), "method": method, "sparsity": s, "seed": seed,
         "metric_name": res["metric_name"], "metrics": {k: float(res["dev_metrics"][k]) for k in get_task(task).metric_keys()},
-        "sparsity_reached": res["sparsity"], "steps": exp.max_steps, "budget": exp.budget(method),
+        "sparsity_reached": res["sparsity"], "steps": exp.max_steps, "budget": exp.budget(method, task),
         "seconds": round(time.time() - t_start, 1), "device": str(cfg.device if cfg.device != "auto" else
                                                                    ("cuda" if torch.cuda.is_available() else "cpu")),
         **_weights_check(method, exp.model, backbone),

@@ -92,12 +92,12 @@ def _budget_mismatch(where: Path, have: dict, want: dict) -> BudgetMismatchError
         f"use another --output, or delete that run (its folder, or its entry in the record)")
 
 
-def _want(exp: ExperimentConfig, method: str) -> dict:
-    return json.loads(json.dumps(exp.budget(method)))  # as it reads back from JSON (tuples become lists)
+def _want(exp: ExperimentConfig, method: str, task: str) -> dict:
+    return json.loads(json.dumps(exp.budget(method, task)))  # as it reads back from JSON (tuples become lists)
 
 
 def _check_budget(d: Path, spec: RunSpec, exp: ExperimentConfig) -> None:
-    want = _want(exp, spec.method)
+    want = _want(exp, spec.method, spec.task)
     for name in (RESULT, "budget.json"):
         p = d / name
         if p.is_file():
@@ -112,7 +112,7 @@ def _identical_run(output: Path, exp: ExperimentConfig, record: dict, model: str
     sparsity and seed, e.g. ``abp`` once the default equals ``abp_magnitude``; its result with ``run``."""
     if spec.method not in ABP_VARIANTS:
         return None
-    want = _want(exp, spec.method)
+    want = _want(exp, spec.method, spec.task)
     for other in ABP_VARIANTS:
         if other == spec.method:
             continue
@@ -165,8 +165,8 @@ def run_grid(exp: ExperimentConfig, tasks: Sequence[str], methods: Sequence[str]
     for spec in runs:  # refuse a mixed budget before spending any time
         _check_budget(run_dir(output, exp, spec), spec, exp)
         recorded = record.get((spec.task, model, spec.name))
-        if recorded is not None and recorded["budget"] != _want(exp, spec.method):
-            raise _budget_mismatch(record_path(output, spec.task, model), recorded["budget"], _want(exp, spec.method))
+        if recorded is not None and recorded["budget"] != _want(exp, spec.method, spec.task):
+            raise _budget_mismatch(record_path(output, spec.task, model), recorded["budget"], _want(exp, spec.method, spec.task))
         if spec.method == "imp":
             _check_budget(imp_rounds_dir(output, exp, spec), spec, exp)
     t0 = time.time()
@@ -189,16 +189,16 @@ def run_grid(exp: ExperimentConfig, tasks: Sequence[str], methods: Sequence[str]
             continue
         bar.set_postfix_str(f"{spec.task} {spec.name}")
         d.mkdir(parents=True, exist_ok=True)
-        write_text(d / "budget.json", json.dumps(exp.budget(spec.method), indent=1))
+        write_text(d / "budget.json", json.dumps(exp.budget(spec.method, spec.task), indent=1))
         source, rounds = None, None
         if spec.method == "imp":
             rounds = imp_rounds_dir(output, exp, spec)
             rounds.mkdir(parents=True, exist_ok=True)
-            write_text(rounds / "budget.json", json.dumps(exp.budget("imp"), indent=1))
+            write_text(rounds / "budget.json", json.dumps(exp.budget("imp", spec.task), indent=1))
         if spec.method == "abp_shuffled":  # reuse the grid's own ABP run when it was made with this budget
             src = run_dir(output, exp, RunSpec(spec.task, "abp", spec.sparsity, spec.seed))
             done = read_result(src)
-            source = src if done is not None and done["budget"] == _want(exp, "abp") else None
+            source = src if done is not None and done["budget"] == _want(exp, "abp", spec.task) else None
         r = run_method(spec.method, exp, spec.task, spec.sparsity, spec.seed, d, abp_source=source,
                        imp_rounds_dir=rounds, progress=run_progress)
         write_record(output, spec.task, model)

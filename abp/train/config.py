@@ -54,7 +54,7 @@ class ABPConfig:
     exclude: tuple[str, ...] = ("pooler",)  # module-name patterns never masked (besides task heads)
     # the head p
     head: str = "paper"  # paper: learnt weighted average of every layer's pooled token → MLP | pooled: mean of the last layer → linear
-    head_pool: str = "auto"  # cls | mean | auto (the model's own: mean for the embedded MiniLM, else [CLS])
+    head_pool: str = "auto"  # cls | mean | pair (two sentences: each one's mean u, v and |u - v|, u * v) | auto (the model's own: [CLS] for BERT; for sentence-transformers such as the embedded MiniLM the mean, pair on sentence pairs)
     head_lr: float = 1e-3  # β, the head's learning rate
     head_optimizer: str = "adamw"  # adamw | sgd
     # the loop
@@ -117,8 +117,8 @@ class ABPConfig:
                              f"got train_file={self.train_file!r}, dev_file={self.dev_file!r}")
         if self.fused_update not in ("auto", "on", "off"):
             raise ValueError(f"fused_update must be auto, on or off, got {self.fused_update!r}")
-        if self.head_pool not in ("auto", "cls", "mean"):
-            raise ValueError(f"head_pool must be auto, cls or mean, got {self.head_pool!r}")
+        if self.head_pool not in ("auto", "cls", "mean", "pair"):
+            raise ValueError(f"head_pool must be auto, cls, mean or pair, got {self.head_pool!r}")
         if self.distributed not in ("auto", "ddp", "fsdp"):
             raise ValueError(f"distributed must be auto, ddp or fsdp, got {self.distributed!r}")
         from abp.nn import SCORE_INIT_MODES

@@ -4,13 +4,38 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from abp.models import native_pooling
 
-def pool_tokens(h: torch.Tensor, attention_mask, pool: str) -> torch.Tensor:
-    """``[B, T, H]`` → ``[B, H]``: the first ([CLS]) token, or the mean over real tokens."""
+
+POOLS = ("cls", "mean", "pair")
+
+
+def pooled_width(hidden_size: int, pool: str) -> int:
+    """Width of :func:`pool_tokens`' output: ``4·hidden`` for ``pair`` (u, v, |u − v|, u ⊙ v), else ``hidden``."""
+    return 4 * hidden_size if pool == "pair" else hidden_size
+
+
+def _mean(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    m = keep.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def pool_tokens(h: torch.Tensor, attention_mask, pool: str, token_type_ids=None) -> torch.Tensor:
+    """``[B, T, H]`` → ``[B, H]``: the first ([CLS]) token, or the mean over real tokens; ``pair`` →
+    ``[B, 4H]``: u and v, the means over the first and the second sentence's tokens (``token_type_ids`` 0 / 1),
+    with |u − v| and u ⊙ v (Sentence-BERT's pair features), so that a head reads how alike the two are
+    directly instead of having the backbone's attention compute it into one pooled vector."""
     if pool == "cls":
         return h[:, 0]
-    m = attention_mask.unsqueeze(-1).to(h.dtype) if attention_mask is not None else torch.ones_like(h[..., :1])
-    return (h * m).sum(1) / m.sum(1).clamp(min=1)
+    real = attention_mask.bool() if attention_mask is not None else torch.ones(h.shape[:2], dtype=torch.bool,
+                                                                                 device=h.device)
+    if pool == "mean":
+        return _mean(h, real)
+    if token_type_ids is None:
+        raise ValueError("head pool 'pair' needs token_type_ids (sentence-pair inputs from a tokenizer that marks "
+                         "the second sentence); use head_pool 'mean' or 'cls' for this model or task")
+    u, v = _mean(h, real & (token_type_ids == 0)), _mean(h, real & (token_type_ids == 1))
+    return torch.cat([u, v, (u - v).abs(), u * v], dim=-1)
 
 
 class PaperHead(nn.Module):
@@ -19,21 +44,24 @@ class PaperHead(nn.Module):
     This is the head of Gao et al. (2021); it reads ``hidden_states`` (embeddings output included).
     ``pool="mean"`` averages each layer over tokens instead of taking [CLS]: right for models trained
     with mean pooling (sentence-transformers such as the embedded all-MiniLM-L6-v2), whose [CLS] is untrained.
+    ``pool="pair"`` (sentence pairs) averages each sentence apart and feeds (u, v, |u − v|, u ⊙ v), the way
+    sentence-transformers compare two sentences: see :func:`pool_tokens`.
     """
 
     needs_hidden_states = True
 
     def __init__(self, hidden_size: int, num_layers: int, num_labels: int, dropout: float = 0.1, pool: str = "cls"):
         super().__init__()
-        if pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
         self.pool = pool
         self.layer_logits = nn.Parameter(torch.zeros(num_layers))
-        self.mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size, hidden_size), nn.ReLU(),
+        self.mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(pooled_width(hidden_size, pool), hidden_size), nn.ReLU(),
                                  nn.Dropout(dropout), nn.Linear(hidden_size, num_labels))
 
-    def forward(self, hidden_states, attention_mask=None) -> torch.Tensor:
-        cls = torch.stack([pool_tokens(h, attention_mask, self.pool) for h in hidden_states], dim=0)  # [L, B, H]
+    def forward(self, hidden_states, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        cls = torch.stack([pool_tokens(h, attention_mask, self.pool, token_type_ids)
+                           for h in hidden_states], dim=0)  # [L, B, H] (4H for pair)
         w = torch.softmax(self.layer_logits.float(), 0).to(cls.dtype)
         return self.mlp(torch.einsum("l,lbh->bh", w, cls).to(self.mlp[1].weight.dtype))
 
@@ -45,19 +73,36 @@ class PooledHead(nn.Module):
 
     def __init__(self, hidden_size: int, num_layers: int, num_labels: int, dropout: float = 0.1, pool: str = "mean"):
         super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
         self.pool = pool
-        self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size, num_labels))
+        self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(pooled_width(hidden_size, pool), num_labels))
 
-    def forward(self, hidden_states, attention_mask=None) -> torch.Tensor:
-        pooled = pool_tokens(hidden_states[-1], attention_mask, self.pool)
+    def forward(self, hidden_states, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        pooled = pool_tokens(hidden_states[-1], attention_mask, self.pool, token_type_ids)
         return self.out(pooled.to(self.out[1].weight.dtype))
 
 
 HEADS = {"paper": PaperHead, "pooled": PooledHead}
 
 
+def resolve_pool(requested: str, model: str | None, pairs: bool) -> str:
+    """The pooling a run's head uses. ``auto`` is the model's own way to read text: [CLS] for BERT-style models;
+    for sentence-transformers (mean pooling, :func:`abp.models.native_pooling`) the mean of a sentence, and on
+    sentence pairs ``pair``, the features their pair classifiers are trained on. Measured on STS-B (MiniLM, the
+    grid's budget, seed 0): feature extraction 0.798 Pearson with ``pair`` against 0.688 with one mean over the
+    concatenated pair, ABP at 90 % 0.763 against 0.083. ``pair`` is refused for single-sentence data, where the
+    second sentence's mean would be empty."""
+    if requested == "pair" and not pairs:
+        raise ValueError("head_pool 'pair' compares two sentences, but this task has one; use cls, mean or auto")
+    if requested != "auto":
+        return requested
+    native = native_pooling(model)
+    return "pair" if native == "mean" and pairs else native
+
+
 def make_head(kind: str, hidden_size: int, num_layers: int, num_labels: int, pool: str = "cls") -> nn.Module:
-    """``kind`` paper | pooled; ``pool`` cls | mean (see :func:`abp.models.native_pooling`)."""
+    """``kind`` paper | pooled; ``pool`` cls | mean | pair (see :func:`abp.models.native_pooling`)."""
     if kind not in HEADS:
         raise ValueError(f"unknown head {kind!r}; choose one of {sorted(HEADS)}")
     return HEADS[kind](hidden_size, num_layers, num_labels, pool=pool)
@@ -75,5 +120,5 @@ class Classifier(nn.Module):
         if token_type_ids is not None:
             kw["token_type_ids"] = token_type_ids
         out = self.backbone(input_ids=input_ids, **kw)
-        logits = self.head(out.hidden_states, attention_mask)
+        logits = self.head(out.hidden_states, attention_mask, token_type_ids)
         return logits.squeeze(-1) if self.num_labels == 1 else logits

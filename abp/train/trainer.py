@@ -24,14 +24,14 @@ from torch import nn
 import abp
 from abp import backends
 from abp._atomic import write_text
-from abp.models import load_backbone, native_pooling, resolve_model
+from abp.models import load_backbone, resolve_model
 from abp.patch import mask_model, masked_modules, score_tensors
 from abp.train.data import Batcher, load_custom, load_split, subsample
 from abp.train.checkpoint import CheckpointError, load_checkpoint, restore_rng_states, save_checkpoint
 from abp.train.config import RESUMABLE_CHANGES, ABPConfig
 from abp.train.devices import pick_device
 from abp.train.distributed import local_shard
-from abp.train.heads import Classifier, make_head
+from abp.train.heads import Classifier, make_head, resolve_pool
 from abp.train.evaluate import autocast_context, dev_batchers
 from abp.train.parallel import make_strategy
 from abp.train.score_optim import FusedUpdateError, adam_score_lr
@@ -110,7 +110,8 @@ class Trainer:
                 mask_init(backbone)
         self.learn_mask = learn_mask
         c = backbone.config
-        self.head_pool = native_pooling(cfg.model) if cfg.head_pool == "auto" else cfg.head_pool
+        pairs = self.task.text_b is not None if self.task else len(cfg.text_columns) > 1
+        self.head_pool = resolve_pool(cfg.head_pool, cfg.model, pairs)
         head = make_head(cfg.head, c.hidden_size, c.num_hidden_layers + 1, self.num_labels, pool=self.head_pool)
         self.model = self.dist.place(Classifier(backbone, head, self.num_labels))
         self.fused = self._want_fused() and learn_mask
