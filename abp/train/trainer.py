@@ -113,6 +113,7 @@ class Trainer:
         pairs = self.task.text_b is not None if self.task else len(cfg.text_columns) > 1
         self.head_pool = resolve_pool(cfg.head_pool, cfg.model, pairs)
         head = make_head(cfg.head, c.hidden_size, c.num_hidden_layers + 1, self.num_labels, pool=self.head_pool)
+        log.info("abp: head: %s, pooling %s%s", cfg.head, self.head_pool, " (auto)" if cfg.head_pool == "auto" else "")
         self.model = self.dist.place(Classifier(backbone, head, self.num_labels))
         self.fused = self._want_fused() and learn_mask
         log.info("abp: score update: %s", self.score_update_path)
