@@ -114,7 +114,7 @@ class ExperimentConfig:
     train_subsample: Optional[int] = None
     head_lr: float = 3e-3
     eval_every: Optional[int] = None  # None: one dev evaluation, at the end (no selection on dev)
-    head_pool: str = "auto"  # the head's pooling for every method (ABPConfig.head_pool); recorded unless auto
+    head_pool: str = "auto"  # the head's pooling for every method (ABPConfig.head_pool); see budget()
     device: str = "auto"
     # the fine-tuning loop (finetune, mp, imp)
     backbone_lr: float = 2e-5

@@ -117,13 +117,14 @@ class ABPConfig:
                              f"got train_file={self.train_file!r}, dev_file={self.dev_file!r}")
         if self.fused_update not in ("auto", "on", "off"):
             raise ValueError(f"fused_update must be auto, on or off, got {self.fused_update!r}")
-        if self.head_pool not in ("auto", "cls", "mean", "pair"):
-            raise ValueError(f"head_pool must be auto, cls, mean or pair, got {self.head_pool!r}")
         if self.distributed not in ("auto", "ddp", "fsdp"):
             raise ValueError(f"distributed must be auto, ddp or fsdp, got {self.distributed!r}")
         from abp.nn import SCORE_INIT_MODES
+        from abp.train.heads import POOLS
         from abp.train.score_optim import OPTIMIZERS, SCHEDULES
 
+        if self.head_pool not in ("auto", *POOLS):
+            raise ValueError(f"head_pool must be auto, {', '.join(POOLS)}, got {self.head_pool!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.score_init_mode not in SCORE_INIT_MODES:
