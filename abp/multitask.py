@@ -518,9 +518,11 @@ class MultiTaskModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                token_type_ids: Optional[Tensor] = None, *, tasks) -> MultiTaskOutput:
+                token_type_ids: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None, *,
+                tasks) -> MultiTaskOutput:
         """Run a batch whose row ``i`` belongs to task ``tasks[i]`` (a name, an index, or a tensor of indices):
-        one backbone pass, then each task's head on its rows."""
+        one backbone pass, then each task's head on its rows. ``segment_ids`` (which sentence of a pair each token
+        is in, for pair heads) default to ``token_type_ids``."""
         with self.route(tasks) as ids:  # the one check of the ids' range (a host sync)
             out = self._backbone(ids, input_ids, attention_mask, token_type_ids, output_hidden_states=True)
         results = {}
@@ -528,8 +530,8 @@ class MultiTaskModel(nn.Module):
             rows = (ids == t).nonzero().squeeze(1)
             hidden = tuple(h.index_select(0, rows) for h in out.hidden_states)
             mask = attention_mask.index_select(0, rows) if attention_mask is not None else None
-            types = token_type_ids.index_select(0, rows) if token_type_ids is not None else None
-            logits = self.heads[t](hidden, mask, types)
+            segments = segment_ids if segment_ids is not None else token_type_ids
+            logits = self.heads[t](hidden, mask, segments.index_select(0, rows) if segments is not None else None)
             results[self.task_names[t]] = TaskOutput(rows, logits.squeeze(-1) if logits.shape[-1] == 1 else logits)
         return MultiTaskOutput(results, int(input_ids.shape[0]))
 
@@ -566,7 +568,7 @@ def _pad_cat(batches: list[dict[str, Tensor]], tokenizer) -> dict[str, Tensor]:
     width = max(b["input_ids"].shape[1] for b in batches)
     left = getattr(tokenizer, "padding_side", "right") == "left"
     pads = {"input_ids": tokenizer.pad_token_id, "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0),
-            "attention_mask": 0}
+            "segment_ids": 0, "attention_mask": 0}
     out = {}
     for key in batches[0]:
         if key == "labels":

@@ -458,6 +458,34 @@ def test_batches_match_tokenizer_padding(sst2_small, stsb_small, tokenizer):
         assert batch["input_ids"].shape[1] <= 24
 
 
+def test_segment_ids_are_berts_token_types_and_need_none(stsb_small, sst2_small, tokenizer):
+    """Which sentence each token is in: for BERT's tokenizer exactly ``token_type_ids`` (so pair heads read the same
+    split as before); a tokenizer that gives no token types (MPNet's, RoBERTa's) gets the same split from the fast
+    tokenizer's ``sequence_ids``; one sentence is all zeros; a slow tokenizer without token types gives none."""
+    import copy
+
+    kw = dict(batch_size=17, max_length=24, shuffle=True, seed=3)
+    typed = list(D.Batcher(stsb_small, tokenizer, **kw).iter_batches(0))
+    untyped_tok = copy.deepcopy(tokenizer)
+    untyped_tok.model_input_names = ["input_ids", "attention_mask"]
+    untyped = list(D.Batcher(stsb_small, untyped_tok, **kw).iter_batches(0))
+    for x, y in zip(typed, untyped):
+        assert "token_type_ids" not in y
+        assert torch.equal(x["segment_ids"], x["token_type_ids"])
+        assert torch.equal(y["segment_ids"], x["segment_ids"])
+        assert bool((x["segment_ids"][x["attention_mask"].bool()] == 1).any())
+    single = next(D.Batcher(sst2_small, untyped_tok, **kw).iter_batches(0))
+    assert torch.equal(single["segment_ids"], torch.zeros_like(single["input_ids"]))
+
+    class Slow(dict):  # a slow tokenizer's BatchEncoding: no sequence_ids, no token types
+        is_fast = False
+
+    from abp.train.batching import segment_ids
+
+    assert segment_ids(Slow(input_ids=[[1, 2]]), 1) is None
+    assert segment_ids(Slow(input_ids=[[1, 2]], token_type_ids=[[0, 1]]), 1) == [[0, 1]]
+
+
 def test_left_padding(sst2_small, tokenizer):
     import copy
 

@@ -44,7 +44,7 @@ def test_every_head_reads_every_pool(kind, pool):
 
 def test_pair_pool_without_sentence_marks_says_what_is_missing():
     h, mask, _ = _batch()
-    with pytest.raises(ValueError, match="token_type_ids"):
+    with pytest.raises(ValueError, match="segment_ids"):
         pool_tokens(h, mask, "pair")
     with pytest.raises(ValueError, match="pool must be one of"):
         make_head("paper", 5, 2, 1, pool="max")

@@ -35,17 +35,37 @@ def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int) -> torch.Tensor
     return torch.randperm(n, generator=g)
 
 
+def segment_ids(enc: Any, n: int) -> Optional[list[list[int]]]:
+    """Which sentence of a pair each token of the ``n`` tokenised pairs ``enc`` belongs to: 0 for the first, 1 for the
+    second, a special token counted with the sentence it closes (a leading one with the first). For BERT's tokenizers
+    this is exactly ``token_type_ids``; tokenizers that give none (MPNet's, RoBERTa's: ``<s> a </s></s> b </s>``)
+    get the same split from the fast tokenizer's ``sequence_ids``. A slow tokenizer falls back to its
+    ``token_type_ids``; without either, ``None`` (a head that reads the two sentences apart then says so)."""
+    if getattr(enc, "is_fast", False):
+        out = []
+        for i in range(n):
+            seg, row = 0, []
+            for s in enc.sequence_ids(i):
+                seg = seg if s is None else s
+                row.append(seg)
+            out.append(row)
+        return out
+    return enc["token_type_ids"] if "token_type_ids" in enc else None
+
+
 class Batcher:
     """Deterministic, resumable, dynamically padded batches of tokenised examples.
 
     Batch ``b`` of epoch ``e`` holds examples ``epoch_order(...)[b*B:(b+1)*B]``, padded to its longest
     row. Yielded dicts hold int64 ``input_ids``, ``attention_mask``, ``token_type_ids`` (when the
-    tokenizer produces them) and ``labels`` (int64 for int labels, float32 for float labels), on CPU.
+    tokenizer produces them), ``segment_ids`` (which sentence each token belongs to, see :func:`segment_ids`; for
+    the heads that read the two sentences of a pair apart) and ``labels`` (int64 for int labels, float32 for float
+    labels), on CPU.
     Tokenisation (truncation to ``max_length``, pairs with the tokenizer's default ``longest_first``)
     happens once at the first batch and is cached; keep one Batcher for the whole run.
     """
 
-    _KEYS = ("input_ids", "token_type_ids")
+    _KEYS = ("input_ids", "token_type_ids", "segment_ids")
 
     def __init__(
         self,
@@ -108,12 +128,12 @@ class Batcher:
             offsets = np.zeros(len(a), dtype=np.int64)
             np.cumsum(lengths[:-1], out=offsets[1:])
             cache: dict[str, Any] = {"lengths": lengths, "offsets": offsets}
-            for key in self._KEYS:
-                if key in enc:
-                    flat = np.fromiter(
-                        (t for row in enc[key] for t in row), dtype=np.int64, count=int(lengths.sum())
-                    )
-                    cache[key] = flat
+            rows = {key: enc[key] for key in self._KEYS if key in enc}
+            segments = segment_ids(enc, len(a)) if self._paired else [[0] * n for n in lengths.tolist()]
+            if segments is not None:
+                rows["segment_ids"] = segments
+            for key, value in rows.items():
+                cache[key] = np.fromiter((t for row in value for t in row), dtype=np.int64, count=int(lengths.sum()))
             self._cache = cache
         return self._cache
 
@@ -129,7 +149,8 @@ class Batcher:
         else:
             real = pos < lens[:, None]
             src = c["offsets"][idx][:, None] + pos
-        pads = {"input_ids": self.tokenizer.pad_token_id, "token_type_ids": getattr(self.tokenizer, "pad_token_type_id", 0)}
+        pads = {"input_ids": self.tokenizer.pad_token_id, "token_type_ids": getattr(self.tokenizer, "pad_token_type_id", 0),
+                "segment_ids": 0}
         batch: dict[str, torch.Tensor] = {}
         for key in self._KEYS:
             if key in c:

@@ -23,9 +23,10 @@ def _mean(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return (h * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-def pool_tokens(h: torch.Tensor, attention_mask, pool: str, token_type_ids=None) -> torch.Tensor:
+def pool_tokens(h: torch.Tensor, attention_mask, pool: str, segment_ids=None) -> torch.Tensor:
     """``[B, T, H]`` → ``[B, H]``: the first ([CLS]) token, or the mean over real tokens; ``pair`` →
-    ``[B, 4H]``: u and v, the means over the first and the second sentence's tokens (``token_type_ids`` 0 / 1),
+    ``[B, 4H]``: u and v, the means over the first and the second sentence's tokens (``segment_ids`` 0 / 1, see
+    :func:`abp.train.batching.segment_ids`),
     with |u − v| and u ⊙ v (Sentence-BERT's pair features), so that a head reads how alike the two are
     directly instead of having the backbone's attention compute it into one pooled vector."""
     if pool == "cls":
@@ -34,10 +35,11 @@ def pool_tokens(h: torch.Tensor, attention_mask, pool: str, token_type_ids=None)
                                                                                  device=h.device)
     if pool == "mean":
         return _mean(h, real)
-    if token_type_ids is None:
-        raise ValueError("head pool 'pair' needs token_type_ids (sentence-pair inputs from a tokenizer that marks "
-                         "the second sentence); use head_pool 'mean' or 'cls' for this model or task")
-    u, v = _mean(h, real & (token_type_ids == 0)), _mean(h, real & (token_type_ids == 1))
+    if segment_ids is None:
+        raise ValueError("head pool 'pair' needs segment_ids (which sentence each token belongs to: abp's batches "
+                         "hold them for fast tokenizers and for tokenizers that give token_type_ids); use head_pool "
+                         "'mean' or 'cls' for this tokenizer")
+    u, v = _mean(h, real & (segment_ids == 0)), _mean(h, real & (segment_ids == 1))
     return torch.cat([u, v, (u - v).abs(), u * v], dim=-1)
 
 
@@ -60,8 +62,8 @@ class PaperHead(nn.Module):
         self.mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(pooled_width(hidden_size, pool), hidden_size), nn.ReLU(),
                                  nn.Dropout(dropout), nn.Linear(hidden_size, num_labels))
 
-    def forward(self, hidden_states, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        cls = torch.stack([pool_tokens(h, attention_mask, self.pool, token_type_ids)
+    def forward(self, hidden_states, attention_mask=None, segment_ids=None) -> torch.Tensor:
+        cls = torch.stack([pool_tokens(h, attention_mask, self.pool, segment_ids)
                            for h in hidden_states], dim=0)  # [L, B, H] (4H for pair)
         w = torch.softmax(self.layer_logits.float(), 0).to(cls.dtype)
         return self.mlp(torch.einsum("l,lbh->bh", w, cls).to(self.mlp[1].weight.dtype))
@@ -77,8 +79,8 @@ class PooledHead(nn.Module):
         self.pool = pool
         self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(pooled_width(hidden_size, pool), num_labels))
 
-    def forward(self, hidden_states, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        pooled = pool_tokens(hidden_states[-1], attention_mask, self.pool, token_type_ids)
+    def forward(self, hidden_states, attention_mask=None, segment_ids=None) -> torch.Tensor:
+        pooled = pool_tokens(hidden_states[-1], attention_mask, self.pool, segment_ids)
         return self.out(pooled.to(self.out[1].weight.dtype))
 
 
@@ -114,10 +116,12 @@ class Classifier(nn.Module):
         super().__init__()
         self.backbone, self.head, self.num_labels = backbone, head, num_labels
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, **_) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, segment_ids=None, **_) -> torch.Tensor:
+        """``segment_ids`` (which sentence each token is in) default to ``token_type_ids`` (BERT's tokenizers give
+        the same); abp's batches hold both."""
         kw = {"attention_mask": attention_mask, "output_hidden_states": True}
         if token_type_ids is not None:
             kw["token_type_ids"] = token_type_ids
         out = self.backbone(input_ids=input_ids, **kw)
-        logits = self.head(out.hidden_states, attention_mask, token_type_ids)
+        logits = self.head(out.hidden_states, attention_mask, segment_ids if segment_ids is not None else token_type_ids)
         return logits.squeeze(-1) if self.num_labels == 1 else logits
