@@ -21,6 +21,8 @@ ROWS = [
     ("abp_adam", "ABP, θ0 ∝ \\|w\\| + Adam, σ(1e5·θ), linear ramp (the previous default)"),
     ("abp_hard", "ABP, θ0 ∝ \\|w\\| + Adam, hard mask, linear ramp"),
     ("abp_quadratic", "ABP, θ0 ∝ \\|w\\| + Adam, hard mask, quadratic ramp"),
+    ("abp_cubic_tensor", "ABP, θ0 ∝ \\|w\\| + per-tensor Adam, hard mask, cubic ramp"),
+    ("abp_cubic_mix", "ABP, θ0 ∝ \\|w\\| + Adam with v̂^(1−s)·mean(v̂)^s, hard mask, cubic ramp"),
     ("abp_adam_tensor", "ABP, θ0 ∝ \\|w\\| + Adam with one second moment per tensor"),
     ("abp_adam_ceiling", "ABP, θ0 ∝ \\|w\\| + Adam, second moment capped at the tensor's mean"),
     ("abp_adam_floor", "ABP, θ0 ∝ \\|w\\| + Adam, second moment floored at the tensor's mean"),

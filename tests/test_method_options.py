@@ -176,13 +176,22 @@ def test_adam_tensor_step_equals_a_hand_written_oracle():
     assert all(v.dim() == 0 for _, v in opt.moments)  # one second moment per tensor
 
 
-@pytest.mark.parametrize("optimizer,bound", [("adam_floor", torch.maximum), ("adam_ceiling", torch.minimum)])
-def test_adam_floor_and_ceiling_steps_equal_a_hand_written_oracle(optimizer, bound):
-    """Adam whose per-score v̂ is floored (adam_floor) or capped (adam_ceiling) at its tensor's mean v̂, on
-    gradients 1e-8 … 1e-3 apart."""
+# the second moment each per-score-statistics optimizer divides by, from the score's own v̂ and the target sparsity s
+EFFECTIVE_V = {
+    "adam_floor": lambda v, s: torch.maximum(v, v.mean()),
+    "adam_ceiling": lambda v, s: torch.minimum(v, v.mean()),
+    "adam_mix": lambda v, s: v ** (1 - s) * v.mean() ** s,
+}
+
+
+@pytest.mark.parametrize("optimizer,target", [("adam_floor", 0.9), ("adam_ceiling", 0.9), ("adam_mix", 0.2),
+                                              ("adam_mix", 0.9)])
+def test_per_score_adam_variants_step_as_a_hand_written_oracle(optimizer, target):
+    """Adam whose per-score v̂ is floored (adam_floor) or capped (adam_ceiling) at its tensor's mean v̂, or mixed
+    with it as v̂^(1−s)·mean(v̂)^s (adam_mix), on gradients 1e-8 … 1e-3 apart."""
     m = _tiny_bert(score_init_mode="magnitude")
     b1, b2, lr, gamma, eps = 0.9, 0.999, 1e-3, 3e-4, 1e-12
-    opt = ScoreOptimizer(m, lr=lr, target_sparsity=0.9, prune_steps=50, gamma=gamma, optimizer=optimizer, eps=eps)
+    opt = ScoreOptimizer(m, lr=lr, target_sparsity=target, prune_steps=50, gamma=gamma, optimizer=optimizer, eps=eps)
     ref = [s.detach().clone().double() for s in opt.scores]
     mom = [(torch.zeros_like(r), torch.zeros_like(r)) for r in ref]
     g = torch.Generator().manual_seed(2)
@@ -196,11 +205,26 @@ def test_adam_floor_and_ceiling_steps_equal_a_hand_written_oracle(optimizer, bou
             mi = b1 * mi + (1 - b1) * gr.double()
             vi = b2 * vi + (1 - b2) * gr.double().square()
             mom[i] = (mi, vi)
-            vhat = vi / (1 - b2 ** t)
-            r -= lr * (mi / (1 - b1 ** t)) / (bound(vhat, vhat.mean()).sqrt() + eps) + gamma
+            vhat = EFFECTIVE_V[optimizer](vi / (1 - b2 ** t), target)
+            r -= lr * (mi / (1 - b1 ** t)) / (vhat.sqrt() + eps) + gamma
     for s, r in zip(opt.scores, ref):
         torch.testing.assert_close(s.detach().double(), r, rtol=1e-5, atol=1e-8)
     assert all(v.shape == s.shape for (_, v), s in zip(opt.moments, opt.scores))  # one second moment per score
+
+
+@pytest.mark.parametrize("target", [0.2, 0.9])
+def test_adam_mix_steps_grow_as_the_gradient_to_the_power_s(target):
+    """adam_mix's first step inside a tensor is ∝ |g|^s: Adam's ±α at s → 0, adam_tensor's ∝ g at s → 1."""
+    opt = ScoreOptimizer(_tiny_bert(score_init_mode="magnitude"), lr=1e-3, target_sparsity=target, prune_steps=50,
+                         gamma=0.0, optimizer="adam_mix")
+    before = opt.scores[0].detach().clone()
+    grad = torch.linspace(0.1, 1, before.numel()).reshape(before.shape) * 1e-6
+    for s in opt.scores:
+        s.grad = torch.zeros_like(s)
+    opt.scores[0].grad = grad.clone()
+    opt.step()
+    step = (before - opt.scores[0].detach()).double().flatten()
+    assert math.isclose(float(step[-1] / step[0]), 10 ** target, rel_tol=1e-3)  # gradients 10:1
 
 
 @pytest.mark.parametrize("optimizer", ["adam_floor", "adam_ceiling"])
@@ -244,7 +268,7 @@ def test_adam_tensor_keeps_the_gradients_ranking_inside_a_tensor():
     assert float(steps["adam"].abs().max() / steps["adam"].abs()[grad.abs() > 1e-7].min()) < 1.01  # Adam: ±α
 
 
-@pytest.mark.parametrize("optimizer", ["adam_tensor", "adam_floor", "adam_ceiling"])
+@pytest.mark.parametrize("optimizer", ["adam_tensor", "adam_floor", "adam_ceiling", "adam_mix"])
 def test_per_tensor_statistics_are_refused_under_fsdp(optimizer):
     from abp.train.distributed import ShardedScoreOptimizer
 

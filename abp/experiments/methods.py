@@ -86,6 +86,11 @@ ABP_VARIANTS: dict[str, dict] = {
     "abp_cubic": {"score_init_mode": "magnitude", "score_optimizer": "adam", "t_l": None, "schedule": "cubic"},
     # today's default with the ramp between the linear and the cubic one, s·(1 − (1 − t)²)
     "abp_quadratic": {"score_init_mode": "magnitude", "score_optimizer": "adam", "t_l": None, "schedule": "quadratic"},
+    # today's default with one second moment per tensor (adam_tensor): steps ∝ the gradient inside a tensor
+    "abp_cubic_tensor": {"score_init_mode": "magnitude", "score_optimizer": "adam_tensor", "t_l": None,
+                         "schedule": "cubic"},
+    # today's default with the second moment v̂^(1−s)·mean(v̂)^s (adam_mix): Adam's step at low s, adam_tensor's at high
+    "abp_cubic_mix": {"score_init_mode": "magnitude", "score_optimizer": "adam_mix", "t_l": None, "schedule": "cubic"},
 }
 METHODS = (*ABP_VARIANTS, "random", "mp", "imp", "wanda", "feature_extraction", "finetune",
            "abp_shuffled", "abp_reinit", "abp_norecovery")

@@ -17,7 +17,9 @@ METHOD_STYLE = {"abp": ("tab:red", "o"), "random": ("tab:gray", "x"), "mp": ("ta
           "abp_adam": ("indigo", "p"), "abp_uniform_adam": ("plum", "p"), "abp_usage": ("crimson", "d"),
           "abp_adam_tensor": ("darkorange", "8"),
           "abp_adam_floor": ("teal", "P"), "abp_adam_ceiling": ("olive", "X"), "abp_hard": ("firebrick", "1"),
-          "abp_cubic": ("goldenrod", "2"), "abp_quadratic": ("peru", "3")}
+          "abp_cubic": ("goldenrod", "2"), "abp_quadratic": ("peru", "3"),
+          "abp_cubic_tensor": ("darkcyan", "4"),
+          "abp_cubic_mix": ("navy", "v")}
 
 
 def pyplot():

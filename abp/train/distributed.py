@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from abp.functional import ScoreSGD
-from abp.train.score_optim import FusedUpdateError, ScoreOptimizer
+from abp.train.score_optim import PER_TENSOR_STATISTICS, FusedUpdateError, ScoreOptimizer
 
 
 # ------------------------------------------------------------------------------------- torchrun env
@@ -217,7 +217,7 @@ class ShardedScoreOptimizer(ScoreOptimizer):
         if kw.get("fused"):
             raise FusedUpdateError("fused score update refused under FSDP: the score gradient is reduce-scattered "
                                    "across ranks before any update (use fused_update=off/auto)")
-        if kw.get("optimizer") in ("adam_tensor", "adam_floor", "adam_ceiling"):
+        if kw.get("optimizer") in PER_TENSOR_STATISTICS:
             raise ValueError(f"the {kw['optimizer']} score optimizer needs each tensor's mean square gradient, which FSDP "
                              f"shards across ranks: use adam or sgd under FSDP (DDP runs {kw['optimizer']})")
         super().__init__(model, **kw)

@@ -6,7 +6,8 @@ stop rule and recovery rule unchanged). Adam makes a score's step size independe
 which spans orders of magnitude between tensors (embedding rows a batch does not touch get none at all);
 ``optimizer="adam_tensor"`` keeps one second moment per tensor instead, so that inside a tensor the step stays
 proportional to the gradient; ``optimizer="adam_floor"`` floors each score's second moment at its tensor's mean
-``optimizer="adam_ceiling"`` caps it there instead (see :data:`OPTIMIZERS`).
+``optimizer="adam_ceiling"`` caps it there instead; ``optimizer="adam_mix"`` takes the geometric mean of the two
+weighted by the target sparsity (see :data:`OPTIMIZERS`).
 
 ``γ`` is either the constant the user gives or set by an on-device controller that tracks a sparsity ramp reaching the target after ``prune_steps``
 (the paper hand-tunes γ; users should not have to). Pruning stops — ``active`` drops to 0 for good —
@@ -32,7 +33,8 @@ from abp.patch import masked_modules, shared_weights
 GAIN, MAX_LOG_STEP = 20.0, 0.1
 
 
-OPTIMIZERS = ("sgd", "adam", "adam_tensor", "adam_floor", "adam_ceiling")
+OPTIMIZERS = ("sgd", "adam", "adam_tensor", "adam_floor", "adam_ceiling", "adam_mix")
+PER_TENSOR_STATISTICS = ("adam_tensor", "adam_floor", "adam_ceiling", "adam_mix")  # read a whole tensor's moments
 # adam_tensor: Adam's first moment per score, its second moment per tensor (the tensor's mean square gradient), so
 # the step keeps the gradient's relative sizes inside a tensor, as SGD does, and one pace across tensors, as Adam
 # does. Adam's per-score normalisation moves every score about α whatever its gradient's size, which ranks weights
@@ -44,6 +46,10 @@ OPTIMIZERS = ("sgd", "adam", "adam_tensor", "adam_floor", "adam_ceiling")
 # adam_ceiling: the other way round, √min(v̂, mean v̂): a score whose gradient RMS is below its tensor's moves about
 # α per step (Adam's sign-consistency ranking, where most scores are), one above it moves α × its RMS over the
 # tensor's (adam_tensor's size ranking, among the few weights a 95-99 % mask keeps).
+# adam_mix: each score's second moment v̂^(1−s) · mean(v̂)^s, s the target sparsity: Adam's per-score step where most
+# weights stay (s = 0.2 weighs the score's own v̂ 0.8), adam_tensor's per-tensor one where few do (s = 0.99: 0.01), so
+# that inside a tensor the step grows as |g|^s, from the sign ranking Adam gives at 50 % to the size ranking that
+# adam_tensor wins with at 95-99 %. Per-score memory as Adam's.
 
 
 def adam_score_lr(model: nn.Module, *, prune_steps: int, ratio: float) -> float:
@@ -251,7 +257,7 @@ class ScoreOptimizer:
         """Adam's bias-corrected ``m̂ / (√v̂ + ε)`` for the live tensors (their moments updated in place), in the op
         order of :func:`abp.reference.adam_direction_`; with ``adam_tensor``, ``v`` is the running mean square of the
         whole tensor's gradient; with ``adam_floor``, ``v̂`` is floored at its tensor's mean ``v̂``, with
-        ``adam_ceiling`` capped there."""
+        ``adam_ceiling`` capped there, with ``adam_mix`` ``v̂^(1−s)·mean(v̂)^s``."""
         b1, b2 = self.betas
         out = []
         for i, g in zip(live, grads):
@@ -266,6 +272,9 @@ class ScoreOptimizer:
                 vhat = torch.maximum(vhat, vhat.mean(), out=vhat)
             elif self.optimizer == "adam_ceiling":
                 vhat = torch.minimum(vhat, vhat.mean(), out=vhat)
+            elif self.optimizer == "adam_mix":
+                mean = vhat.mean()
+                vhat = vhat.pow_(1 - self.target).mul_(mean.pow(self.target))
             out.append(torch.mul(m, inv1, out=tmp).div_(reference.sqrt_rn(vhat, out=vhat).add_(self.eps)))
         return out
 
