@@ -263,12 +263,13 @@ def test_resume_one_to_two(run_cfg, reference, died_single, tmp_path, strategy):
     assert json.loads((out / "metrics.json").read_text())["distributed"]["strategy"] == strategy
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_adam_on_two_processes_follows_one_and_resumes_across_world_sizes(run_cfg, tmp_path, monkeypatch, strategy):
-    """abp's default score optimiser under DDP / FSDP (its moments sharded there): a run killed at step 6 on
-    one process resumes on two from the step-4 checkpoint (moments included) and follows the uninterrupted
-    single-process run."""
-    cfg = dict(run_cfg, score_optimizer="adam", score_init_mode="magnitude")
+@pytest.mark.parametrize("strategy,optimizer", [("ddp", "adam_mix"), ("fsdp", "adam_mix"), ("fsdp", "adam")])
+def test_adam_on_two_processes_follows_one_and_resumes_across_world_sizes(run_cfg, tmp_path, monkeypatch, strategy,
+                                                                          optimizer):
+    """Adam on the scores under DDP / FSDP (its moments sharded there; adam_mix's tensor means all-reduced): a run
+    killed at step 6 on one process resumes on two from the step-4 checkpoint (moments included) and follows the
+    uninterrupted single-process run."""
+    cfg = dict(run_cfg, score_optimizer=optimizer, score_init_mode="magnitude")
     _single(cfg, tmp_path / "one", monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _single(cfg, tmp_path / "two", monkeypatch, die_at=DIE_AT)

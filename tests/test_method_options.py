@@ -268,12 +268,13 @@ def test_adam_tensor_keeps_the_gradients_ranking_inside_a_tensor():
     assert float(steps["adam"].abs().max() / steps["adam"].abs()[grad.abs() > 1e-7].min()) < 1.01  # Adam: ±α
 
 
-@pytest.mark.parametrize("optimizer", ["adam_tensor", "adam_floor", "adam_ceiling", "adam_mix"])
-def test_per_tensor_statistics_are_refused_under_fsdp(optimizer):
+def test_one_second_moment_per_tensor_is_refused_under_fsdp():
+    """adam_tensor's single moment per tensor cannot be sharded; the per-score variants all-reduce their tensor means
+    (tests/test_distributed.py runs adam_mix under FSDP)."""
     from abp.train.distributed import ShardedScoreOptimizer
 
-    with pytest.raises(ValueError, match=f"{optimizer} score optimizer needs each tensor's mean square gradient"):
-        ShardedScoreOptimizer(_tiny_bert(), lr=1e-3, target_sparsity=0.5, prune_steps=3, optimizer=optimizer)
+    with pytest.raises(ValueError, match="adam_tensor score optimizer keeps one second moment per whole tensor"):
+        ShardedScoreOptimizer(_tiny_bert(), lr=1e-3, target_sparsity=0.5, prune_steps=3, optimizer="adam_tensor")
 
 
 def test_adam_keeps_no_recovery_and_refuses_the_fused_update():

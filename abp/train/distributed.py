@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from abp.functional import ScoreSGD
-from abp.train.score_optim import PER_TENSOR_STATISTICS, FusedUpdateError, ScoreOptimizer
+from abp.train.score_optim import FusedUpdateError, ScoreOptimizer
 
 
 # ------------------------------------------------------------------------------------- torchrun env
@@ -217,9 +217,9 @@ class ShardedScoreOptimizer(ScoreOptimizer):
         if kw.get("fused"):
             raise FusedUpdateError("fused score update refused under FSDP: the score gradient is reduce-scattered "
                                    "across ranks before any update (use fused_update=off/auto)")
-        if kw.get("optimizer") in PER_TENSOR_STATISTICS:
-            raise ValueError(f"the {kw['optimizer']} score optimizer needs each tensor's mean square gradient, which FSDP "
-                             f"shards across ranks: use adam or sgd under FSDP (DDP runs {kw['optimizer']})")
+        if kw.get("optimizer") == "adam_tensor":
+            raise ValueError("the adam_tensor score optimizer keeps one second moment per whole tensor, which FSDP "
+                             "shards across ranks: use adam_mix, adam or sgd under FSDP (DDP runs adam_tensor)")
         super().__init__(model, **kw)
 
     def attach(self) -> None:
@@ -244,6 +244,13 @@ class ShardedScoreOptimizer(ScoreOptimizer):
         if self.moments and "moments" in state:
             state = dict(state, moments=[tuple(local_rows(t) for t in mv) for mv in state["moments"]])
         super().load_state_dict(state)
+
+    def _tensor_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean over the whole tensor of a statistic of this rank's shard: sum and count all-reduced (float64)."""
+        local = torch.stack([t.sum(dtype=torch.float64), torch.tensor(float(t.numel()), dtype=torch.float64,
+                                                                      device=t.device)])
+        dist.all_reduce(local)
+        return (local[0] / local[1]).to(t.dtype)
 
     @torch.no_grad()
     def recount(self) -> None:

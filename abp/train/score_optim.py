@@ -34,7 +34,6 @@ GAIN, MAX_LOG_STEP = 20.0, 0.1
 
 
 OPTIMIZERS = ("sgd", "adam", "adam_tensor", "adam_floor", "adam_ceiling", "adam_mix")
-PER_TENSOR_STATISTICS = ("adam_tensor", "adam_floor", "adam_ceiling", "adam_mix")  # read a whole tensor's moments
 # adam_tensor: Adam's first moment per score, its second moment per tensor (the tensor's mean square gradient), so
 # the step keeps the gradient's relative sizes inside a tensor, as SGD does, and one pace across tensors, as Adam
 # does. Adam's per-score normalisation moves every score about α whatever its gradient's size, which ranks weights
@@ -269,14 +268,18 @@ class ScoreOptimizer:
             v.mul_(b2).add_(torch.mul(g, g, out=tmp).mul_(1 - b2) if v.dim() else g.square().mean() * (1 - b2))
             vhat = v * inv2
             if self.optimizer == "adam_floor":
-                vhat = torch.maximum(vhat, vhat.mean(), out=vhat)
+                vhat = torch.maximum(vhat, self._tensor_mean(vhat), out=vhat)
             elif self.optimizer == "adam_ceiling":
-                vhat = torch.minimum(vhat, vhat.mean(), out=vhat)
+                vhat = torch.minimum(vhat, self._tensor_mean(vhat), out=vhat)
             elif self.optimizer == "adam_mix":
-                mean = vhat.mean()
+                mean = self._tensor_mean(vhat)
                 vhat = vhat.pow_(1 - self.target).mul_(mean.pow(self.target))
             out.append(torch.mul(m, inv1, out=tmp).div_(reference.sqrt_rn(vhat, out=vhat).add_(self.eps)))
         return out
+
+    def _tensor_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of a per-score statistic over its whole tensor (sharded optimisers: over every rank's shard)."""
+        return t.mean()
 
     def sparsity(self) -> float:
         """Current fraction of pruned scores (one host sync)."""
