@@ -3,8 +3,8 @@
     python -P bench/paper_tables.py bench/results/paper          # prints the markdown tables
 
 Cells with one run say ``(n = 1)``; a run that missed its target sparsity is marked with the sparsity it reached.
-The rows and their labels are the README's; a method the record lacks is left out. ``abp_cubic`` (today's default,
-pinned) is not a row: its runs are the ``abp`` row's. Rows without "hard mask" in their label ran the forward
+The rows and their labels are the README's; a method the record lacks is left out. ``abp_cubic_mix`` (today's
+default, pinned) is not a row: its runs are the ``abp`` row's. Rows without "hard mask" in their label ran the forward
 σ(1e5·θ), and rows without a ramp named ran the linear one.
 """
 from __future__ import annotations
@@ -17,12 +17,12 @@ from abp.experiments.record import collect_results
 from abp.train.tasks import get_task
 
 ROWS = [
-    ("abp", "ABP, abp's default (θ0 ∝ \\|w\\|, Adam, hard mask, cubic ramp)"),
-    ("abp_adam", "ABP, θ0 ∝ \\|w\\| + Adam, σ(1e5·θ), linear ramp (the previous default)"),
+    ("abp", "ABP, abp's default (θ0 ∝ \\|w\\|, Adam with v̂^(1−s)·mean(v̂)^s, hard mask, cubic ramp)"),
+    ("abp_cubic", "ABP, θ0 ∝ \\|w\\| + Adam, hard mask, cubic ramp (the previous default)"),
+    ("abp_adam", "ABP, θ0 ∝ \\|w\\| + Adam, σ(1e5·θ), linear ramp"),
     ("abp_hard", "ABP, θ0 ∝ \\|w\\| + Adam, hard mask, linear ramp"),
     ("abp_quadratic", "ABP, θ0 ∝ \\|w\\| + Adam, hard mask, quadratic ramp"),
     ("abp_cubic_tensor", "ABP, θ0 ∝ \\|w\\| + per-tensor Adam, hard mask, cubic ramp"),
-    ("abp_cubic_mix", "ABP, θ0 ∝ \\|w\\| + Adam with v̂^(1−s)·mean(v̂)^s, hard mask, cubic ramp"),
     ("abp_adam_tensor", "ABP, θ0 ∝ \\|w\\| + Adam with one second moment per tensor"),
     ("abp_adam_ceiling", "ABP, θ0 ∝ \\|w\\| + Adam, second moment capped at the tensor's mean"),
     ("abp_adam_floor", "ABP, θ0 ∝ \\|w\\| + Adam, second moment floored at the tensor's mean"),

@@ -81,15 +81,16 @@ ABP_VARIANTS: dict[str, dict] = {
     "abp_usage": {"score_init_mode": "magnitude", "score_optimizer": "adam", "unused_token_scale": 0.01, **BEFORE},
     # the hard mask 1[θ>0] in the forward (t_l → ∞), linear ramp: measured against abp_adam's σ(1e5·θ)
     "abp_hard": {"t_l": None, "schedule": "linear"},
-    # the hard mask and the controller's target ramped on Zhu & Gupta's cubic (fast early, slow near the target):
-    # today's default, pinned, so its rows keep their meaning when the default moves again (`abp` adopts them)
+    # the hard mask and the controller's target ramped on Zhu & Gupta's cubic (fast early, slow near the target), with
+    # per-score Adam: the previous default (it holds the rows recorded as `abp` while it was)
     "abp_cubic": {"score_init_mode": "magnitude", "score_optimizer": "adam", "t_l": None, "schedule": "cubic"},
-    # today's default with the ramp between the linear and the cubic one, s·(1 − (1 − t)²)
+    # abp_cubic with the ramp between the linear and the cubic one, s·(1 − (1 − t)²)
     "abp_quadratic": {"score_init_mode": "magnitude", "score_optimizer": "adam", "t_l": None, "schedule": "quadratic"},
-    # today's default with one second moment per tensor (adam_tensor): steps ∝ the gradient inside a tensor
+    # abp_cubic with one second moment per tensor (adam_tensor): steps ∝ the gradient inside a tensor
     "abp_cubic_tensor": {"score_init_mode": "magnitude", "score_optimizer": "adam_tensor", "t_l": None,
                          "schedule": "cubic"},
-    # today's default with the second moment v̂^(1−s)·mean(v̂)^s (adam_mix): Adam's step at low s, adam_tensor's at high
+    # abp_cubic with the second moment v̂^(1−s)·mean(v̂)^s (adam_mix), Adam's step at low s and adam_tensor's at high:
+    # today's default, pinned, so its rows keep their meaning when the default moves again (`abp` adopts them)
     "abp_cubic_mix": {"score_init_mode": "magnitude", "score_optimizer": "adam_mix", "t_l": None, "schedule": "cubic"},
 }
 METHODS = (*ABP_VARIANTS, "random", "mp", "imp", "wanda", "feature_extraction", "finetune",

@@ -43,11 +43,12 @@ class ABPConfig:
     score_init_std: float = 0.001 ** 0.5  # normal: the paper's N(0.01, variance 0.001)
     unused_token_scale: float = 1.0  # input-embedding rows of tokens no training example contains start at
     #   θ0 × this (< 1: pruned first; 1: no data prior). They get no gradient, so only their θ0 orders them
-    score_optimizer: str = "adam"  # adam: θ ← θ − α·adam(∇) − γ | sgd: θ ← θ − α∇ − γ (the paper; the only one
-    #   the fused in-backward update runs) | adam_tensor: Adam with one second moment per tensor | adam_floor / adam_ceiling:
-    #   Adam with each score's second moment floored / capped at its tensor's mean | adam_mix: the second moment
-    #   v^(1-s)·mean(v)^s, s the target sparsity (Adam's step at low sparsity, adam_tensor's at high). Adam's step does
-    #   not scale with the gradient, whose size spans orders of magnitude between tensors
+    score_optimizer: str = "adam_mix"  # adam_mix: Adam with each score's second moment v^(1-s)·mean(v)^s, s the target
+    #   sparsity (per-score Adam where most weights stay, per-tensor Adam where few do; bench/results/paper/notes.md) |
+    #   adam: θ ← θ − α·adam(∇) − γ | sgd: θ ← θ − α∇ − γ (the paper; the only one the fused in-backward update runs) |
+    #   adam_tensor: Adam with one second moment per tensor | adam_floor / adam_ceiling: Adam with each score's second
+    #   moment floored / capped at its tensor's mean. Adam's step does not scale with the gradient, whose size spans
+    #   orders of magnitude between tensors
     recovery: bool = True  # connection recovery: pruned scores may turn positive again
     mask_embeddings: bool = True  # mask the embedding tables too (word, position, type)
     mask_layernorm: bool = False  # mask LayerNorm weights and biases
