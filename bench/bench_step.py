@@ -13,9 +13,12 @@ Impls:
   reading the packed hard mask, repacked after each step).
 - ``abp_v1``: ``abp`` with every masked linear on the v1 kernels (forward and dX read the fp32 scores;
   ``MaskedLinear.train_bits = False``, as ``ABP_KERNELS=v1`` would set).
-- ``abp_adam``: ``abp`` with abp's default score optimiser, Adam (:class:`ScoreOptimizer` ``optimizer="adam"``):
-  never fused (its moments live outside the backward epilogue), so the score gradient is materialised and the
-  step keeps two fp32 moments per score (8 B per masked weight) on top.
+- ``abp_adam``: ``abp`` with Adam on the scores (:class:`ScoreOptimizer` ``optimizer="adam"``): never fused (its
+  moments live outside the backward epilogue), so the score gradient is materialised and the step keeps two fp32
+  moments per score (8 B per masked weight) on top; moments and score step in one multi-tensor op.
+- ``abp_mix``: ``abp`` with abp's default score optimiser, ``adam_mix`` (Adam with each score's second moment
+  ``v̂^(1−s)·mean(v̂)^s``): the moments and the mix in eager torch per tensor (they need the tensor's mean first),
+  then the multi-tensor score step.
 - ``eager``: the same masked model with every ``MaskedLinear.forward`` replaced by the eager masked linear
   (``W⊙M`` materialised, dense ``dW``; fixture ``eager_masked_linear_fn`` of ``conftest.py``), scores stepped unfused by the
   same ScoreOptimizer.
@@ -47,8 +50,9 @@ GRIDS = {  # models, (batch, seq) pairs
     "cpu": (("minilm",), ((2, 32), (8, 64))),
     "quick": (("tiny-bert",), ((2, 8),)),
 }
-IMPLS = ("abp", "abp_v1", "abp_adam", "eager", "reference", "finetune", "frozen")
-MASKED = ("abp", "abp_v1", "abp_adam", "eager", "reference")
+IMPLS = ("abp", "abp_v1", "abp_adam", "abp_mix", "eager", "reference", "finetune", "frozen")
+MASKED = ("abp", "abp_v1", "abp_adam", "abp_mix", "eager", "reference")
+SCORE_OPTIMIZER = {"abp_adam": "adam", "abp_mix": "adam_mix"}  # every other masked impl: plain SGD
 UNFUSED_OPS = ("masked_matmul", "masked_matmul_dx", "score_grad", "multi_score_update_")
 FUSED_OPS = ("masked_matmul", "masked_matmul_dx", "score_grad_update_", "multi_score_update_")  # (embeddings: unfused)
 BITS_OPS = ("pack_mask", "masked_matmul_bits", "masked_matmul_bits_dx")  # replace the first two where v2 ran
@@ -138,7 +142,7 @@ def build(case: dict, device: torch.device, eager):
         score_opt = ScoreOptimizer(model, lr=1e-4, target_sparsity=0.99, prune_steps=10**6, gamma=1e-7,
                                    fused=(impl in ("abp", "abp_v1") and cuda),
                                    backend="reference" if impl == "reference" else None,
-                                   optimizer="adam" if impl == "abp_adam" else "sgd")
+                                   optimizer=SCORE_OPTIMIZER.get(impl, "sgd"))
     trained = model.parameters() if impl == "finetune" else model.head.parameters()
     head_opt = torch.optim.AdamW([p for p in trained if p.requires_grad], lr=1e-4)
 
@@ -179,7 +183,7 @@ def test_step(case, harness, bench_fixture, eager_masked_linear_fn):
         step(rot)
 
     impl = case["impl"]
-    if impl in ("abp", "abp_v1", "abp_adam", "reference"):
+    if impl in ("abp", "abp_v1", "abp_adam", "abp_mix", "reference"):
         ops = FUSED_OPS if score_opt.fused else UNFUSED_OPS  # the abp ops one step of this impl runs
         if score_opt.optimizer == "adam":  # Adam's moments and the score step in one op
             ops = tuple("multi_score_adam_update_" if op == "multi_score_update_" else op for op in ops)
