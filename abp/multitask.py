@@ -526,11 +526,11 @@ class MultiTaskModel(nn.Module):
         with self.route(tasks) as ids:  # the one check of the ids' range (a host sync)
             out = self._backbone(ids, input_ids, attention_mask, token_type_ids, output_hidden_states=True)
         results = {}
+        segments = segment_ids if segment_ids is not None else token_type_ids
         for t in torch.unique(ids).tolist():
             rows = (ids == t).nonzero().squeeze(1)
             hidden = tuple(h.index_select(0, rows) for h in out.hidden_states)
             mask = attention_mask.index_select(0, rows) if attention_mask is not None else None
-            segments = segment_ids if segment_ids is not None else token_type_ids
             logits = self.heads[t](hidden, mask, segments.index_select(0, rows) if segments is not None else None)
             results[self.task_names[t]] = TaskOutput(rows, logits.squeeze(-1) if logits.shape[-1] == 1 else logits)
         return MultiTaskOutput(results, int(input_ids.shape[0]))

@@ -129,11 +129,13 @@ class Batcher:
             np.cumsum(lengths[:-1], out=offsets[1:])
             cache: dict[str, Any] = {"lengths": lengths, "offsets": offsets}
             rows = {key: enc[key] for key in self._KEYS if key in enc}
-            segments = segment_ids(enc, len(a)) if self._paired else [[0] * n for n in lengths.tolist()]
+            segments = segment_ids(enc, len(a)) if self._paired else None
             if segments is not None:
                 rows["segment_ids"] = segments
             for key, value in rows.items():
                 cache[key] = np.fromiter((t for row in value for t in row), dtype=np.int64, count=int(lengths.sum()))
+            if not self._paired:  # one sentence: every token is in the first
+                cache["segment_ids"] = np.zeros(int(lengths.sum()), dtype=np.int64)
             self._cache = cache
         return self._cache
 
