@@ -87,15 +87,17 @@ EOF
 ); do
   case " $CUBINS " in *" $want "*) ;; *) echo "compile_cuda: $want missing from $SO" >&2; exit 1 ;; esac
 done
-"$VENV/bin/python" - "$SO" <<'EOF'
-import importlib.util, sys
+"$VENV/bin/python" - "$SO" "$ROOT/abp/_ext.py" <<'EOF'
+import ast, importlib.util, sys
 import torch
 spec = importlib.util.spec_from_file_location("abp._C", sys.argv[1])
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
 assert mod.WITH_CUDA == 1, "built without CUDA"
-ops = ["pack_mask", "pack_positive", "unpack_mask", "multi_score_update_", "multi_score_adam_update_", "bitmask_linear",
-       "multi_bitmask_linear"]
+# every op abp/_ext.py lists (read without importing abp, which this venv does not have installed)
+tree = ast.parse(open(sys.argv[2]).read())
+ops = next(ast.literal_eval(n.value) for n in tree.body
+           if isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "OPS" for t in n.targets))
 missing = [f"{op}/{key}" for op in ops for key in ("CPU", "CUDA")
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"abp_C::{op}", key)]
 assert not missing, f"kernels not registered: {missing}"

@@ -20,8 +20,8 @@ import torch
 Tensor = torch.Tensor
 
 #: The abp_C operators this extension defines (the public ``abp::`` op of the same name calls it).
-OPS = ("pack_mask", "pack_positive", "unpack_mask", "multi_score_update_", "multi_score_adam_update_", "bitmask_linear",
-       "multi_bitmask_linear")
+OPS = ("pack_mask", "pack_positive", "unpack_mask", "multi_score_update_", "multi_score_adam_update_",
+       "multi_adam_moments_", "multi_score_adam_mix_update_", "bitmask_linear", "multi_bitmask_linear")
 
 
 class ExtensionWarning(UserWarning):
@@ -132,6 +132,15 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("abp_C::multi_score_adam_update_")
     def _(scores, grads, exp_avg, exp_avg_sq, inv_bias1, inv_bias2, lr, beta1, beta2, eps, gamma, active, recovery,
+          counts) -> None:
+        return None
+
+    @torch.library.register_fake("abp_C::multi_adam_moments_")
+    def _(grads, exp_avg, exp_avg_sq, inv_bias2, beta1, beta2, sums) -> None:
+        return None
+
+    @torch.library.register_fake("abp_C::multi_score_adam_mix_update_")
+    def _(scores, exp_avg, exp_avg_sq, mean_sq, inv_bias1, inv_bias2, mix, lr, eps, gamma, active, recovery,
           counts) -> None:
         return None
 

@@ -337,6 +337,71 @@ def _(scores, grads, exp_avg, exp_avg_sq, inv_bias1, inv_bias2, lr, beta1, beta2
     return None
 
 
+def _multi_adam_moments_ext(*args):
+    _c().multi_adam_moments_(*args)
+
+
+_MULTI_ADAM_MOMENTS = {"reference": reference.multi_adam_moments_, "cuda": _multi_adam_moments_ext,
+                       "cpp": _multi_adam_moments_ext}
+
+
+@torch.library.custom_op("abp::multi_adam_moments_", mutates_args=("exp_avg", "exp_avg_sq", "sums"))
+def multi_adam_moments_(
+    grads: list[Tensor], exp_avg: list[Tensor], exp_avg_sq: list[Tensor], inv_bias2: list[float], beta1: float,
+    beta2: float, sums: Tensor, backend: str,
+) -> None:
+    """``adam_mix``'s first pass, over all tensors at once: Adam's moments ``m ← β1·m + (1−β1)·g``,
+    ``v ← β2·v + (1−β2)·g²`` (bit for bit as :func:`multi_score_adam_update_`'s) and ``sums[i]`` (float64) ← the
+    sum of tensor ``i``'s bias-corrected ``v̂ = v·inv_bias2[i]``, for :func:`multi_score_adam_mix_update_`'s
+    per-tensor mean (a sharded optimiser all-reduces the sums between the two passes). The sums go over fixed
+    blocks in a fixed order, so they are the same bits on every run of a backend; backends differ in the last bits
+    of a float64 sum (:func:`abp.reference.multi_adam_moments_` is the oracle).
+    """
+    backends.dispatch("multi_adam_moments_", _MULTI_ADAM_MOMENTS, sums.device, backend,
+                      grads, exp_avg, exp_avg_sq, inv_bias2, beta1, beta2, sums)
+
+
+@multi_adam_moments_.register_fake
+def _(grads, exp_avg, exp_avg_sq, inv_bias2, beta1, beta2, sums, backend):
+    return None
+
+
+def _multi_adam_mix_update_ext(*args):
+    _c().multi_score_adam_mix_update_(*args)
+
+
+_MULTI_ADAM_MIX_UPDATE = {"reference": reference.multi_score_adam_mix_update_, "cuda": _multi_adam_mix_update_ext,
+                          "cpp": _multi_adam_mix_update_ext}
+
+
+@torch.library.custom_op("abp::multi_score_adam_mix_update_", mutates_args=("scores", "counts"))
+def multi_score_adam_mix_update_(
+    scores: list[Tensor], exp_avg: list[Tensor], exp_avg_sq: list[Tensor], mean_sq: Tensor, inv_bias1: list[float],
+    inv_bias2: list[float], mix: float, lr: float, eps: float, gamma: Tensor, active: Tensor, recovery: bool,
+    counts: Tensor, backend: str,
+) -> None:
+    """``adam_mix``'s second pass, over all tensors at once: ``θ ← θ − active·(lr·d + γ)`` with
+    ``d = m̂ / ((v̂)^((1−mix)/2) · mean_sq[i]^(mix/2) + ε)``, ``m̂ = m·inv_bias1[i]``, ``v̂ = v·inv_bias2[i]``
+    (the moments of :func:`multi_adam_moments_`, ``mean_sq[i]`` tensor ``i``'s mean ``v̂``, fp32);
+    ``counts[i]`` ← #θ≤0 in ``scores[i]``. As :func:`abp.reference.multi_score_adam_mix_update_` to a few ulps of
+    ``d`` (``pow`` is not correctly rounded in any backend).
+
+    Why two passes and not one: the step of every score needs its tensor's mean ``v̂``, which needs every moment of
+    the tensor first. Pass 1 reads ``g, m, v`` and writes ``m, v`` (20 bytes per fp32 score), pass 2 reads
+    ``m, v, θ`` and writes ``θ`` (16 bytes), where the eager sequence (moments, bias correction, mean, powers,
+    root, quotient, then :func:`multi_score_update_`) makes about fifteen passes with temporaries.
+    """
+    backends.dispatch("multi_score_adam_mix_update_", _MULTI_ADAM_MIX_UPDATE, counts.device, backend,
+                      scores, exp_avg, exp_avg_sq, mean_sq, inv_bias1, inv_bias2, mix, lr, eps, gamma, active,
+                      recovery, counts)
+
+
+@multi_score_adam_mix_update_.register_fake
+def _(scores, exp_avg, exp_avg_sq, mean_sq, inv_bias1, inv_bias2, mix, lr, eps, gamma, active, recovery, counts,
+      backend):
+    return None
+
+
 # --------------------------------------------------------------------------- 1-bit masks
 
 _PACK = {"reference": reference.pack_mask, "cuda": lambda m: _c().pack_mask(m), "cpp": lambda m: _c().pack_mask(m)}

@@ -39,6 +39,8 @@ _PREFERENCE: dict[str, tuple[str, ...]] = {
     "score_grad_update_": ("triton", "reference"),
     "multi_score_update_": ("cuda", "cpp", "reference"),
     "multi_score_adam_update_": ("cuda", "cpp", "reference"),
+    "multi_adam_moments_": ("cuda", "cpp", "reference"),
+    "multi_score_adam_mix_update_": ("cuda", "cpp", "reference"),
     "pack_mask": ("cuda", "cpp", "reference"),
     "pack_positive": ("cuda", "cpp", "reference"),
     "unpack_mask": ("cuda", "cpp", "reference"),

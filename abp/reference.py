@@ -155,6 +155,57 @@ def multi_score_adam_update_(
         counts[i] = score_update_(s, d, lr, gamma, active, recovery)
 
 
+def adam_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, beta1: float, beta2: float,
+                  inv_bias2: float) -> Tensor:
+    """Adam's moments of one tensor updated in place as in :func:`adam_direction_`; returns the sum of the
+    bias-corrected second moment ``Σ v·inv_bias2`` (each product in fp32, summed in float64): what ``adam_mix`` takes
+    the tensor's mean of."""
+    g = grad.float()
+    exp_avg.mul_(beta1).add_(g * (1 - beta1))
+    exp_avg_sq.mul_(beta2).add_((g * g) * (1 - beta2))
+    return (exp_avg_sq * inv_bias2).sum(dtype=torch.float64)
+
+
+def multi_adam_moments_(
+    grads: Sequence[Tensor], exp_avg: Sequence[Tensor], exp_avg_sq: Sequence[Tensor], inv_bias2: Sequence[float],
+    beta1: float, beta2: float, sums: Tensor,
+) -> None:
+    """:func:`adam_moments_` over many tensors; ``sums[i]`` (float64) ← the sum of tensor ``i``'s ``v̂``."""
+    for i, (g, m, v) in enumerate(zip(grads, exp_avg, exp_avg_sq)):
+        sums[i] = adam_moments_(m, v, g, beta1, beta2, inv_bias2[i])
+
+
+def adam_mix_direction(exp_avg: Tensor, exp_avg_sq: Tensor, mean_sq: Tensor, inv_bias1: float, inv_bias2: float,
+                       mix: float, eps: float) -> Tensor:
+    """``adam_mix``'s direction for one tensor in fp32 (moments already updated, :func:`adam_moments_`):
+    ``d = (m·inv_bias1) / (v̂^((1−mix)/2) · mean_sq^(mix/2) + ε)`` with ``v̂ = v·inv_bias2``, i.e. Adam's with the
+    second moment ``v̂^(1−mix)·mean_sq^mix`` (``mean_sq``: the tensor's mean ``v̂``, 0-d fp32). The power is
+    ``exp(log(v̂)·(1−mix)/2 + log(mean_sq^(mix/2)))`` in fp32, the form the compiled ops vectorise (a general ``pow`` is
+    ten times slower on CPU): its argument's rounding puts it within about 1e-6 (relative) of the exact power, which is
+    how close the backends agree (tests/test_csrc.py checks them against float64)."""
+    return adam_mix_direction_lpm(exp_avg, exp_avg_sq, mean_sq.pow(mix / 2).log_(), inv_bias1, inv_bias2, mix, eps)
+
+
+def adam_mix_direction_lpm(exp_avg: Tensor, exp_avg_sq: Tensor, lpm: Tensor, inv_bias1: float, inv_bias2: float,
+                           mix: float, eps: float) -> Tensor:
+    """:func:`adam_mix_direction` with ``lpm = log(mean_sq^(mix/2))`` given (0-d fp32)."""
+    denom = (exp_avg_sq * inv_bias2).log_().mul_((1 - mix) / 2).add_(lpm).exp_().add_(eps)
+    return (exp_avg * inv_bias1).div_(denom)
+
+
+def multi_score_adam_mix_update_(
+    scores: Sequence[Tensor], exp_avg: Sequence[Tensor], exp_avg_sq: Sequence[Tensor], mean_sq: Tensor,
+    inv_bias1: Sequence[float], inv_bias2: Sequence[float], mix: float, lr: float, eps: float,
+    gamma: Tensor | float, active: Tensor | float, recovery: bool, counts: Tensor,
+) -> None:
+    """:func:`adam_mix_direction` then :func:`score_update_` on each tensor (``mean_sq[i]`` is tensor ``i``'s mean
+    ``v̂``); ``counts[i]`` ← count of ``θ ≤ 0`` in ``scores[i]``."""
+    lpm = mean_sq.pow(mix / 2).log_()
+    for i, (s, m, v) in enumerate(zip(scores, exp_avg, exp_avg_sq)):
+        d = adam_mix_direction_lpm(m, v, lpm[i], inv_bias1[i], inv_bias2[i], mix, eps)
+        counts[i] = score_update_(s, d, lr, gamma, active, recovery)
+
+
 def pack_mask(mask: Tensor) -> Tensor:
     """Bool tensor → uint8 bits (see the module docstring for the bit order)."""
     flat = mask.reshape(-1).to(torch.uint8)

@@ -17,8 +17,8 @@ Impls:
   moments live outside the backward epilogue), so the score gradient is materialised and the step keeps two fp32
   moments per score (8 B per masked weight) on top; moments and score step in one multi-tensor op.
 - ``abp_mix``: ``abp`` with abp's default score optimiser, ``adam_mix`` (Adam with each score's second moment
-  ``v̂^(1−s)·mean(v̂)^s``): the moments and the mix in eager torch per tensor (they need the tensor's mean first),
-  then the multi-tensor score step.
+  ``v̂^(1−s)·mean(v̂)^s``): two multi-tensor ops, the moments with each tensor's sum of ``v̂`` (each score's step
+  needs its tensor's mean), then the step.
 - ``eager``: the same masked model with every ``MaskedLinear.forward`` replaced by the eager masked linear
   (``W⊙M`` materialised, dense ``dW``; fixture ``eager_masked_linear_fn`` of ``conftest.py``), scores stepped unfused by the
   same ScoreOptimizer.

@@ -182,6 +182,86 @@ inline void check_multi_score_adam_update(at::TensorList scores, at::TensorList 
   }
 }
 
+// A per-tensor vector argument of the adam_mix ops (`sums`, `mean_sq`): `dtype`, contiguous, [n], on the device of
+// `counts` (the device check is the caller's where the vector itself sets the device).
+inline void check_per_tensor(const char* op, const at::Tensor& t, const char* name, c10::ScalarType dtype, size_t n,
+                             c10::Device dev) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.dim() == 1 && t.numel() == static_cast<int64_t>(n) && t.is_contiguous(),
+              op, ": `", name, "` must be a contiguous ", dtype, " tensor of shape [", n, "] (one per tensor), got ",
+              t.scalar_type(), " of shape ", t.sizes());
+  TORCH_CHECK(t.device() == dev, op, ": `", name, "` is on ", t.device(), " but `counts` is on ", dev);
+}
+
+// Adam's moment pair of tensor i: fp32, contiguous (updated in place), the shape of `like` (`scores[i]` or
+// `grads[i]`, named in the message), on `dev`.
+inline void check_moment_pair(const char* op, const at::Tensor& m, const at::Tensor& v, const at::Tensor& like,
+                              const char* like_name, c10::Device dev, size_t i) {
+  auto check = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": `", name, "[", i, "]` must be float32, got ", t.scalar_type());
+    TORCH_CHECK(t.sizes() == like.sizes(), op, ": `", name, "[", i, "]` has shape ", t.sizes(), " but `", like_name,
+                "[", i, "]` has shape ", like.sizes());
+    TORCH_CHECK(t.is_contiguous(), op, ": `", name, "[", i, "]` must be contiguous (it is updated in place)");
+    TORCH_CHECK(t.device() == dev, op, ": `", name, "[", i, "]` is on ", t.device(), " but `", like_name, "[", i,
+                "]` is on ", dev);
+  };
+  check(m, "exp_avg");
+  check(v, "exp_avg_sq");
+}
+
+// Checks of multi_adam_moments_ (adam_mix's first pass: the moments and each tensor's sum of v̂).
+inline void check_multi_adam_moments(at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                                     at::ArrayRef<double> inv_bias2, double beta1, double beta2,
+                                     const at::Tensor& sums) {
+  constexpr const char* op = "abp_C::multi_adam_moments_";
+  const size_t n = grads.size();
+  TORCH_CHECK(exp_avg.size() == n && exp_avg_sq.size() == n && inv_bias2.size() == n, op, ": got ", n,
+              " `grads` but ", exp_avg.size(), " `exp_avg`, ", exp_avg_sq.size(), " `exp_avg_sq` and ",
+              inv_bias2.size(), " `inv_bias2` (one of each per tensor)");
+  TORCH_CHECK(0.0 <= beta1 && beta1 < 1.0 && 0.0 <= beta2 && beta2 < 1.0, op,
+              ": `beta1` and `beta2` must be in [0, 1), got ", beta1, " and ", beta2);
+  const c10::Device dev = sums.device();
+  check_per_tensor(op, sums, "sums", at::kDouble, n, dev);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(is_serving_dtype(g.scalar_type()), op, ": `grads[", i,
+                "]` must be float32, float16 or bfloat16, got ", g.scalar_type());
+    TORCH_CHECK(g.scalar_type() == grads[0].scalar_type(), op, ": all `grads` must share one dtype; grads[0] is ",
+                grads[0].scalar_type(), ", grads[", i, "] is ", g.scalar_type());
+    TORCH_CHECK(g.device() == dev, op, ": `grads[", i, "]` is on ", g.device(), " but `sums` is on ", dev);
+    check_moment_pair(op, exp_avg[i], exp_avg_sq[i], g, "grads", dev, i);
+    TORCH_CHECK(std::isfinite(inv_bias2[i]) && inv_bias2[i] >= 1.0, op, ": `inv_bias2[", i,
+                "]` must be finite and >= 1 (1/(1-beta2^t), t >= 1), got ", inv_bias2[i]);
+  }
+}
+
+// Checks of multi_score_adam_mix_update_ (adam_mix's second pass: the direction and the score step).
+inline void check_multi_score_adam_mix_update(at::TensorList scores, at::TensorList exp_avg,
+                                              at::TensorList exp_avg_sq, const at::Tensor& mean_sq,
+                                              at::ArrayRef<double> inv_bias1, at::ArrayRef<double> inv_bias2,
+                                              double mix, double eps, const at::Tensor& gamma,
+                                              const at::Tensor& active, const at::Tensor& counts) {
+  constexpr const char* op = "abp_C::multi_score_adam_mix_update_";
+  const size_t n = scores.size();
+  TORCH_CHECK(exp_avg.size() == n && exp_avg_sq.size() == n && inv_bias1.size() == n && inv_bias2.size() == n, op,
+              ": got ", n, " `scores` but ", exp_avg.size(), " `exp_avg`, ", exp_avg_sq.size(), " `exp_avg_sq`, ",
+              inv_bias1.size(), " `inv_bias1` and ", inv_bias2.size(), " `inv_bias2` (one of each per tensor)");
+  // mix = 1 would take log(0)·0 for a score whose v̂ is 0 (the target sparsity, which it is, is below 1 anyway)
+  TORCH_CHECK(0.0 <= mix && mix < 1.0, op, ": `mix` must be in [0, 1), got ", mix);
+  TORCH_CHECK(eps >= 0.0, op, ": `eps` must be >= 0, got ", eps);
+  const c10::Device dev = counts.device();
+  check_per_tensor(op, mean_sq, "mean_sq", at::kFloat, n, dev);
+  for (size_t i = 0; i < n; ++i) check_moment_pair(op, exp_avg[i], exp_avg_sq[i], scores[i], "scores", dev, i);
+  // then the SGD step's own checks (scores, gamma, active, counts), the first moments standing in for the grads
+  check_multi_score_update(op, scores, exp_avg, gamma, active, counts);
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(std::isfinite(inv_bias1[i]) && std::isfinite(inv_bias2[i]) && inv_bias1[i] >= 1.0 &&
+                    inv_bias2[i] >= 1.0,
+                op, ": `inv_bias1[", i, "]` and `inv_bias2[", i,
+                "]` must be finite and >= 1 (1/(1-beta^t), t >= 1), got ", inv_bias1[i], " and ", inv_bias2[i]);
+  }
+}
+
+
 // Checks of bitmask_linear (task_ids == nullptr) and multi_bitmask_linear; returns the number of tasks.
 inline int64_t check_bitmask_linear(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                     const at::Tensor& packed, const at::Tensor* task_ids,

@@ -1,4 +1,4 @@
-// CUDA implementations of the packed-mask utilities and of the multi-tensor score updates (SGD and Adam).
+// CUDA implementations of the packed-mask utilities and of the multi-tensor score updates (SGD, Adam, adam_mix).
 // Everything runs on the current stream and never synchronises with the host.
 
 // Narrow ATen includes (not ATen/ATen.h): the host pass of nvcc is a large part of the build time.
@@ -337,6 +337,190 @@ void multi_score_adam_update_cuda(at::TensorList scores, at::TensorList grads, a
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// ----------------------------------------------------------------------------- multi-tensor adam_mix (two passes)
+
+// Pass 1: Adam's moments (multi_score_adam_update_kernel's arithmetic) and each chunk's Σ v̂ in float64 into
+// partial[c]; sum_chunks_kernel then adds each tensor's chunk sums in chunk order, so the sums are the same bits on
+// every run. Table columns: grads, exp_avg, exp_avg_sq pointers, numel, first chunk, inv_bias2 (float bits).
+constexpr int kMomentTableCols = 6;
+
+template <typename grad_t>
+__global__ void __launch_bounds__(kThreads) multi_adam_moments_kernel(
+    const int64_t* __restrict__ table, int ntensors, int64_t total_chunks, AdamConsts k, double* __restrict__ partial) {
+  __shared__ double warp_part[kThreads / kWarpSize];
+  const int64_t* starts = table + 4 * ntensors;
+  for (int64_t c = blockIdx.x; c < total_chunks; c += gridDim.x) {
+    const int i = owner_of_chunk(starts, ntensors, c);
+    const grad_t* g = reinterpret_cast<const grad_t*>(table[i]);
+    float* m = reinterpret_cast<float*>(table[ntensors + i]);
+    float* v = reinterpret_cast<float*>(table[2 * ntensors + i]);
+    const int64_t numel = table[3 * ntensors + i];
+    const float ib2 = __uint_as_float(static_cast<unsigned>(table[5 * ntensors + i]));
+    const int64_t begin = (c - starts[i]) * kChunk;
+    const int64_t end = begin + kChunk < numel ? begin + kChunk : numel;
+    double acc = 0.0;
+    for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
+      const float gj = static_cast<float>(g[j]);
+      m[j] = __fadd_rn(__fmul_rn(m[j], k.b1), __fmul_rn(gj, k.c1));
+      const float vj = __fadd_rn(__fmul_rn(v[j], k.b2), __fmul_rn(__fmul_rn(gj, gj), k.c2));
+      v[j] = vj;
+      acc += static_cast<double>(__fmul_rn(vj, ib2));
+    }
+    acc = warp_sum(acc);
+    if (threadIdx.x % kWarpSize == 0) warp_part[threadIdx.x / kWarpSize] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double total = 0.0;
+#pragma unroll
+      for (int w = 0; w < kThreads / kWarpSize; ++w) total += warp_part[w];
+      partial[c] = total;
+    }
+    __syncthreads();  // `warp_part` is reused by the next chunk
+  }
+}
+
+// sums[i] = Σ partial[c] over tensor i's chunks, in order (one thread per tensor; a tensor has numel/16384 chunks).
+__global__ void sum_chunks_kernel(const int64_t* __restrict__ starts, int ntensors, int64_t total_chunks,
+                                  const double* __restrict__ partial, double* __restrict__ sums) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < ntensors; i += gridDim.x * blockDim.x) {
+    const int64_t end = i + 1 < ntensors ? starts[i + 1] : total_chunks;
+    double total = 0.0;
+    for (int64_t c = starts[i]; c < end; ++c) total += partial[c];
+    sums[i] = total;
+  }
+}
+
+void multi_adam_moments_cuda(at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                             at::ArrayRef<double> inv_bias2, double beta1, double beta2, const at::Tensor& sums) {
+  constexpr const char* op = "abp_C::multi_adam_moments_";
+  check_multi_adam_moments(grads, exp_avg, exp_avg_sq, inv_bias2, beta1, beta2, sums);
+  TORCH_CHECK(sums.is_cuda(), op, ": `sums` must be a CUDA tensor here, got ", sums.device());
+  const c10::cuda::CUDAGuard guard(sums.device());
+  const int n = static_cast<int>(grads.size());
+  if (n == 0) return;
+  sums.zero_();  // tensors without elements own no chunk and keep 0
+
+  std::vector<at::Tensor> gs;  // contiguous grads, alive until the launch is queued
+  gs.reserve(n);
+  at::Tensor table = at::empty({kMomentTableCols * n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* t = table.data_ptr<int64_t>();
+  int64_t chunks = 0;
+  for (int i = 0; i < n; ++i) {
+    gs.push_back(grads[i].contiguous());
+    const int64_t numel = gs[i].numel();
+    t[i] = reinterpret_cast<int64_t>(gs[i].data_ptr());
+    t[n + i] = reinterpret_cast<int64_t>(exp_avg[i].data_ptr<float>());
+    t[2 * n + i] = reinterpret_cast<int64_t>(exp_avg_sq[i].data_ptr<float>());
+    t[3 * n + i] = numel;
+    t[4 * n + i] = chunks;
+    const float ib2 = static_cast<float>(inv_bias2[i]);
+    uint32_t bits = 0;
+    std::memcpy(&bits, &ib2, sizeof bits);
+    t[5 * n + i] = static_cast<int64_t>(bits);
+    chunks += (numel + kChunk - 1) / kChunk;
+  }
+  if (chunks == 0) return;
+  const at::Tensor dtable = table.to(sums.device(), /*non_blocking=*/true);
+  at::Tensor partial = at::empty({chunks}, sums.options());
+  const int blocks = static_cast<int>(std::min<int64_t>(chunks, static_cast<int64_t>(sm_count()) * 8));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const AdamConsts k = adam_consts(beta1, beta2, 0.0);
+  dispatch_serving_dtype(gs[0].scalar_type(), op, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    multi_adam_moments_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(dtable.data_ptr<int64_t>(), n, chunks, k,
+                                                                         partial.data_ptr<double>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  sum_chunks_kernel<<<(n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+      dtable.data_ptr<int64_t>() + 4 * n, n, chunks, partial.data_ptr<double>(), sums.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Pass 2: the direction from the updated moments and the tensor's mean v̂ (reference.adam_mix_direction), then the
+// score step. Table columns: scores, exp_avg, exp_avg_sq pointers, numel, first chunk, (inv_bias1, inv_bias2) as
+// two float bit patterns in one int64.
+constexpr int kMixTableCols = 6;
+
+// adam_mix's direction for one score from its updated moments, in the op order of reference.adam_mix_direction:
+//   d = (m·inv_bias1) / (exp(log(v·inv_bias2)·e1 + lpm) + ε),  e1 = (1−mix)/2,  lpm = log(mean_sq^(mix/2)).
+// Each product, sum and quotient rounded on its own (no FMA); logf and expf are CUDA's accurate ones (1–2 ulp).
+__device__ inline float adam_mix_direction(float m, float v, float inv_bias1, float inv_bias2, float e1, float lpm,
+                                           float eps) {
+  const float p = expf(__fadd_rn(__fmul_rn(logf(__fmul_rn(v, inv_bias2)), e1), lpm));
+  return __fdiv_rn(__fmul_rn(m, inv_bias1), __fadd_rn(p, eps));
+}
+
+__global__ void __launch_bounds__(kThreads) multi_score_adam_mix_update_kernel(
+    const int64_t* __restrict__ table, int ntensors, int64_t total_chunks, const float* __restrict__ mean_sq,
+    float e1, float e2, float lr, float eps, const float* __restrict__ gamma_p, const float* __restrict__ active_p,
+    bool recovery, int64_t* __restrict__ counts) {
+  __shared__ int64_t partial[kThreads / kWarpSize];
+  const float gamma = *gamma_p, active = *active_p;
+  const int64_t* starts = table + 4 * ntensors;
+  for (int64_t c = blockIdx.x; c < total_chunks; c += gridDim.x) {
+    const int i = owner_of_chunk(starts, ntensors, c);
+    float* s = reinterpret_cast<float*>(table[i]);
+    const float* m = reinterpret_cast<const float*>(table[ntensors + i]);
+    const float* v = reinterpret_cast<const float*>(table[2 * ntensors + i]);
+    const int64_t numel = table[3 * ntensors + i];
+    const uint64_t bias = static_cast<uint64_t>(table[5 * ntensors + i]);
+    const float ib1 = __uint_as_float(static_cast<unsigned>(bias & 0xffffffffu));
+    const float ib2 = __uint_as_float(static_cast<unsigned>(bias >> 32));
+    const float lpm = logf(powf(mean_sq[i], e2));
+    const int64_t begin = (c - starts[i]) * kChunk;
+    const int64_t end = begin + kChunk < numel ? begin + kChunk : numel;
+    int64_t nonpos = 0;
+    for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
+      const float d = adam_mix_direction(m[j], v[j], ib1, ib2, e1, lpm, eps);
+      const float nv = score_step(s[j], d, lr, gamma, active, recovery);
+      s[j] = nv;
+      nonpos += nv <= 0.f;
+    }
+    block_count_add(nonpos, partial, counts + i);
+  }
+}
+
+void multi_score_adam_mix_update_cuda(at::TensorList scores, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                                      const at::Tensor& mean_sq, at::ArrayRef<double> inv_bias1,
+                                      at::ArrayRef<double> inv_bias2, double mix, double lr, double eps,
+                                      const at::Tensor& gamma, const at::Tensor& active, bool recovery,
+                                      const at::Tensor& counts) {
+  constexpr const char* op = "abp_C::multi_score_adam_mix_update_";
+  check_multi_score_adam_mix_update(scores, exp_avg, exp_avg_sq, mean_sq, inv_bias1, inv_bias2, mix, eps, gamma,
+                                    active, counts);
+  TORCH_CHECK(counts.is_cuda(), op, ": `counts` must be a CUDA tensor here, got ", counts.device());
+  const c10::cuda::CUDAGuard guard(counts.device());
+  const int n = static_cast<int>(scores.size());
+  counts.zero_();
+  if (n == 0) return;
+
+  at::Tensor table = at::empty({kMixTableCols * n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* t = table.data_ptr<int64_t>();
+  int64_t chunks = 0;
+  for (int i = 0; i < n; ++i) {
+    const int64_t numel = scores[i].numel();
+    t[i] = reinterpret_cast<int64_t>(scores[i].data_ptr<float>());
+    t[n + i] = reinterpret_cast<int64_t>(exp_avg[i].data_ptr<float>());
+    t[2 * n + i] = reinterpret_cast<int64_t>(exp_avg_sq[i].data_ptr<float>());
+    t[3 * n + i] = numel;
+    t[4 * n + i] = chunks;
+    const float ib1 = static_cast<float>(inv_bias1[i]), ib2 = static_cast<float>(inv_bias2[i]);
+    uint32_t b1bits = 0, b2bits = 0;
+    std::memcpy(&b1bits, &ib1, sizeof b1bits);
+    std::memcpy(&b2bits, &ib2, sizeof b2bits);
+    t[5 * n + i] = static_cast<int64_t>((static_cast<uint64_t>(b2bits) << 32) | b1bits);
+    chunks += (numel + kChunk - 1) / kChunk;
+  }
+  if (chunks == 0) return;
+  const at::Tensor dtable = table.to(counts.device(), /*non_blocking=*/true);
+  const int blocks = static_cast<int>(std::min<int64_t>(chunks, static_cast<int64_t>(sm_count()) * 8));
+  multi_score_adam_mix_update_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      dtable.data_ptr<int64_t>(), n, chunks, mean_sq.data_ptr<float>(), static_cast<float>((1.0 - mix) / 2),
+      static_cast<float>(mix / 2), static_cast<float>(lr), static_cast<float>(eps), gamma.data_ptr<float>(),
+      active.data_ptr<float>(), recovery, counts.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 }  // namespace abp
 
@@ -346,4 +530,6 @@ TORCH_LIBRARY_IMPL(abp_C, CUDA, m) {
   m.impl("unpack_mask", &abp::unpack_mask_cuda);
   m.impl("multi_score_update_", &abp::multi_score_update_cuda);
   m.impl("multi_score_adam_update_", &abp::multi_score_adam_update_cuda);
+  m.impl("multi_adam_moments_", &abp::multi_adam_moments_cuda);
+  m.impl("multi_score_adam_mix_update_", &abp::multi_score_adam_mix_update_cuda);
 }

@@ -244,6 +244,154 @@ def test_multi_score_adam_update_errors():
     assert all(torch.equal(a, b) for a, b in zip(s + m + v, ref[0] + ref[1] + ref[2]))
 
 
+# --------------------------------------------------------------------------- adam_mix score update (two passes)
+
+MIX_SHAPES = ADAM_SHAPES + [(70001,)]  # more than one 16384-element block, with a tail
+
+
+def mix_oracle(scores, exp_avg, exp_avg_sq, inv1, inv2, mix, lr, eps, gamma, active):
+    """float64: each tensor's mean v̂ and the score step θ − active·(lr·m̂/(v̂^((1−mix)/2)·mean^(mix/2) + ε) + γ),
+    from the moments after the first pass."""
+    out, means = [], []
+    for s, m, v, i1, i2 in zip(scores, exp_avg, exp_avg_sq, inv1, inv2):
+        vhat = v.double() * i2
+        mean = vhat.mean() if vhat.numel() else torch.zeros((), dtype=torch.float64)
+        d = m.double() * i1 / (vhat ** ((1 - mix) / 2) * mean ** (mix / 2) + eps)
+        out.append(s.double() - active * (lr * d + gamma))
+        means.append(mean)
+    return out, means
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_multi_adam_moments_matches_reference(grad_dtype):
+    """The moments bit for bit (Adam's arithmetic); each tensor's Σ v̂ within float64 rounding of the reference's
+    and of a float64 oracle, and the same bits whatever the thread count."""
+    scores, grads, m, v, inv1, inv2 = make_adam_args(grad_dtype, seed=11, shapes=MIX_SHAPES, steps=ADAM_STEPS + [5])
+    want_m, want_v = clone_all(m, v)
+    sums = torch.full((len(m),), 123.0, dtype=torch.float64)  # poisoned: must be overwritten
+    want = torch.zeros_like(sums)
+    reference.multi_adam_moments_(grads, want_m, want_v, inv2, 0.9, 0.999, want)
+    m1, v1 = clone_all(m, v)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        C.multi_adam_moments_(grads, m1, v1, inv2, 0.9, 0.999, sums)
+        torch.set_num_threads(max(2, threads))
+        again = torch.zeros_like(sums)
+        C.multi_adam_moments_(grads, m, v, inv2, 0.9, 0.999, again)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(sums, again)
+    for got, exp in zip(m + v + m1 + v1, want_m + want_v + want_m + want_v):
+        assert torch.equal(got, exp)
+    torch.testing.assert_close(sums, want, rtol=1e-13, atol=0)
+    oracle = torch.stack([(t.double() * i2).sum() for t, i2 in zip(want_v, inv2)])
+    torch.testing.assert_close(sums, oracle, rtol=1e-6, atol=0)  # the fp32 products v·inv2 round; the sums do not
+
+
+@pytest.mark.parametrize("recovery", [True, False])
+@pytest.mark.parametrize("active", [0.0, 1.0])
+@pytest.mark.parametrize("mix", [0.0, 0.2, 0.99])
+def test_multi_score_adam_mix_update_matches_reference_and_float64(recovery, active, mix):
+    """Scores and counts bit for bit as the reference's (on CPU both take torch's log and exp), and lr·d within 4e-6
+    (relative) of the float64 one: exp(log(v̂)·e + log pm) rounds its argument (|arg| up to about 25 here: 1.5e-6 from
+    that rounding alone), not the power."""
+    scores, grads, m, v, inv1, inv2 = make_adam_args(torch.float32, seed=12, shapes=MIX_SHAPES,
+                                                     steps=ADAM_STEPS + [5])
+    sums = torch.zeros(len(m), dtype=torch.float64)
+    reference.multi_adam_moments_(grads, m, v, inv2, 0.9, 0.999, sums)
+    numel = torch.tensor([max(1, t.numel()) for t in m], dtype=torch.float64)
+    mean_sq = (sums / numel).float()
+    want_s = [t.clone() for t in scores]
+    gamma, act = torch.tensor(3e-4), torch.tensor(active)
+    counts = torch.full((len(scores),), 999, dtype=torch.int64)
+    want = torch.zeros_like(counts)
+    reference.multi_score_adam_mix_update_(want_s, m, v, mean_sq, inv1, inv2, mix, 1e-3, 1e-12, gamma, act, recovery,
+                                           want)
+    oracle, _ = mix_oracle(scores, m, v, inv1, inv2, mix, 1e-3, 1e-12, 3e-4, active)
+    s0 = [t.clone() for t in scores]
+    m0, v0 = clone_all(m, v)
+    C.multi_score_adam_mix_update_(scores, m, v, mean_sq, inv1, inv2, mix, 1e-3, 1e-12, gamma, act, recovery, counts)
+    for got, exp in zip(scores, want_s):
+        assert torch.equal(got, exp)
+    assert torch.equal(counts, want)
+    assert all(torch.equal(a, b) for a, b in zip(m + v, m0 + v0))  # the moments are only read
+    for got, before, exp in zip(scores, s0, oracle):
+        if not recovery:
+            exp = torch.where(before <= 0, exp.clamp(max=0.0), exp)
+        lr_d = (exp - before.double()).abs() + 3e-4  # ≥ |lr·d|
+        ulp = 2.0 ** -23 * torch.maximum(before.double().abs(), exp.abs())  # the fp32 roundings of the step itself
+        assert bool(((got.double() - exp).abs() <= 4e-6 * lr_d + ulp).all())
+    assert torch.equal(counts, torch.tensor([int((s <= 0).sum()) for s in scores]))
+
+
+def test_adam_mix_two_passes_equal_the_float64_oracle_over_steps():
+    """Several steps from zero moments through both ops, against float64 moments, means and steps."""
+    shapes = [(5, 9), (16385,), (3, 1025)]
+    scores, _ = make_update_args(torch.float32, seed=13, shapes=shapes)
+    ref = [s.double() for s in scores]
+    m, v = [torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes]
+    rm, rv = [torch.zeros(s, dtype=torch.float64) for s in shapes], [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    numel = torch.tensor([float(torch.Size(s).numel()) for s in shapes], dtype=torch.float64)
+    g = gen(14)
+    for t in range(1, 6):
+        grads = [torch.randn(s, generator=g) * 10.0 ** torch.randint(-9, -3, s, generator=g) for s in shapes]
+        inv1, inv2 = [1 / (1 - 0.9 ** t)] * 3, [1 / (1 - 0.999 ** t)] * 3
+        sums, counts = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.int64)
+        C.multi_adam_moments_(grads, m, v, inv2, 0.9, 0.999, sums)
+        C.multi_score_adam_mix_update_(scores, m, v, (sums / numel).float(), inv1, inv2, 0.5, 1e-3, 1e-12,
+                                       torch.tensor(1e-5), torch.tensor(1.0), True, counts)
+        for i, gr in enumerate(grads):
+            rm[i] = 0.9 * rm[i] + 0.1 * gr.double()
+            rv[i] = 0.999 * rv[i] + 0.001 * gr.double() ** 2
+        ref, _ = mix_oracle(ref, rm, rv, inv1, inv2, 0.5, 1e-3, 1e-12, 1e-5, 1.0)
+    for got, exp in zip(scores, ref):  # 5 steps of lr·|d| ≤ 1e-3, each within 4e-6 (relative)
+        torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=2e-8)
+
+
+def test_adam_mix_ops_errors():
+    def moments(**kw):
+        a = dict(grads=[torch.zeros(4)], exp_avg=[torch.zeros(4)], exp_avg_sq=[torch.zeros(4)], inv_bias2=[1000.0],
+                 beta1=0.9, beta2=0.999, sums=torch.zeros(1, dtype=torch.float64))
+        a.update(kw)
+        return tuple(a.values())
+
+    def update(**kw):
+        a = dict(scores=[torch.zeros(4)], exp_avg=[torch.zeros(4)], exp_avg_sq=[torch.zeros(4)], mean_sq=torch.zeros(1),
+                 inv_bias1=[10.0], inv_bias2=[1000.0], mix=0.5, lr=0.1, eps=1e-12, gamma=torch.tensor(0.0),
+                 active=torch.tensor(1.0), recovery=True, counts=torch.zeros(1, dtype=torch.int64))
+        a.update(kw)
+        return tuple(a.values())
+
+    op = C.multi_adam_moments_
+    with pytest.raises(RuntimeError, match=r"multi_adam_moments_: got 1 `grads` but 2 `exp_avg`, 1 `exp_avg_sq` and 1"):
+        op(*moments(exp_avg=[torch.zeros(4)] * 2))
+    with pytest.raises(RuntimeError, match=r"`sums` must be a contiguous Double tensor of shape \[1\] \(one per "
+                                           r"tensor\), got Float"):
+        op(*moments(sums=torch.zeros(1)))
+    with pytest.raises(RuntimeError, match=r"`exp_avg_sq\[0\]` has shape \[2, 2\] but `grads\[0\]` has shape \[4\]"):
+        op(*moments(exp_avg_sq=[torch.zeros(2, 2)]))
+    with pytest.raises(RuntimeError, match=r"`grads\[0\]` must be float32, float16 or bfloat16, got Double"):
+        op(*moments(grads=[torch.zeros(4, dtype=torch.float64)]))
+    with pytest.raises(RuntimeError, match=r"`inv_bias2\[0\]` must be finite and >= 1"):
+        op(*moments(inv_bias2=[0.5]))
+    with pytest.raises(RuntimeError, match=r"`beta1` and `beta2` must be in \[0, 1\)"):
+        op(*moments(beta1=1.0))
+    op = C.multi_score_adam_mix_update_
+    with pytest.raises(RuntimeError, match=r"multi_score_adam_mix_update_: `mix` must be in \[0, 1\), got 1"):
+        op(*update(mix=1.0))
+    with pytest.raises(RuntimeError, match=r"`mean_sq` must be a contiguous Float tensor of shape \[1\]"):
+        op(*update(mean_sq=torch.zeros(2)))
+    with pytest.raises(RuntimeError, match=r"`exp_avg\[0\]` must be contiguous"):
+        op(*update(scores=[torch.zeros(2, 3)], exp_avg=[torch.zeros(3, 2).t()], exp_avg_sq=[torch.zeros(2, 3)]))
+    with pytest.raises(RuntimeError, match=r"multi_score_adam_mix_update_: `scores\[0\]` must be float32"):
+        op(*update(scores=[torch.zeros(4, dtype=torch.float64)]))
+    with pytest.raises(RuntimeError, match=r"got 1 `scores` but 1 `exp_avg`, 1 `exp_avg_sq`, 2 `inv_bias1` and 1"):
+        op(*update(inv_bias1=[10.0, 10.0]))
+    with pytest.raises(RuntimeError, match="`eps` must be >= 0"):
+        op(*update(eps=-1.0))
+
+
 # --------------------------------------------------------------------------- 1-bit-mask serving
 
 def check_close(got, want64, torch_out, x, w, name):
@@ -347,6 +495,17 @@ def opcheck_cases(device) -> dict:
                                                       steps=[1, 5]),
                                       0.1, 0.9, 0.999, 1e-12, torch.tensor(1e-3, **f32), torch.tensor(1.0, **f32),
                                       False, torch.zeros(2, dtype=torch.int64, device=device))),
+        "multi_adam_moments_": (C.multi_adam_moments_.default,
+                                (*make_adam_args(torch.float32, seed=5, device=device, shapes=[(4, 6), (9,)],
+                                                 steps=[1, 5])[1:4],
+                                 [1000.0, 1.0 / (1 - 0.999 ** 5)], 0.9, 0.999,
+                                 torch.zeros(2, dtype=torch.float64, device=device))),
+        "multi_score_adam_mix_update_": (C.multi_score_adam_mix_update_.default,
+                                         (scores, *make_adam_args(torch.float32, seed=6, device=device,
+                                                                  shapes=[(4, 6), (9,)], steps=[1, 5])[2:4],
+                                          torch.tensor([1e-10, 3e-9], **f32), [10.0, 2.0], [1000.0, 200.0], 0.5, 0.1,
+                                          1e-12, torch.tensor(1e-3, **f32), torch.tensor(1.0, **f32), False,
+                                          torch.zeros(2, dtype=torch.int64, device=device))),
         "bitmask_linear": (C.bitmask_linear.default, (x, w, packed, b)),
         "bitmask_linear/no bias": (C.bitmask_linear.default, (x, w, packed, None)),
         "multi_bitmask_linear": (C.multi_bitmask_linear.default,
@@ -355,7 +514,8 @@ def opcheck_cases(device) -> dict:
 
 
 OPCHECK_CASES = ("pack_mask", "pack_positive", "unpack_mask", "multi_score_update_", "multi_score_adam_update_",
-                 "bitmask_linear", "bitmask_linear/no bias", "multi_bitmask_linear")
+                 "multi_adam_moments_", "multi_score_adam_mix_update_", "bitmask_linear", "bitmask_linear/no bias",
+                 "multi_bitmask_linear")
 
 
 def test_opcheck_covers_every_op():
@@ -506,6 +666,36 @@ def test_cuda_multi_score_adam_update(recovery, grad_dtype):
                                        recovery, want)
     C.multi_score_adam_update_(s, g, m, v, [2.0], [30.0], 0.1, 0.9, 0.999, 1e-12, gam, one, recovery, counts)
     assert all(torch.equal(a, b) for a, b in zip(s + m + v, ref[0] + ref[1] + ref[2])) and torch.equal(counts, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recovery", [True, False])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_cuda_adam_mix_two_passes(recovery, grad_dtype):
+    """The CUDA passes against the reference on CUDA: the moments bit for bit, the sums to float64 rounding, lr·d
+    within 4e-6 (CUDA's logf and expf against torch's) and counts consistent with the scores."""
+    needs_cuda_ops()
+    shapes = MIX_SHAPES + [(768, 3072), (3, 16385)]
+    steps = ADAM_STEPS + [5, 2, 9]
+    scores, grads, m, v, inv1, inv2 = make_adam_args(grad_dtype, seed=15, device="cuda", shapes=shapes, steps=steps)
+    want_s, want_m, want_v = clone_all(scores, m, v)
+    sums, want = (torch.zeros(len(m), dtype=torch.float64, device="cuda") for _ in range(2))
+    C.multi_adam_moments_(grads, m, v, inv2, 0.9, 0.999, sums)
+    reference.multi_adam_moments_(grads, want_m, want_v, inv2, 0.9, 0.999, want)
+    assert all(torch.equal(a, b) for a, b in zip(m + v, want_m + want_v))
+    torch.testing.assert_close(sums, want, rtol=1e-13, atol=0)
+    mean_sq = (want / torch.tensor([max(1, t.numel()) for t in m], dtype=torch.float64, device="cuda")).float()
+    gamma, one = torch.tensor(3e-4, device="cuda"), torch.tensor(1.0, device="cuda")
+    counts, want_counts = (torch.zeros(len(m), dtype=torch.int64, device="cuda") for _ in range(2))
+    s0 = [t.clone() for t in scores]
+    C.multi_score_adam_mix_update_(scores, m, v, mean_sq, inv1, inv2, 0.5, 1e-3, 1e-12, gamma, one, recovery, counts)
+    reference.multi_score_adam_mix_update_(want_s, want_m, want_v, mean_sq, inv1, inv2, 0.5, 1e-3, 1e-12, gamma, one,
+                                           recovery, want_counts)
+    for got, exp, before in zip(scores, want_s, s0):
+        lr_d = (exp.double() - before.double()).abs() + 3e-4  # ≥ |lr·d|
+        ulp = 2.0 ** -23 * torch.maximum(before.double().abs(), exp.double().abs())
+        assert bool(((got.double() - exp.double()).abs() <= 4e-6 * lr_d + ulp).all())
+    assert torch.equal(counts, torch.stack([(s <= 0).sum() for s in scores]))
 
 
 @pytest.mark.gpu

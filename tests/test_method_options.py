@@ -227,6 +227,35 @@ def test_adam_mix_steps_grow_as_the_gradient_to_the_power_s(target):
     assert math.isclose(float(step[-1] / step[0]), 10 ** target, rel_tol=1e-3)  # gradients 10:1
 
 
+def test_adam_mix_steps_through_its_two_ops_as_the_reference_does():
+    """The default score optimiser runs abp::multi_adam_moments_ then abp::multi_score_adam_mix_update_ (compiled
+    where abp._C is built); after steps in which some tensors take no part, its scores, moments and counts equal the
+    reference backend's bit for bit (on CPU both take torch's log and exp)."""
+    from abp import _ext
+
+    runs = []
+    for backend in (None, "reference"):
+        opt = ScoreOptimizer(_tiny_bert(score_init_mode="magnitude"), lr=1e-3, target_sparsity=0.7, prune_steps=50,
+                             gamma=3e-4, optimizer="adam_mix", backend=backend)
+        g = torch.Generator().manual_seed(4)
+        for k in range(4):
+            for i, s in enumerate(opt.scores):
+                s.grad = (torch.randn(s.shape, generator=g) * 10.0 ** torch.randint(-9, -3, s.shape, generator=g)
+                          if (i + k) % 3 else None)
+            opt.step()
+            assert abp.last_backend("multi_adam_moments_") == abp.last_backend("multi_score_adam_mix_update_") == (
+                backend or ("cpp" if _ext.available() else "reference"))
+        runs.append(opt)
+    fast, ref = runs
+    assert fast.moment_steps == ref.moment_steps and min(fast.moment_steps) < max(fast.moment_steps)
+    for a, b in zip(fast.scores, ref.scores):
+        assert torch.equal(a.detach(), b.detach())
+    for (ma, va), (mb, vb) in zip(fast.moments, ref.moments):
+        assert torch.equal(ma, mb) and torch.equal(va, vb)
+    assert torch.equal(fast.counts, ref.counts)
+    assert fast.counts.tolist() == [int((s <= 0).sum()) for s in fast.scores]
+
+
 @pytest.mark.parametrize("optimizer", ["adam_floor", "adam_ceiling"])
 def test_adam_floor_and_ceiling_split_the_tensor_at_its_gradient_rms(optimizer):
     """First step. adam_floor: |Δθ| = α where |g| ≥ rms(g) of its tensor (Adam), α·|g|/rms(g) below it

@@ -252,6 +252,12 @@ class ShardedScoreOptimizer(ScoreOptimizer):
         dist.all_reduce(local)
         return (local[0] / local[1]).to(t.dtype)
 
+    def _means_of_sums(self, sums: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
+        """Per-tensor means over the whole tensors from this rank's shard sums: one all-reduce for every tensor."""
+        both = torch.stack([sums, numels])
+        dist.all_reduce(both)
+        return (both[0] / both[1]).float()
+
     @torch.no_grad()
     def recount(self) -> None:
         """Global counts of θ ≤ 0: each rank counts its shards, then they are summed over ranks."""

@@ -158,6 +158,7 @@ class ScoreOptimizer:
         # Adam's moments and per-tensor step counts (a tensor steps only when its module took part)
         self.moments = [(torch.zeros_like(s), self._second_moment_like(s)) for s in self.scores] if optimizer != "sgd" else []
         self.moment_steps = [0] * len(self.moments)
+        self._numel_cache: dict = {}
         self._sgd = ScoreSGD(self.lr, self.gamma, self.active, recovery)
         for m in self.fused_modules:
             m.fused_update = self._sgd
@@ -233,14 +234,25 @@ class ScoreOptimizer:
     def _update(self, live: list[int], scores: list[torch.Tensor], grads: list[torch.Tensor],
                 counts: torch.Tensor) -> None:
         """One step of the live tensors ``scores`` (``counts`` ← their θ ≤ 0): SGD and Adam each in one multi-tensor
-        op (Adam's moments and the score step in one pass); the variants with per-tensor statistics compute their
-        directions in eager torch first."""
+        op (Adam's moments and the score step in one pass), ``adam_mix`` in two (the moments and each tensor's sum of
+        v̂, then the step: each score's step needs its whole tensor's mean); ``adam_tensor``, ``adam_floor`` and
+        ``adam_ceiling`` compute their directions in eager torch first."""
         if self.optimizer == "adam":
             b1, b2 = self.betas
             inv1, inv2 = zip(*(self._inv_bias(i) for i in live))
             _ops.multi_score_adam_update_(scores, grads, [self.moments[i][0] for i in live],
                                           [self.moments[i][1] for i in live], list(inv1), list(inv2), self.lr, b1, b2,
                                           self.eps, self.gamma, self.active, self.recovery, counts, self.backend)
+            return
+        if self.optimizer == "adam_mix":
+            b1, b2 = self.betas
+            inv1, inv2 = (list(t) for t in zip(*(self._inv_bias(i) for i in live)))
+            m, v = [self.moments[i][0] for i in live], [self.moments[i][1] for i in live]
+            sums = torch.empty(len(live), dtype=torch.float64, device=counts.device)
+            _ops.multi_adam_moments_(grads, m, v, inv2, b1, b2, sums, self.backend)
+            mean_sq = self._means_of_sums(sums, self._numels([s.numel() for s in scores], counts.device))
+            _ops.multi_score_adam_mix_update_(scores, m, v, mean_sq, inv1, inv2, self.target, self.lr, self.eps,
+                                              self.gamma, self.active, self.recovery, counts, self.backend)
             return
         if self.optimizer != "sgd":
             grads = self._adam_directions(live, grads)
@@ -256,7 +268,7 @@ class ScoreOptimizer:
         """Adam's bias-corrected ``m̂ / (√v̂ + ε)`` for the live tensors (their moments updated in place), in the op
         order of :func:`abp.reference.adam_direction_`; with ``adam_tensor``, ``v`` is the running mean square of the
         whole tensor's gradient; with ``adam_floor``, ``v̂`` is floored at its tensor's mean ``v̂``, with
-        ``adam_ceiling`` capped there, with ``adam_mix`` ``v̂^(1−s)·mean(v̂)^s``."""
+        ``adam_ceiling`` capped there. (``adam_mix`` runs in two multi-tensor ops instead, see :meth:`_update`.)"""
         b1, b2 = self.betas
         out = []
         for i, g in zip(live, grads):
@@ -271,15 +283,24 @@ class ScoreOptimizer:
                 vhat = torch.maximum(vhat, self._tensor_mean(vhat), out=vhat)
             elif self.optimizer == "adam_ceiling":
                 vhat = torch.minimum(vhat, self._tensor_mean(vhat), out=vhat)
-            elif self.optimizer == "adam_mix":
-                mean = self._tensor_mean(vhat)
-                vhat = vhat.pow_(1 - self.target).mul_(mean.pow(self.target))
             out.append(torch.mul(m, inv1, out=tmp).div_(reference.sqrt_rn(vhat, out=vhat).add_(self.eps)))
         return out
 
     def _tensor_mean(self, t: torch.Tensor) -> torch.Tensor:
         """The mean of a per-score statistic over its whole tensor (sharded optimisers: over every rank's shard)."""
         return t.mean()
+
+    def _numels(self, numels: list[int], device: torch.device) -> torch.Tensor:
+        """``numels`` as a float64 tensor on ``device``, made once per distinct list (no host-to-device copy a step)."""
+        key = (tuple(numels), device)
+        if key not in self._numel_cache:
+            self._numel_cache[key] = torch.tensor(numels, dtype=torch.float64, device=device)
+        return self._numel_cache[key]
+
+    def _means_of_sums(self, sums: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
+        """Per-tensor means (fp32) from per-tensor float64 sums over ``numels`` elements (sharded optimisers: sums
+        and counts over every rank's shard)."""
+        return (sums / numels).float()
 
     def sparsity(self) -> float:
         """Current fraction of pruned scores (one host sync)."""
