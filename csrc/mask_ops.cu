@@ -116,18 +116,26 @@ __device__ __forceinline__ int owner_of_chunk(const int64_t* __restrict__ starts
   return lo;
 }
 
+// The block's sum of one value per thread, in a fixed order (each warp's, then the warps' in order): thread 0 gets
+// it. Every thread of the block calls it; `scratch` holds kThreads / kWarpSize values and is free again on return.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* scratch) {
+  v = warp_sum(v);
+  if (threadIdx.x % kWarpSize == 0) scratch[threadIdx.x / kWarpSize] = v;
+  __syncthreads();
+  T total = 0;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int w = 0; w < kThreads / kWarpSize; ++w) total += scratch[w];
+  }
+  __syncthreads();  // `scratch` is reused by the next call
+  return total;
+}
+
 // Adds the block's `nonpos` (one value per thread) to *count with one atomic; every thread of the block calls it.
 __device__ __forceinline__ void block_count_add(int64_t nonpos, int64_t* partial, int64_t* count) {
-  nonpos = warp_sum(nonpos);
-  if (threadIdx.x % kWarpSize == 0) partial[threadIdx.x / kWarpSize] = nonpos;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int64_t total = 0;
-#pragma unroll
-    for (int w = 0; w < kThreads / kWarpSize; ++w) total += partial[w];
-    atomicAdd(reinterpret_cast<unsigned long long*>(count), static_cast<unsigned long long>(total));
-  }
-  __syncthreads();  // `partial` is reused by the next chunk
+  const int64_t total = block_sum(nonpos, partial);
+  if (threadIdx.x == 0) atomicAdd(reinterpret_cast<unsigned long long*>(count), static_cast<unsigned long long>(total));
 }
 
 template <typename grad_t, bool VEC>
@@ -217,6 +225,20 @@ void multi_score_update_cuda(at::TensorList scores, at::TensorList grads, double
 }
 
 // ----------------------------------------------------------------------------- multi-tensor Adam score update
+
+// The fp32 bit pattern of x rounded to float, for a table cell (the kernels read it back with __uint_as_float).
+inline uint32_t float_bits(double x) {
+  const float f = static_cast<float>(x);
+  uint32_t bits = 0;
+  std::memcpy(&bits, &f, sizeof bits);
+  return bits;
+}
+
+// A tensor's two bias corrections in one table cell: inv_bias1's bits low, inv_bias2's high.
+inline int64_t bias_pair_bits(double inv_bias1, double inv_bias2) {
+  return static_cast<int64_t>((static_cast<uint64_t>(float_bits(inv_bias2)) << 32) | float_bits(inv_bias1));
+}
+
 
 // multi_score_update_kernel with Adam's moments in the same pass: per element it reads g, m, v, θ once and
 // writes m, v, θ once. Table columns: scores, grads, exp_avg, exp_avg_sq pointers, numel, first chunk, and the
@@ -308,11 +330,7 @@ void multi_score_adam_update_cuda(at::TensorList scores, at::TensorList grads, a
     t[3 * n + i] = reinterpret_cast<int64_t>(exp_avg_sq[i].data_ptr<float>());
     t[4 * n + i] = numel;
     t[5 * n + i] = chunks;
-    const float ib1 = static_cast<float>(inv_bias1[i]), ib2 = static_cast<float>(inv_bias2[i]);
-    uint32_t b1bits = 0, b2bits = 0;
-    std::memcpy(&b1bits, &ib1, sizeof b1bits);
-    std::memcpy(&b2bits, &ib2, sizeof b2bits);
-    t[6 * n + i] = static_cast<int64_t>((static_cast<uint64_t>(b2bits) << 32) | b1bits);
+    t[6 * n + i] = bias_pair_bits(inv_bias1[i], inv_bias2[i]);
     chunks += (numel + kChunk - 1) / kChunk;
     aligned = aligned && t[i] % 16 == 0 && t[2 * n + i] % 16 == 0 && t[3 * n + i] % 16 == 0 &&
               t[n + i] % (4 * gsize) == 0;
@@ -366,16 +384,8 @@ __global__ void __launch_bounds__(kThreads) multi_adam_moments_kernel(
       v[j] = vj;
       acc += static_cast<double>(__fmul_rn(vj, ib2));
     }
-    acc = warp_sum(acc);
-    if (threadIdx.x % kWarpSize == 0) warp_part[threadIdx.x / kWarpSize] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      double total = 0.0;
-#pragma unroll
-      for (int w = 0; w < kThreads / kWarpSize; ++w) total += warp_part[w];
-      partial[c] = total;
-    }
-    __syncthreads();  // `warp_part` is reused by the next chunk
+    const double total = block_sum(acc, warp_part);
+    if (threadIdx.x == 0) partial[c] = total;
   }
 }
 
@@ -413,10 +423,7 @@ void multi_adam_moments_cuda(at::TensorList grads, at::TensorList exp_avg, at::T
     t[2 * n + i] = reinterpret_cast<int64_t>(exp_avg_sq[i].data_ptr<float>());
     t[3 * n + i] = numel;
     t[4 * n + i] = chunks;
-    const float ib2 = static_cast<float>(inv_bias2[i]);
-    uint32_t bits = 0;
-    std::memcpy(&bits, &ib2, sizeof bits);
-    t[5 * n + i] = static_cast<int64_t>(bits);
+    t[5 * n + i] = static_cast<int64_t>(float_bits(inv_bias2[i]));
     chunks += (numel + kChunk - 1) / kChunk;
   }
   if (chunks == 0) return;
@@ -504,11 +511,7 @@ void multi_score_adam_mix_update_cuda(at::TensorList scores, at::TensorList exp_
     t[2 * n + i] = reinterpret_cast<int64_t>(exp_avg_sq[i].data_ptr<float>());
     t[3 * n + i] = numel;
     t[4 * n + i] = chunks;
-    const float ib1 = static_cast<float>(inv_bias1[i]), ib2 = static_cast<float>(inv_bias2[i]);
-    uint32_t b1bits = 0, b2bits = 0;
-    std::memcpy(&b1bits, &ib1, sizeof b1bits);
-    std::memcpy(&b2bits, &ib2, sizeof b2bits);
-    t[5 * n + i] = static_cast<int64_t>((static_cast<uint64_t>(b2bits) << 32) | b1bits);
+    t[5 * n + i] = bias_pair_bits(inv_bias1[i], inv_bias2[i]);
     chunks += (numel + kChunk - 1) / kChunk;
   }
   if (chunks == 0) return;
