@@ -633,6 +633,28 @@ def test_paper_probe_runs_on_the_grid(grid, tiny_model_dir, tiny_glue, tmp_path)
         probe.main(["--task", "stsb", "--model", tiny_model_dir, "--grid", str(tmp_path), "--output", str(out)])
 
 
+def test_linear_probe_reads_the_signal_the_features_hold(tiny_model_dir, tiny_glue, tmp_path):
+    """bench/linear_probe.py on the few-word SST-2 (label = the sign of the sentiment words' count, which the token
+    means carry): its fits beat the majority class, its JSON names every fit; a regression task is refused."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "linear_probe.py"
+    spec = importlib.util.spec_from_file_location("linear_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    out = tmp_path / "probe.json"
+    assert probe.main(["--task", "sst2", "--model", tiny_model_dir, "--glue-dir", tiny_glue, "--weight-decay", "1e-3",
+                       "--max-iter", "100", "--output", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert (doc["train_examples"], doc["dev_examples"]) == (96, 40)
+    assert [(f["features"], f["standardised"]) for f in doc["fits"]] == [
+        ("last layer", False), ("last layer", True), ("all layers", False), ("all layers", True)]
+    best = max(f["dev"]["accuracy"] for f in doc["fits"])
+    assert best > doc["majority_class"]["accuracy"] + 0.1, (best, doc["majority_class"])
+    with pytest.raises(SystemExit, match="stsb is a regression task"):
+        probe.main(["--task", "stsb", "--model", tiny_model_dir, "--glue-dir", tiny_glue, "--output", str(out)])
+
+
 def test_budget_curve_joins_grids_that_differ_in_steps(tmp_path):
     """Two grid folders (400 and 1600 steps): one row per method, sparsity and step count, means over seeds."""
     from abp.experiments.budget import write_budget_curve
