@@ -142,6 +142,14 @@ def _describe_install() -> str:
         import triton
 
         lines.append(f"triton {triton.__version__}")
+        from .kernels.bitmask_matmul import masked_operand
+
+        try:
+            operand = masked_operand()
+        except ValueError as e:
+            operand = f"invalid: {e}"
+        lines.append(f"1-bit kernels' masked operand: {operand} (ABP_BITMASK_OPERAND; b: the MMA's right operand, "
+                     "a: its left, which Hopper's wgmma reads from registers)")
     except ImportError as e:
         lines.append(f"triton: not importable ({e})")
     lines.append(_ext.describe())

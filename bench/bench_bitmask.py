@@ -9,6 +9,8 @@ on GPU, 64 / 256 tokens, where the GEMV kernel and the bit-mask GEMM cross over:
 - ``abp_gemv`` / ``abp_gemm`` (GPU): the same op on one backend at every token count, ``cuda`` (the GEMV /
   skinny-GEMM kernel of ``csrc/bitmask_linear.cu``) and ``triton`` (``abp.kernels.bitmask_matmul``, the kernel
   training's forward runs): the crossover that ``SERVE_KERNEL_MAX_TOKENS`` should sit at.
+- ``abp_gemm_a`` (GPU): ``abp_gemm`` with ``ABP_BITMASK_OPERAND=a``, the masked weight as the MMA's left operand
+  (on Hopper a 16-token tile still issues ``wgmma``; ``kernels/bitmask_matmul.py``).
 - ``materialise``: unpack the bits, ``W⊙M``, ``F.linear`` (:func:`abp.reference.bitmask_linear`).
 - ``dense``: ``F.linear`` on a pre-masked dense copy: the floor, at the price of one weight copy per task.
 
@@ -37,8 +39,9 @@ GRIDS = {  # shapes, dtypes, token counts, task counts, shapes for the multi-tas
     "cpu": (CPU_SHAPES, ("fp32",), (1, 4, 16), (2, 8), [(384, 1536)]),
     "quick": (QUICK_SHAPES, ("fp32",), (1, 4, 16), (2,), [(32, 48)]),
 }
-SINGLE_IMPLS = ("abp", "abp_gemv", "abp_gemm", "materialise", "dense")
-GPU_ONLY = {"abp_gemv": "cuda", "abp_gemm": "triton"}  # impl -> the backend it pins
+SINGLE_IMPLS = ("abp", "abp_gemv", "abp_gemm", "abp_gemm_a", "materialise", "dense")
+GPU_ONLY = {"abp_gemv": "cuda", "abp_gemm": "triton", "abp_gemm_a": "triton"}  # impl -> the backend it pins
+OPERAND_A = {"abp_gemm_a"}  # run with ABP_BITMASK_OPERAND=a
 MULTI_IMPLS = ("abp", "materialise", "dense_per_task")
 
 
@@ -88,6 +91,7 @@ def _call(case: dict):
             "abp": lambda s: torch.ops.abp.bitmask_linear(s.x, s.w, s.packed[0], s.b, ""),
             "abp_gemv": lambda s: torch.ops.abp.bitmask_linear(s.x, s.w, s.packed[0], s.b, "cuda"),
             "abp_gemm": lambda s: torch.ops.abp.bitmask_linear(s.x, s.w, s.packed[0], s.b, "triton"),
+            "abp_gemm_a": lambda s: torch.ops.abp.bitmask_linear(s.x, s.w, s.packed[0], s.b, "triton"),
             "materialise": lambda s: reference.bitmask_linear(s.x, s.w, s.packed[0], s.b),
             "dense": lambda s: F.linear(s.x, s.dense[0], s.b),
         }[impl]
@@ -107,7 +111,9 @@ def _call(case: dict):
     }[impl]
 
 
-def test_bitmask(case, harness, bench_fixture):
+def test_bitmask(case, harness, bench_fixture, monkeypatch):
+    if case["impl"] in OPERAND_A:
+        monkeypatch.setenv("ABP_BITMASK_OPERAND", "a")
     dtype, device = harness.dtype(case["dtype"]), harness.device
     m, k, n, tasks = case["tokens"], case["in"], case["out"], case["tasks"]
     torch.manual_seed(0)
@@ -128,4 +134,5 @@ def test_bitmask(case, harness, bench_fixture):
         call(rot())
 
     harness.run(case, bench_fixture, fn, flops=2.0 * m * n * k, backend=backend,
-                extra={"copies": len(sets), "stored_mb": stored / 2**20})
+                extra={"copies": len(sets), "stored_mb": stored / 2**20,
+                       **({"masked_operand": "a"} if case["impl"] in OPERAND_A else {})})

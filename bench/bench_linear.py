@@ -18,6 +18,8 @@ Impls (same inputs, same shapes; bias present and frozen everywhere; scores fp32
   (``masked_linear(..., packed=...)``: the 1-bit kernels for the forward and dX), the bits packed from the
   scores inside every timed call, as a training step repacks them once after each score update. ``abp`` and
   ``abp_fused_update`` read the fp32 scores (the v1 kernels).
+- ``abp_v2_a``: ``abp_v2`` with ``ABP_BITMASK_OPERAND=a``: the 1-bit kernels with the masked weight as the MMA's
+  left operand, which Hopper's ``wgmma`` reads from registers (``kernels/bitmask_matmul.py``).
 
 The forward is timed with autograd recording (a training forward); ``fwd_bwd`` uses
 ``torch.autograd.grad`` (no ``.grad`` accumulation). FLOPs: fwd ``2·M·N·K``, fwd_bwd ``3×`` that.
@@ -45,7 +47,9 @@ CPU_TOKENS = (64, 256)
 QUICK_SHAPES = {"tiny": [(32, 48)]}
 QUICK_TOKENS = (8,)
 
-IMPLS = ("dense", "eager", "compile", "reference", "abp", "abp_v2", "abp_fused_update", "abp_v2_fused_update")
+IMPLS = ("dense", "eager", "compile", "reference", "abp", "abp_v2", "abp_v2_a", "abp_fused_update",
+         "abp_v2_fused_update")
+OPERAND_A = {"abp_v2_a"}  # run with ABP_BITMASK_OPERAND=a
 BENCHES = ("linear_fwd", "linear_fwd_bwd")
 ABP_OPS = {"linear_fwd": ("masked_matmul",),
            "linear_fwd_bwd": ("masked_matmul", "masked_matmul_dx", "score_grad")}
@@ -133,7 +137,7 @@ def _forward(impl: str, eager, device):
         return lambda s: abp.masked_linear(s.x, s.w, s.scores, s.b)
     if impl == "abp_fused_update":
         return lambda s: abp.masked_linear(s.x, s.w, s.scores, s.b, fused_update=s.sgd, counts=s.counts)
-    if impl == "abp_v2":
+    if impl in ("abp_v2", "abp_v2_a"):
         return lambda s: abp.masked_linear(s.x, s.w, s.scores, s.b, packed=abp.pack_mask(s.scores.detach() > 0))
     if impl == "abp_v2_fused_update":
         return lambda s: abp.masked_linear(s.x, s.w, s.scores, s.b, fused_update=s.sgd, counts=s.counts,
@@ -141,8 +145,10 @@ def _forward(impl: str, eager, device):
     raise ValueError(f"unknown impl {impl!r}")
 
 
-def test_linear(case, harness, bench_fixture, eager_masked_linear_fn):
+def test_linear(case, harness, bench_fixture, eager_masked_linear_fn, monkeypatch):
     impl, bench = case["impl"], case["bench"]
+    if impl in OPERAND_A:
+        monkeypatch.setenv("ABP_BITMASK_OPERAND", "a")
     m, k, n = case["tokens"], case["in"], case["out"]
     dtype, device = harness.dtype(case["dtype"]), harness.device
     torch.manual_seed(0)
@@ -170,9 +176,9 @@ def test_linear(case, harness, bench_fixture, eager_masked_linear_fn):
             torch.autograd.grad(fwd(s), wrt(s), s.dy)
 
     flops = 2.0 * m * n * k * (3 if bench == "linear_fwd_bwd" else 1)
-    ops = {"abp_fused_update": FUSED_OPS, "abp_v2": V2_OPS[bench], "abp_v2_fused_update": V2_FUSED_OPS}.get(
-        impl, ABP_OPS[bench])
-    if impl in ("reference", "abp", "abp_fused_update", "abp_v2", "abp_v2_fused_update"):
+    ops = {"abp_fused_update": FUSED_OPS, "abp_v2": V2_OPS[bench], "abp_v2_a": V2_OPS[bench],
+           "abp_v2_fused_update": V2_FUSED_OPS}.get(impl, ABP_OPS[bench])
+    if impl in ("reference", "abp", "abp_fused_update", "abp_v2", "abp_v2_a", "abp_v2_fused_update"):
         def backend():  # read after the timed calls: the backends those ops ran on
             return ",".join(sorted({abp.last_backend(op) or "?" for op in ops}))
     else:
@@ -180,5 +186,7 @@ def test_linear(case, harness, bench_fixture, eager_masked_linear_fn):
     extra = {"copies": len(sets)}
     if impl == "compile":
         extra["compile_mode"] = compile_mode(device)
+    if impl in OPERAND_A:
+        extra["masked_operand"] = "a"
     harness.run(case, bench_fixture, fn, flops=flops, backend=backend, extra=extra, may_fail=impl == "compile")
 

@@ -11,8 +11,10 @@
 #                (1-bit mask) and v1 (fp32 scores) side by side against dense cuBLAS, the eager masked linear and
 #                torch.compile; the ABP step of BERT-base at 8x128 on v2 (default) and v1;
 #             2. the GPU tests (kernels, extension, layers, opcheck);
-#             3. the rest of the goal subset while time is left (forward only, LLaMA-7B shapes at 4k/16k tokens,
-#                1-bit serving, one MiniLM serving 1/4/16 task masks, the ABP step at 32x128 and on MiniLM);
+#             3. the rest of the goal subset while time is left (v2 with the masked weight as the MMA's left
+#                operand, ABP_BITMASK_OPERAND=a, at the headline shapes; forward only, LLaMA-7B shapes at 4k/16k
+#                tokens with both v2 forms, 1-bit serving with both forms of the Triton kernel, one MiniLM serving
+#                1/4/16 task masks, the ABP step at 32x128 and on MiniLM);
 #             4. the markdown report of every row measured.
 #   tests     build, then the GPU tests only (ABP_GPU_TESTS: pytest arguments, default the list below), for a
 #             short second lease or a lease's remaining minutes.
@@ -120,8 +122,8 @@ if [ "$MODE" = rehearse ]; then
   MORE="(linear_fwd- or bitmask or multitask_serve) and not reference"
   STEP="abp_step and not reference"
 else
-  HEADLINE="not reference and ((linear_fwd_bwd and bf16 and (t1024- or t4096-) and (768x768 or 768x3072 or 3072x768)) or (abp_step and bert-base and b8-s128))"
-  MORE="not reference and ((linear_fwd- and bf16 and (t1024- or t4096-) and (768x3072 or 3072x768)) or (linear_fwd_bwd and bf16 and (t4096- or t16384-) and 4096x11008 and not compile) or (bitmask and bf16 and 4096x11008) or (multitask_serve and minilm))"
+  HEADLINE="not reference and not abp_v2_a and ((linear_fwd_bwd and bf16 and (t1024- or t4096-) and (768x768 or 768x3072 or 3072x768)) or (abp_step and bert-base and b8-s128))"
+  MORE="not reference and ((abp_v2_a and linear_fwd_bwd and bf16 and (t1024- or t4096-) and (768x768 or 768x3072 or 3072x768)) or (linear_fwd- and bf16 and (t1024- or t4096-) and (768x3072 or 3072x768)) or (linear_fwd_bwd and bf16 and (t4096- or t16384-) and 4096x11008 and not compile) or (bitmask and bf16 and 4096x11008) or (multitask_serve and minilm))"
   STEP="not reference and abp_step and ((bert-base and b32-s128) or (minilm and b8-s128))"
 fi
 

@@ -22,7 +22,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"
 BENCH_ORDER = ("linear_fwd", "linear_fwd_bwd", "abp_step", "bitmask_linear", "multi_bitmask_linear", "multitask_serve")
 IMPL_ORDER = ("dense", "finetune", "frozen", "dense_per_task", "eager", "compile", "materialise", "reference", "abp_v1", "abp",
-              "abp_v2", "abp_fused_update", "abp_v2_fused_update", "abp_adam", "abp_mix")
+              "abp_v2", "abp_v2_a", "abp_fused_update", "abp_v2_fused_update", "abp_gemv", "abp_gemm", "abp_gemm_a",
+              "abp_adam", "abp_mix")
 ROW_KEYS = ("bench", "impl", "dtype", "shape", "median_ms")
 
 

@@ -37,6 +37,23 @@ load instruction per weight element (32 per thread per K step at 128×128×64 wi
 bytes), so the bit loads are plain loads in the loop while ``A`` and ``W`` are pipelined. NOTES.md
 has the compiled figures; measuring the two on a GPU comes first.
 
+The masked weight as the MMA's left operand (``operand="a"``, ``ABP_BITMASK_OPERAND=a``): with the
+constexpr ``MASKED_LEFT`` the same kernel computes the same ``out`` through
+``outᵀ[N', M] = Bᵀ[N', K'] @ Aᵀ[K', M]`` (:func:`_bitmask_dot_t`): it loads the weight tile as
+``[BLOCK_N, BLOCK_K]``, masks it in registers and passes it as ``tl.dot``'s first operand, with ``Aᵀ``
+as the second, and transposes the ``[BLOCK_N, BLOCK_M]`` accumulator back before the epilogue. Why: Hopper's ``wgmma`` reads its right operand
+only from shared memory, so with the masked tile on the right (the default form) Triton writes the
+tile it just masked in registers back to shared memory at every K step before the MMA can read
+it; its left operand may come from registers. Compiled for sm_90a (bf16, 128×128×64, 4 stages, 8
+warps, Triton 3.9): the default form's ``wgmma`` takes both operands as shared-memory descriptors
+and its PTX has 40 ``st.shared``; this one's takes the masked tile as four registers per thread
+and has 4, at the same 128 KiB of shared memory (165 against 175 registers). A second gain
+at few tokens: the MMA's row dimension becomes the weight's ``BLOCK_N`` (≥ 64 in every Hopper
+tile), so a 16-token tile still issues ``wgmma`` (``m64n16k16``) where the default form falls back to
+``mma.sync`` below 64 rows. The cost: ``A`` is read transposed and the accumulator transposed
+back once per tile (a layout conversion through shared memory). Not timed on a GPU yet;
+``bench/bench_linear.py`` (``abp_v2_a``) and ``bench/bench_bitmask.py`` (``abp_gemm_a``) measure it.
+
 Many tasks over one base weight (:func:`multi_bitmask_matmul`): a second kernel,
 :func:`_multi_bitmask_mm_kernel`, sharing the K loop (:func:`_bitmask_dot`) and the masked B
 tile (:func:`_masked_b_tile`). Rows are sorted by task on the device (stable), and per-task row
@@ -49,6 +66,7 @@ number of tasks, which share ``W``'s tiles through L2.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -145,6 +163,30 @@ def _bitmask_dot(a_ptrs, w_ptrs, bits_ptr, bit_cols, K, stride_ak, stride_wk, bi
     return acc
 
 
+@triton.jit
+def _bitmask_dot_t(at_ptrs, wt_ptrs, bits_ptr, bit_rows, K, stride_ak, stride_wk, bit_stride_k,
+                   INPUT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """:func:`_bitmask_dot` transposed, with the masked weight as the MMA's left operand:
+    ``Σ_k (W⊙M)ᵀ[:, k] · Aᵀ[k, :]``, fp32 ``[BLOCK_N, BLOCK_M]``.
+
+    ``at_ptrs`` [BLOCK_K, BLOCK_M] (``A`` read transposed) and ``wt_ptrs`` [BLOCK_N, BLOCK_K] (``B``
+    read transposed) point at the first K step; ``bit_rows`` [BLOCK_N] is ``nn·bit_stride_n``.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - kt * BLOCK_K
+        at = tl.load(at_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        kk = tl.minimum(kt * BLOCK_K + offs_k, K - 1)  # K tail clamped, as in _bitmask_dot
+        bit_idx = bit_rows[:, None] + kk[None, :] * bit_stride_k
+        wm = _masked_b_tile(wt_ptrs, offs_k[None, :] < k_left, bits_ptr, bit_idx)
+        acc = tl.dot(wm.to(at.dtype), at, acc, input_precision=INPUT_PRECISION)
+        at_ptrs += BLOCK_K * stride_ak
+        wt_ptrs += BLOCK_K * stride_wk
+    return acc
+
+
 # ----------------------------------------------------------------------------------------------
 # the kernels
 # ----------------------------------------------------------------------------------------------
@@ -159,8 +201,8 @@ def _bitmask_mm_kernel(
     stride_wk, stride_wn,
     bit_stride_k, bit_stride_n,
     stride_om, stride_on,
-    # meta-parameters
-    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    # meta-parameters (MASKED_LEFT: the masked weight as the MMA's left operand, see "operand a" above)
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, MASKED_LEFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
@@ -170,10 +212,16 @@ def _bitmask_mm_kernel(
     offs_m = rows % M
     offs_n = cols % N
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
-    acc = _bitmask_dot(a_ptrs, w_ptrs, bits_ptr, offs_n * bit_stride_n, K, stride_ak, stride_wk, bit_stride_k,
-                       INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    if MASKED_LEFT:  # outᵀ = Bᵀ·Aᵀ: both tiles read transposed, the accumulator transposed back
+        at_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_m[None, :] * stride_am
+        wt_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        acc = tl.trans(_bitmask_dot_t(at_ptrs, wt_ptrs, bits_ptr, offs_n * bit_stride_n, K, stride_ak, stride_wk,
+                                      bit_stride_k, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K))
+    else:
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        acc = _bitmask_dot(a_ptrs, w_ptrs, bits_ptr, offs_n * bit_stride_n, K, stride_ak, stride_wk, bit_stride_k,
+                           INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
@@ -234,6 +282,23 @@ _KEY = ["M_BUCKET", "N", "K"]
 _fwd_kernel = configs.autotune("bitmask_matmul", *_TILE_NAMES, key=_KEY)(_bitmask_mm_kernel)
 _dx_kernel = configs.autotune("bitmask_matmul_dx", *_TILE_NAMES, key=_KEY)(_bitmask_mm_kernel)
 _multi_kernel = configs.autotune("multi_bitmask_matmul", *_TILE_NAMES, key=_KEY)(_multi_bitmask_mm_kernel)
+_fwd_t_kernel = configs.autotune("bitmask_matmul_t", *_TILE_NAMES, key=_KEY)(_bitmask_mm_kernel)
+_dx_t_kernel = configs.autotune("bitmask_matmul_dx_t", *_TILE_NAMES, key=_KEY)(_bitmask_mm_kernel)
+
+#: Where the masked weight goes in the MMA (``ABP_BITMASK_OPERAND``, read at each call): ``b``, the default,
+#: ``out = A·(W⊙M)ᵀ`` with the masked tile as the right operand; ``a``, ``outᵀ = (W⊙M)·Aᵀ`` with it as the left
+#: operand (``MASKED_LEFT``), which Hopper's ``wgmma`` can read from registers. Each form has its own tuners
+#: (``*_t``: their tiles spill differently). The default stays ``b`` until a GPU has timed the two side by side.
+OPERANDS = ("b", "a")
+
+
+def masked_operand(operand: Optional[str] = None) -> str:
+    """``operand`` if given, else ``ABP_BITMASK_OPERAND`` (unset: ``b``); see :data:`OPERANDS`."""
+    v = operand if operand is not None else (os.environ.get("ABP_BITMASK_OPERAND", "b").lower() or "b")
+    if v not in OPERANDS:
+        raise ValueError(f"the masked operand (ABP_BITMASK_OPERAND or operand=) must be one of "
+                         f"{', '.join(OPERANDS)}, got {v!r}")
+    return v
 
 
 def _launch(tuner, a: Tensor, weight: Tensor, w_kn_strides, packed: Tensor, bit_kn_strides,
@@ -254,6 +319,7 @@ def _launch(tuner, a: Tensor, weight: Tensor, w_kn_strides, packed: Tensor, bit_
         *w_kn_strides, *bit_kn_strides,
         out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, INPUT_PRECISION=configs.input_precision(a.dtype),
+        MASKED_LEFT=tuner in (_fwd_t_kernel, _dx_t_kernel),
     )
     return out
 
@@ -272,14 +338,17 @@ def _check_input_and_weight(x2d: Tensor, weight: Tensor) -> tuple[int, int, int]
     return M, N, K
 
 
-def bitmask_matmul(x2d: Tensor, weight: Tensor, packed: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def bitmask_matmul(x2d: Tensor, weight: Tensor, packed: Tensor, bias: Optional[Tensor] = None, *,
+                   operand: Optional[str] = None) -> Tensor:
     """``y = x2d·(W⊙unpack(packed))ᵀ + bias`` → ``[M, N]`` in ``x2d.dtype`` (:func:`abp.reference.bitmask_linear`).
 
     ``x2d`` [M, K] and ``weight`` [N, K] in one of fp32/fp16/bf16; ``packed`` uint8 1-D of
     ``ceil(N·K/8)`` bytes (:func:`abp.reference.pack_mask` of the ``[N, K]`` bool mask);
     ``bias`` [N] in the weight dtype, added as given (mask it first if it has a mask).
-    Training forward and serving at any token count.
+    Training forward and serving at any token count. ``operand``: where the masked weight goes in the
+    MMA, ``"b"`` or ``"a"`` (:func:`masked_operand`; None: ``ABP_BITMASK_OPERAND``).
     """
+    tuner = _fwd_t_kernel if masked_operand(operand) == "a" else _fwd_kernel
     M, N, K = _check_input_and_weight(x2d, weight)
     _check_packed("packed", packed, weight, ndim=1)
     _check_bias(bias, N, weight.dtype)
@@ -289,15 +358,16 @@ def bitmask_matmul(x2d: Tensor, weight: Tensor, packed: Tensor, bias: Optional[T
     bias = bias.contiguous() if bias is not None else None
     out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     # B[k, n] = W[n, k]: the weight read transposed through its strides; its bit is n·K + k.
-    return _launch(_fwd_kernel, x2d, weight, (weight.stride(1), weight.stride(0)), packed, (1, K),
+    return _launch(tuner, x2d, weight, (weight.stride(1), weight.stride(0)), packed, (1, K),
                    out, K, bias)
 
 
-def bitmask_matmul_dx(dy2d: Tensor, weight: Tensor, packed: Tensor) -> Tensor:
+def bitmask_matmul_dx(dy2d: Tensor, weight: Tensor, packed: Tensor, *, operand: Optional[str] = None) -> Tensor:
     """``dX = dy2d·(W⊙unpack(packed))`` → ``[M, K]`` in ``dy2d.dtype``.
 
-    ``dy2d`` [M, N] and ``weight`` [N, K] in one dtype; ``packed`` as in :func:`bitmask_matmul`.
+    ``dy2d`` [M, N] and ``weight`` [N, K] in one dtype; ``packed`` and ``operand`` as in :func:`bitmask_matmul`.
     """
+    tuner = _dx_t_kernel if masked_operand(operand) == "a" else _dx_kernel
     check_tensor("dy2d", dy2d, ndim=2, dtypes=ACTIVATION_DTYPES)
     _check_weight(weight, dy2d.dtype)
     M, N = dy2d.shape
@@ -310,7 +380,7 @@ def bitmask_matmul_dx(dy2d: Tensor, weight: Tensor, packed: Tensor) -> Tensor:
     dy2d, weight, packed = dy2d.contiguous(), weight.contiguous(), packed.contiguous()
     out = torch.empty((M, K), dtype=dy2d.dtype, device=dy2d.device)
     # Generic kernel sizes: out [M, K], reduction over N; B[n, k] = W[n, k] as stored, bit n·K + k.
-    return _launch(_dx_kernel, dy2d, weight, (weight.stride(0), weight.stride(1)), packed, (K, 1), out, N)
+    return _launch(tuner, dy2d, weight, (weight.stride(0), weight.stride(1)), packed, (K, 1), out, N)
 
 
 def multi_bitmask_matmul(x2d: Tensor, weight: Tensor, packed2d: Tensor, task_ids: Tensor,

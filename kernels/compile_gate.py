@@ -189,6 +189,11 @@ class Kernel:
     tuner: str  # module attribute holding the triton.autotune object
     call: Callable[[object, torch.dtype], None]  # (module, dtype) -> calls the public entry point
     footprint: Callable[[tuple, int], int]  # (tile, element bytes) -> pipelined operand bytes
+    swapped: bool = False  # the tile's columns are the MMA's rows (the masked weight as its left operand)
+
+    def mma_rows(self, tile: tuple) -> int:
+        """The MMA's row count for ``tile``: what decides whether Hopper can issue ``wgmma`` (≥ 64)."""
+        return tile[1] if self.swapped else tile[0]
 
 
 def _meta(*shape, dtype=torch.float32):
@@ -223,6 +228,16 @@ def _call_bitmask(mod, dt):
 
 def _call_bitmask_dx(mod, dt):
     mod.bitmask_matmul_dx(_meta(M, N, dtype=dt), _meta(N, K, dtype=dt), _meta(N * K // 8, dtype=torch.uint8))
+
+
+def _call_bitmask_t(mod, dt):
+    mod.bitmask_matmul(_meta(M, K, dtype=dt), _meta(N, K, dtype=dt), _meta(N * K // 8, dtype=torch.uint8),
+                       _meta(N, dtype=dt), operand="a")
+
+
+def _call_bitmask_dx_t(mod, dt):
+    mod.bitmask_matmul_dx(_meta(M, N, dtype=dt), _meta(N, K, dtype=dt), _meta(N * K // 8, dtype=torch.uint8),
+                          operand="a")
 
 
 def _call_multi_bitmask(mod, dt):
@@ -263,12 +278,16 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("bitmask_matmul", "bitmask_matmul", "_fwd_kernel", _call_bitmask, _bm_footprint),
     Kernel("bitmask_matmul_dx", "bitmask_matmul", "_dx_kernel", _call_bitmask_dx, _bm_footprint),
     Kernel("multi_bitmask_matmul", "bitmask_matmul", "_multi_kernel", _call_multi_bitmask, _bm_footprint),
+    Kernel("bitmask_matmul_t", "bitmask_matmul", "_fwd_t_kernel", _call_bitmask_t, _bm_footprint, swapped=True),
+    Kernel("bitmask_matmul_dx_t", "bitmask_matmul", "_dx_t_kernel", _call_bitmask_dx_t, _bm_footprint,
+           swapped=True),
 )
 
 
 # Default subset, per @triton.jit kernel: (launch compiled with the largest tile, with the smallest)
 REPRESENTATIVE = (("masked_matmul", "masked_matmul_dx"), ("score_grad_update", "score_grad"),
-                  ("bitmask_matmul", "bitmask_matmul_dx"), ("multi_bitmask_matmul", "multi_bitmask_matmul"))
+                  ("bitmask_matmul", "bitmask_matmul_dx"), ("multi_bitmask_matmul", "multi_bitmask_matmul"),
+                  ("bitmask_matmul_t", "bitmask_matmul_dx_t"))
 
 
 def _module(name: str):
@@ -439,8 +458,10 @@ def compile_config(kernel: Kernel, target: Target, dtype: torch.dtype, tile: tup
            "role": role, "accepted": None if accepted is None else list(accepted),
            "tile": list(tile), "in_tuner": None, "compiled": False, "error": None,
            "shared": None, "shared_limit": target.shared_limit, "registers": None, "spill_stores": None,
-           "spill_loads": None, "wgmma": None, "wgmma_expected": role != "spills" and target.wgmma
-                                                                and dtype != torch.float32 and rows >= WGMMA_MIN_ROWS,
+           "spill_loads": None, "wgmma": None, "wgmma_a_in_registers": None, "mma_rows": kernel.mma_rows(tile),
+           "masked_operand": "a" if kernel.swapped else "b",
+           "wgmma_expected": role != "spills" and target.wgmma and dtype != torch.float32
+                             and kernel.mma_rows(tile) >= WGMMA_MIN_ROWS,
            "ptxas_warnings": [], "seconds": None}
     t0 = time.perf_counter()
     try:
@@ -455,6 +476,8 @@ def compile_config(kernel: Kernel, target: Target, dtype: torch.dtype, tile: tup
         row["shared"] = int(compiled.metadata.shared)
         ptx = compiled.asm["ptx"]
         row["wgmma"] = "wgmma.mma_async" in ptx
+        # wgmma's operands: "{accumulators}, {A registers}, B descriptor" or "{accumulators}, A descriptor, ..."
+        row["wgmma_a_in_registers"] = bool(re.search(r"wgmma\.mma_async[^;]*\}\s*,\s*\{", ptx))
         row.update(ptxas_report(ptx, target.capability, compiled.metadata.enable_fp_fusion))
     except Exception as exc:  # a config that does not compile is a finding, not a crash of the gate
         row["error"] = _first_lines(exc)
@@ -492,7 +515,9 @@ def check_row(row: dict) -> list[str]:
         out.append(f"spills {row['spill_stores']} B stores / {row['spill_loads']} B loads, more than the "
                    f"{accepted[0]}/{accepted[1]} B recorded in configs.ACCEPTED_SPILLS")
     if row.get("wgmma_expected") and not row.get("wgmma"):
-        out.append(f"no wgmma on {row['target']} for a {row['tile'][0]}-row tile")
+        out.append(f"no wgmma on {row['target']} for an MMA of {row.get('mma_rows', row['tile'][0])} rows")
+    elif row.get("wgmma_expected") and row.get("masked_operand") == "a" and not row.get("wgmma_a_in_registers"):
+        out.append("wgmma reads the masked tile from shared memory, not from registers (the point of the _t kernels)")
     return out
 
 
@@ -619,7 +644,8 @@ def markdown_table(rows: list[dict]) -> str:
         if r.get("compiled"):
             smem = f"{_kib(r['shared'])} ({_kib(r['shared_limit'])})"
             spill = "–" if r.get("spill_stores") is None else f"{r['spill_stores']}/{r['spill_loads']}"
-            wg = "yes" if r.get("wgmma") else ("**no**" if r.get("wgmma_expected") else "no")
+            wg = ("yes, A in registers" if r.get("wgmma_a_in_registers") else "yes") if r.get("wgmma") else (
+                "**no**" if r.get("wgmma_expected") else "no")
             regs = "–" if r.get("registers") is None else str(r["registers"])
         else:
             smem = regs = spill = wg = "–"
@@ -687,11 +713,14 @@ def notes_section(rows: list[dict], command: str, targets: Iterable[str]) -> str
         "do not edit by hand. Shapes M, N, K = "
         f"{M}, {N}, {K} with 16-byte-aligned pointers; forward with soft mask, bias and bias scores, dX "
         "with soft mask, score grad and fused update (no recovery) with bias scores, 1-bit-mask forward "
-        f"with bias, its dX, multi-task forward with bias over {TASKS} masks; fp32 rows use exact "
+        f"with bias, its dX, multi-task forward with bias over {TASKS} masks, the 1-bit-mask forward "
+        "(with bias) and dX with the masked weight as the MMA's left operand (`_t`, whose MMA rows are "
+        "the tile's columns); fp32 rows use exact "
         "`ieee` products. Configs: each kernel's autotune candidates (`configs.candidates`: its table "
         "minus `configs.SPILLS`) and the fixed tile, which must pass every limit: shared memory per block "
         "(sm90a 227 KiB, sm80 163 KiB), no spills (`configs.ACCEPTED_SPILLS`: at most the recorded "
-        "bytes), `wgmma` on sm90a for 16-bit tiles with ≥ 64 rows; and the `SPILLS` entries, which must "
+        "bytes), `wgmma` on sm90a for 16-bit tiles whose MMA has ≥ 64 rows (for the `_t` kernels with the "
+        "masked tile read from registers); and the `SPILLS` entries, which must "
         "still spill."),
         "",
         fill(f"**{summary(rows)}**" + (f" Not compiled here: {missing}." if missing else "")),
@@ -729,7 +758,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "every configs.SPILLS entry, which must still spill. Default: a representative subset, "
                          "per @triton.jit kernel and target the largest 16-bit candidate in bf16 and the "
                          "smallest in fp16, plus per target the forward's largest fp32 candidate and smallest "
-                         "fp32 SPILLS entry (20 compiles)."))
+                         "fp32 SPILLS entry (24 compiles)."))
     p.add_argument("--targets", default="sm90a,sm80",
                    help=f"comma-separated targets, from {', '.join(TARGETS)} (default: both)")
     p.add_argument("--dtypes", default=None,

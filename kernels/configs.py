@@ -96,7 +96,8 @@ GROUP_SIZE = 8
 
 # The autotuned kernels, as ``autotune(kernel=...)`` names them; the compile gate uses the same names.
 KERNEL_NAMES = ("masked_matmul", "masked_matmul_dx", "score_grad", "score_grad_update",
-                "bitmask_matmul", "bitmask_matmul_dx", "multi_bitmask_matmul")
+                "bitmask_matmul", "bitmask_matmul_dx", "multi_bitmask_matmul", "bitmask_matmul_t",
+                "bitmask_matmul_dx_t")
 TABLES = {"hopper": _HOPPER_TABLE, "ampere": _AMPERE_TABLE, "fp32": _FP32_TABLE}
 ARCHS = (9, 8)  # GPU families with a table: 9 = sm90 and newer (Hopper table), 8 = sm8x (Ampere table)
 DTYPE_CLASSES = ("16bit", "fp32")
@@ -157,6 +158,21 @@ SPILLS: dict[str, dict[tuple[int, str], frozenset[tuple]]] = {
         (9, "fp32"): _FP32_FMA_SPILLS,
         (8, "16bit"): frozenset({(128, 256, 32, 3, 8), (64, 256, 32, 3, 4)}),
         (8, "fp32"): _FP32_FMA_SPILLS,
+    },
+    # The same matmuls with the masked weight as the MMA's left operand (ABP_BITMASK_OPERAND=a): the masked
+    # [cols, red] tile is held in registers as the MMA's operand, so 128-column tiles with 4 warps (and
+    # Ampere's 256-column dX tiles) reach 255 registers and spill 16-216 B; in fp32 only the largest FMA tile
+    # spills, where the default form spills in six.
+    "bitmask_matmul_t": {
+        (9, "16bit"): frozenset({(128, 128, 64, 3, 4)}),
+        (9, "fp32"): frozenset({(128, 128, 32, 4, 4)}),
+        (8, "fp32"): frozenset({(128, 128, 32, 4, 4)}),
+    },
+    "bitmask_matmul_dx_t": {
+        (9, "16bit"): frozenset({(128, 128, 64, 3, 4), (64, 128, 64, 4, 4)}),
+        (9, "fp32"): frozenset({(128, 128, 32, 4, 4)}),
+        (8, "16bit"): frozenset({(128, 256, 32, 3, 8), (64, 256, 32, 3, 4), (128, 128, 32, 4, 4)}),
+        (8, "fp32"): frozenset({(128, 128, 32, 4, 4)}),
     },
 }
 # Spilling tiles that are offered anyway, because that (kernel, arch, dtype class) has no

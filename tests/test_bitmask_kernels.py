@@ -1,5 +1,7 @@
 """abp.kernels' 1-bit-mask matmuls (``bitmask_matmul``, ``bitmask_matmul_dx``, ``multi_bitmask_matmul``)
-against float64 references built with abp.reference, on random data.
+against float64 references built with abp.reference, on random data. The forward and dX run in both
+forms, the masked weight as the MMA's right operand (``operand="b"``, the default) and as its left
+(``"a"``, the ``_t`` kernels).
 
 Where the kernels run (the Triton interpreter without CUDA), the accuracy rule and the poisoned outputs:
 tests/kernel_cases.py.
@@ -21,6 +23,7 @@ pytestmark = pytest.mark.usefixtures("poisoned_empty", "one_config_for_small_sha
 
 # (M, N, K): then 0 in every role (no tokens, no outputs, no inputs: y is the bias alone).
 SHAPES = [(1, 7, 33), (7, 33, 1), (33, 1, 7), (97, 130, 33), (130, 97, 130), (0, 7, 33), (7, 0, 33), (7, 33, 0)]
+OPERANDS = ("b", "a")
 # another device than the kernels', for the device checks
 OTHER_DEVICE = torch.device("cpu" if CUDA else "meta")
 
@@ -51,40 +54,43 @@ FWD_CASES = [(0.5, True), (0.0, True), (1.0, False)]  # (mask density, bias)
 
 
 @needs_kernels
+@pytest.mark.parametrize("operand", OPERANDS)
 @pytest.mark.parametrize("case", FWD_CASES, ids=lambda c: f"d{c[0]}-{'bias' if c[1] else 'nobias'}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_bitmask_matmul(shape, dtype, case):
+def test_bitmask_matmul(shape, dtype, case, operand):
     density, with_bias = case
     M, N, Kd = shape
     gen = _gen("fwd", shape, str(dtype), case)
     x, w = randn((M, Kd), dtype, gen), randn((N, Kd), dtype, gen)
     b = randn((N,), dtype, gen) if with_bias else None
     packed = R.pack_mask(mask_with_density((N, Kd), density, gen))
-    y = K.bitmask_matmul(x, w, packed, b)
+    y = K.bitmask_matmul(x, w, packed, b, operand=operand)
     assert y.dtype == dtype
     ref = R.bitmask_linear(*f64(x, w), packed, None if b is None else b.double())
     assert_accurate(y, ref, R.bitmask_linear(x, w, packed, b), "y")
 
 
 @needs_kernels
+@pytest.mark.parametrize("operand", OPERANDS)
 @pytest.mark.parametrize("density", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_bitmask_matmul_dx(shape, dtype, density):
+def test_bitmask_matmul_dx(shape, dtype, density, operand):
     M, N, Kd = shape
     gen = _gen("dx", shape, str(dtype), density)
     dy, w = randn((M, N), dtype, gen), randn((N, Kd), dtype, gen)
     packed = R.pack_mask(mask_with_density((N, Kd), density, gen))
-    dx = K.bitmask_matmul_dx(dy, w, packed)
+    dx = K.bitmask_matmul_dx(dy, w, packed, operand=operand)
     assert dx.dtype == dtype
     assert_accurate(dx, masked_dx_f64(dy, w, packed), masked_dx_torch(dy, w, packed), "dx")
 
 
 @needs_kernels
+@pytest.mark.parametrize("operand", OPERANDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(97, 130, 33), (33, 7, 130)], ids=shape_id)
-def test_agrees_with_v1_hard_mask(shape, dtype):
+def test_agrees_with_v1_hard_mask(shape, dtype, operand):
     """The packed bits of ``θ > 0`` give what v1 gives from ``θ`` itself with ``t_l=None`` (forward and
     dX): each within the accuracy rule, with v1's error as the yardstick."""
     M, N, Kd = shape
@@ -94,14 +100,16 @@ def test_agrees_with_v1_hard_mask(shape, dtype):
     s = scores_with_density((N, Kd), 0.5, gen)
     packed = R.pack_mask(s > 0)
     ref = R.masked_linear_fwd(*f64(x, w, s, b))
-    assert_accurate(K.bitmask_matmul(x, w, packed, b), ref, K.masked_matmul(x, w, s, b, t_l=None), "y vs v1")
-    assert_accurate(K.bitmask_matmul_dx(dy, w, packed), R.masked_linear_dx(*f64(dy, w, s)),
+    assert_accurate(K.bitmask_matmul(x, w, packed, b, operand=operand), ref, K.masked_matmul(x, w, s, b, t_l=None),
+                    "y vs v1")
+    assert_accurate(K.bitmask_matmul_dx(dy, w, packed, operand=operand), R.masked_linear_dx(*f64(dy, w, s)),
                     K.masked_matmul_dx(dy, w, s, t_l=None), "dx vs v1")
 
 
 @needs_kernels
+@pytest.mark.parametrize("operand", OPERANDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_non_contiguous_inputs(dtype):
+def test_non_contiguous_inputs(dtype, operand):
     """Transposed views of x, dY and W, and a strided view of the packed bytes, give what contiguous ones do."""
     M, N, Kd = 33, 40, 19
     gen = _gen("noncontig", str(dtype))
@@ -111,9 +119,9 @@ def test_non_contiguous_inputs(dtype):
     spread[::2] = packed
     strided = spread[::2]
     assert not (x.is_contiguous() or w.is_contiguous() or dy.is_contiguous() or strided.is_contiguous())
-    assert_accurate(K.bitmask_matmul(x, w, strided), R.bitmask_linear(*f64(x, w), packed),
+    assert_accurate(K.bitmask_matmul(x, w, strided, operand=operand), R.bitmask_linear(*f64(x, w), packed),
                     R.bitmask_linear(x, w, packed), "y")
-    assert_accurate(K.bitmask_matmul_dx(dy, w, strided), masked_dx_f64(dy, w, packed),
+    assert_accurate(K.bitmask_matmul_dx(dy, w, strided, operand=operand), masked_dx_f64(dy, w, packed),
                     masked_dx_torch(dy, w, packed), "dx")
 
 
@@ -237,6 +245,8 @@ def _bad_calls():
         ("dx packed device", ValueError, lambda: K.bitmask_matmul_dx(dy, w, p.to(OTHER_DEVICE)), "one device"),
         ("task ids device", ValueError, lambda: K.multi_bitmask_matmul(x, w, p2, ids.to(OTHER_DEVICE)), "one device"),
         ("packed2d device", ValueError, lambda: K.multi_bitmask_matmul(x, w, p2.to(OTHER_DEVICE), ids), "one device"),
+        ("operand", ValueError, lambda: K.bitmask_matmul(x, w, p, operand="c"), "must be one of b, a, got 'c'"),
+        ("dx operand", ValueError, lambda: K.bitmask_matmul_dx(dy, w, p, operand="A "), "must be one of b, a"),
     ]
 
 
@@ -246,6 +256,45 @@ def test_bad_inputs_raise(error, call, match):
     """A wrong dtype or Python type is a TypeError, a wrong shape, value or device a ValueError."""
     with pytest.raises(error, match=match):
         call()
+
+
+@needs_kernels
+def test_operand_picks_the_kernel(monkeypatch):
+    """``operand=`` and ``ABP_BITMASK_OPERAND`` route forward and dX to the ``_t`` tuners ("a") or the
+    default ones ("b", also when unset); a bad environment value is refused by name."""
+    import importlib
+
+    mod = importlib.import_module("abp.kernels.bitmask_matmul")
+    launched = []
+
+    class Tuner:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(self.name)
+
+    for name in ("_fwd_kernel", "_dx_kernel", "_fwd_t_kernel", "_dx_t_kernel"):
+        monkeypatch.setattr(mod, name, Tuner(name))
+    x, w, dy = randn((4, 9), torch.float32, _gen("op")), randn((5, 9), torch.float32, _gen("op")), \
+        randn((4, 5), torch.float32, _gen("op"))
+    p = R.pack_mask(torch.ones(5, 9, dtype=torch.bool, device=DEVICE))
+
+    def calls():
+        launched.clear()
+        K.bitmask_matmul(x, w, p)
+        K.bitmask_matmul_dx(dy, w, p)
+        return list(launched)
+
+    monkeypatch.delenv("ABP_BITMASK_OPERAND", raising=False)
+    assert calls() == ["_fwd_kernel", "_dx_kernel"]
+    monkeypatch.setenv("ABP_BITMASK_OPERAND", "A")
+    assert calls() == ["_fwd_t_kernel", "_dx_t_kernel"]
+    K.bitmask_matmul(x, w, p, operand="b")
+    assert launched[-1] == "_fwd_kernel"  # the argument wins over the environment
+    monkeypatch.setenv("ABP_BITMASK_OPERAND", "wgmma")
+    with pytest.raises(ValueError, match="ABP_BITMASK_OPERAND.*got 'wgmma'"):
+        calls()
 
 
 @needs_kernels

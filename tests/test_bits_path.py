@@ -172,13 +172,14 @@ def test_a_short_run_gives_the_same_mask_from_bits_and_from_scores():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_a_gpu_the_v2_and_v1_kernels_learn_the_same_mask(monkeypatch):
-    """The same short run on the Triton kernels, v2 (bits) against v1 (scores): the same mask. fp32 with exact
-    products; the two kernels may order their sums differently, so a score that ends within rounding of 0 may
-    differ: at most 0.1 % of the mask."""
+    """The same short run on the Triton kernels, v2 (bits; the masked weight as the MMA's right operand, then as
+    its left) against v1 (scores): the same mask. fp32 with exact products; the kernels may order their sums
+    differently, so a score that ends within rounding of 0 may differ: at most 0.1 % of the mask."""
     torch.backends.cuda.matmul.allow_tf32 = False
     masks, ran = [], []
-    for version in ("v1", "v2"):
+    for version, operand in (("v1", "b"), ("v2", "b"), ("v2", "a")):
         monkeypatch.setenv("ABP_KERNELS", version)
+        monkeypatch.setenv("ABP_BITMASK_OPERAND", operand)
         torch.manual_seed(0)
         net = torch.nn.Sequential(abp.MaskedLinear(96, 160, score_init_spread=1.0), torch.nn.ReLU(),
                                   abp.MaskedLinear(160, 3, score_init_spread=1.0)).cuda()
@@ -191,5 +192,6 @@ def test_on_a_gpu_the_v2_and_v1_kernels_learn_the_same_mask(monkeypatch):
             opt.step()
         masks.append(torch.cat([m.mask().flatten() for m in (net[0], net[2])]))
         ran.append(backends.last_backend("masked_matmul_bits" if version == "v2" else "masked_matmul"))
-    assert ran == ["triton", "triton"]
-    assert (masks[0] != masks[1]).float().mean().item() <= 1e-3
+    assert ran == ["triton"] * 3
+    for other in masks[1:]:
+        assert (masks[0] != other).float().mean().item() <= 1e-3

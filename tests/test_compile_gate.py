@@ -5,14 +5,15 @@ These tests run :mod:`abp.kernels.compile_gate` and assert, per config the autot
 (each kernel's candidates from ``configs.candidates``, and the ``ABP_TRITON_AUTOTUNE=0`` tile):
 it compiles, its shared memory per block fits the target (232448 B on sm_90a, 166912 B on sm_80),
 ptxas reports no spill bytes (a ``configs.ACCEPTED_SPILLS`` entry: no more than recorded), and on
-sm_90a 16-bit tiles with at least 64 rows use ``wgmma``; and that each ``configs.SPILLS`` entry
+sm_90a 16-bit tiles whose MMA has at least 64 rows use ``wgmma`` (the tile's rows; its columns for the
+``_t`` kernels, whose MMA takes the masked weight as its left operand); and that each ``configs.SPILLS`` entry
 compiled still spills (in bf16 or fp16 for a 16-bit entry).
 
 By default they compile the gate's representative subset (per ``@triton.jit`` kernel and target,
 the largest 16-bit candidate in bf16 and the smallest in fp16, plus per target the forward's
-largest fp32 candidate and smallest fp32 SPILLS entry: 20 compiles). ``ABP_COMPILE_GATE_ALL=1``
-compiles every runnable config and every SPILLS entry (476 compiles; 16 min cold on two busy cores:
-the fp32 tiles kept as SPILLS entries are slow to compile).
+largest fp32 candidate and smallest fp32 SPILLS entry: 24 compiles). ``ABP_COMPILE_GATE_ALL=1``
+compiles every runnable config and every SPILLS entry (612 compiles; 10 min on two busy cores with
+Triton's cache warm for most kernels: the fp32 tiles kept as SPILLS entries are slow to compile).
 
 The compiles run in a subprocess whose environment lacks ``TRITON_INTERPRET``: conftest.py sets
 it for this session when there is no GPU, and Triton picks the interpreter when a kernel is
@@ -33,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 ALL = os.environ.get("ABP_COMPILE_GATE_ALL") == "1"
 SHARED_LIMIT = {"sm90a": 232448, "sm80": 166912}
 KERNELS = {"masked_matmul", "masked_matmul_dx", "score_grad", "score_grad_update", "bitmask_matmul",
-           "bitmask_matmul_dx", "multi_bitmask_matmul"}
+           "bitmask_matmul_dx", "multi_bitmask_matmul", "bitmask_matmul_t", "bitmask_matmul_dx_t"}
 
 
 def _require_nvidia_toolchain() -> None:
@@ -172,8 +173,21 @@ def test_spills_entries_still_spill(rows):
 
 def test_wgmma_on_hopper(rows):
     msg = _fails(_runnable(rows), lambda r: r["compiled"] and r["target"] == "sm90a" and r["dtype"] != "fp32"
-                 and r["tile"][0] >= 64 and not r["wgmma"] and "no wgmma.mma_async in the PTX")
-    assert not msg, "16-bit sm90a tiles of >= 64 rows without wgmma:\n" + msg
+                 and r["mma_rows"] >= 64 and not r["wgmma"] and "no wgmma.mma_async in the PTX")
+    assert not msg, "16-bit sm90a tiles whose MMA has >= 64 rows without wgmma:\n" + msg
+    swapped = [r for r in _runnable(rows) if r["kernel"].endswith("_t")]
+    assert swapped and all(r["mma_rows"] == r["tile"][1] for r in swapped)
+    # the point of the _t kernels: wgmma takes the masked tile from registers (the default form from shared
+    # memory), and a tile of fewer than 64 tokens still issues wgmma on Hopper
+    hopper16 = [r for r in _runnable(rows) if r["target"] == "sm90a" and r["dtype"] != "fp32" and r["compiled"]]
+    msg = _fails([r for r in hopper16 if r["kernel"].endswith("_t")],
+                 lambda r: not r["wgmma_a_in_registers"] and "wgmma's A operand is not in registers")
+    assert not msg, msg
+    assert not any(r["wgmma_a_in_registers"] for r in hopper16 if r["kernel"] in ("bitmask_matmul", "masked_matmul")
+                   and r["wgmma"]), "the default form was expected to read both wgmma operands from shared memory"
+    few = [r for r in swapped if r["target"] == "sm90a" and r["dtype"] != "fp32" and r["tile"][0] < 64]
+    msg = _fails(few, lambda r: r["compiled"] and not r["wgmma"] and "no wgmma")
+    assert not msg, msg
 
 
 def test_gate_reports_an_oversized_config():
@@ -209,6 +223,8 @@ def test_check_row_flags_each_limit():
     assert "spills" in check_row({**ok, "spill_loads": 4})[0]
     assert "no ptxas resource report" in check_row({**ok, "spill_stores": None})[0]
     assert "wgmma" in check_row({**ok, "wgmma": False})[0]
+    assert check_row({**ok, "masked_operand": "a", "wgmma_a_in_registers": True}) == []
+    assert "registers" in check_row({**ok, "masked_operand": "a", "wgmma_a_in_registers": False})[0]
     assert check_row({**ok, "wgmma": False, "wgmma_expected": False}) == []
     # ACCEPTED_SPILLS bounds: at most the recorded bytes
     assert check_row({**ok, "spill_stores": 8, "spill_loads": 4, "accepted": [8, 4]}) == []

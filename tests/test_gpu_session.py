@@ -38,3 +38,62 @@ def test_rehearsal_runs_every_stage(tmp_path):
     assert "| shape |" in (out / "report.md").read_text()
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8, files
+
+
+def _gpu_selection(name: str) -> str:
+    """The -k expression the GPU run (not the rehearsal) gives bench stage ``name`` (HEADLINE, MORE, STEP)."""
+    text = (REPO / "bench" / "gpu_session.sh").read_text()
+    gpu_branch = text.split("\nelse\n", 1)[1].split("\nfi\n", 1)[0]
+    line = next(ln.strip() for ln in gpu_branch.splitlines() if ln.strip().startswith(f"{name}="))
+    return line.split("=", 1)[1].strip('"')
+
+
+def _gpu_ids() -> list[str]:
+    """Every case id of the GPU grids of the bench modules, as pytest names the items."""
+    import importlib.util
+
+    ids = []
+    for path in sorted((REPO / "bench").glob("bench_*.py")):
+        spec = importlib.util.spec_from_file_location(f"_gpu_ids_{path.stem}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        test = next(n for n in vars(mod) if n.startswith("test_"))
+        ids += [f"{path.name}::{test}[{c['id']}]" for c in mod.cases("gpu")]
+    return ids
+
+
+def _selected(expr: str, ids: list[str]) -> set[str]:
+    """What ``pytest -k expr`` keeps of ``ids``: each identifier a case-insensitive substring of the item's names."""
+    from _pytest.mark.expression import Expression
+
+    compiled = Expression.compile(expr)
+    out = set()
+    for item in ids:
+        names = [n.lower() for n in item.replace("::", " ").split()]
+
+        def match(word, **kwargs):
+            return any(word.lower() in n for n in names)
+
+        if compiled.evaluate(match):
+            out.add(item.split("[", 1)[1][:-1])
+    return out
+
+
+def test_gpu_selections_measure_the_goals_first():
+    """The GPU run's stages select what the script says: the headline holds both kernel versions against dense,
+    eager and compile at BERT-base shapes, 1k and 4k tokens, bf16, without the operand-A variant, which the next
+    stage measures at the same shapes beside the serving rows of both kernel forms."""
+    ids = _gpu_ids()
+    head, more = _selected(_gpu_selection("HEADLINE"), ids), _selected(_gpu_selection("MORE"), ids)
+    for m in (1024, 4096):
+        for kn in ("768x768", "768x3072", "3072x768"):
+            for impl in ("dense", "eager", "abp", "abp_v2", "abp_fused_update", "abp_v2_fused_update"):
+                assert f"linear_fwd_bwd-bf16-t{m}-{kn}-{impl}" in head, (m, kn, impl)
+            assert f"linear_fwd_bwd-bf16-t{m}-{kn}-abp_v2_a" in more, (m, kn)
+    assert "linear_fwd_bwd-bf16-t4096-768x3072-compile" in head
+    assert not any(i.endswith("abp_v2_a") or "reference" in i for i in head)
+    for m in (1, 16, 256):
+        for impl in ("abp_gemm", "abp_gemm_a", "abp_gemv", "dense"):
+            assert f"bitmask_linear-bf16-t{m}-4096x11008-{impl}" in more, (m, impl)
+    assert {"linear_fwd_bwd-bf16-t16384-4096x11008-abp_v2", "linear_fwd_bwd-bf16-t16384-4096x11008-abp_v2_a"} <= more
+    assert any("abp_step" in i and "b8-s128" in i for i in head)
