@@ -10,12 +10,15 @@
 #             1. headline bench: bf16 masked linear fwd+bwd at BERT-base shapes, 1k and 4k tokens, the v2 kernels
 #                (1-bit mask) and v1 (fp32 scores) side by side against dense cuBLAS, the eager masked linear and
 #                torch.compile; the ABP step of BERT-base at 8x128 on v2 (default) and v1;
-#             2. the GPU tests (kernels, extension, layers, opcheck);
-#             3. the rest of the goal subset while time is left (v2 with the masked weight as the MMA's left
+#             2. where a masked linear's host time goes (bench/host_profile.py: per-call wall and synced time,
+#                host-device syncs, the Python functions with the most own time; eager, v1, v2 and v2 with
+#                ABP_BITMASK_OPERAND=a at BERT-base 768->3072, 1k tokens) into host_profile.md;
+#             3. the GPU tests (kernels, extension, layers, opcheck);
+#             4. the rest of the goal subset while time is left (v2 with the masked weight as the MMA's left
 #                operand, ABP_BITMASK_OPERAND=a, at the headline shapes; forward only, LLaMA-7B shapes at 4k/16k
 #                tokens with both v2 forms, 1-bit serving with both forms of the Triton kernel, one MiniLM serving
 #                1/4/16 task masks, the ABP step at 32x128 and on MiniLM);
-#             4. the markdown report of every row measured.
+#             5. the markdown report of every row measured.
 #   tests     build, then the GPU tests only (ABP_GPU_TESTS: pytest arguments, default the list below), for a
 #             short second lease or a lease's remaining minutes.
 #   rehearse  the same stages on CPU with tiny shapes and no build (the quick bench grid, one small test file):
@@ -28,8 +31,8 @@
 # Afterwards, here: copy $OUT/results/<device>/*.json into bench/results/<device>/, run
 # `python bench/report.py` and update the README's table.
 #
-# What comes back is at most 8 files: session.log (every stage's output), tests.log, report.md and the
-# result JSON of each bench stage.
+# What comes back is at most 8 files: session.log (every stage's output), tests.log, host_profile.md, report.md
+# and the result JSON of each bench stage.
 #
 # torch.compile runs in its default mode here (ABP_BENCH_COMPILE_MODE overrides): max-autotune tunes every
 # static shape anew, about a minute per shape, which this lease cannot hold for four shapes x two directions.
@@ -111,6 +114,17 @@ gpu_tests() {
   say "tests: exit $rc"
 }
 
+host_profile() {
+  local lim args=()
+  lim=$(limit 60)
+  [ "$MODE" = rehearse ] && args=(--rehearse --calls 5)
+  say "host profile (limit ${lim}s)"
+  timeout -k 10 "$lim" "$PY" -P bench/host_profile.py --out "$OUT/host_profile.md" "${args[@]}" >>"$LOG" 2>&1
+  local rc=$?
+  head -12 "$OUT/host_profile.md" 2>/dev/null | tee -a "$LOG"
+  say "host profile: exit $rc"
+}
+
 report() {
   say "report"
   "$PY" bench/report.py --markdown ${QUICK_FLAG:-} $(find "$OUT/results" -name "*.json" | sort) >"$OUT/report.md" 2>&1
@@ -134,6 +148,7 @@ if [ "$MODE" = tests ]; then
   exit 0
 fi
 bench headline 210 "$HEADLINE"
+host_profile
 gpu_tests
 bench more 150 "$MORE"
 bench step 90 "$STEP"

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("build: skipped", "bench headline", "tests (limit", "bench more", "bench step", "report", "done;")
+STAGES = ("build: skipped", "bench headline", "host profile (limit", "tests (limit", "bench more", "bench step", "report",
+          "done;")
 
 
 def test_rehearsal_runs_every_stage(tmp_path):
@@ -29,6 +30,11 @@ def test_rehearsal_runs_every_stage(tmp_path):
     for stage in ("headline", "more", "step"):
         assert f"bench {stage}: exit 0" in log, log[-3000:]
     assert "tests: exit 0" in log, (out / "tests.log").read_text()[-3000:]
+    assert "host profile: exit 0" in log, log[-3000:]
+    profile = (out / "host_profile.md").read_text()
+    for impl in ("eager", "abp_v1", "abp_v2", "abp_v2_a"):
+        assert f"| {impl} |" in profile and f"## {impl}: top" in profile, profile[:3000]
+    assert "failed:" not in profile, profile[:3000]
     results = sorted(out.glob("results/*/*.json"))
     assert len(results) == 3, results  # one file per bench stage, two folders down (the tool returns those)
     for path in results:
