@@ -15,7 +15,8 @@ on GPU, 64 / 256 tokens, where the GEMV kernel and the bit-mask GEMM cross over:
 - ``dense``: ``F.linear`` on a pre-masked dense copy: the floor, at the price of one weight copy per task.
 
 ``multi_bitmask_linear``: one decode token for each of 2 / 8 / 32 tasks in one batch (task ids shuffled).
-Impls ``abp`` (``torch.ops.abp.multi_bitmask_linear``), ``materialise``
+Impls ``abp`` (``torch.ops.abp.multi_bitmask_linear``), on GPU ``abp_gemm`` / ``abp_gemm_a`` (the same op pinned to
+the Triton multi-task kernel, the masked weight as the MMA's right / left operand), ``materialise``
 (:func:`abp.reference.multi_bitmask_linear`: one masked copy per task present) and ``dense_per_task``
 (one pre-masked dense copy per task, rows grouped by task, one batched GEMM). ``stored_mb`` is what each
 impl keeps resident: the base weight plus the packed masks, or one dense weight per task.
@@ -42,7 +43,7 @@ GRIDS = {  # shapes, dtypes, token counts, task counts, shapes for the multi-tas
 SINGLE_IMPLS = ("abp", "abp_gemv", "abp_gemm", "abp_gemm_a", "materialise", "dense")
 GPU_ONLY = {"abp_gemv": "cuda", "abp_gemm": "triton", "abp_gemm_a": "triton"}  # impl -> the backend it pins
 OPERAND_A = {"abp_gemm_a"}  # run with ABP_BITMASK_OPERAND=a
-MULTI_IMPLS = ("abp", "materialise", "dense_per_task")
+MULTI_IMPLS = ("abp", "abp_gemm", "abp_gemm_a", "materialise", "dense_per_task")
 
 
 def cases(grid: str) -> list[dict]:
@@ -61,6 +62,8 @@ def cases(grid: str) -> list[dict]:
         for k, n in multi_shapes:
             for t in task_counts:
                 for impl in MULTI_IMPLS:
+                    if impl in GPU_ONLY and grid != "gpu":
+                        continue
                     out.append({"bench": "multi_bitmask_linear", "impl": impl, "dtype": dtype, "tokens": t, "tasks": t,
                                 "in": k, "out": n, "shape": f"tasks={t},tokens={t},in={k},out={n}",
                                 "id": f"multi_bitmask_linear-{dtype}-tasks{t}-{k}x{n}-{impl}"})
@@ -107,6 +110,8 @@ def _call(case: dict):
         return dense_per_task
     return {
         "abp": lambda s: torch.ops.abp.multi_bitmask_linear(s.x, s.w, s.packed, s.task_ids, s.b, ""),
+        "abp_gemm": lambda s: torch.ops.abp.multi_bitmask_linear(s.x, s.w, s.packed, s.task_ids, s.b, "triton"),
+        "abp_gemm_a": lambda s: torch.ops.abp.multi_bitmask_linear(s.x, s.w, s.packed, s.task_ids, s.b, "triton"),
         "materialise": lambda s: reference.multi_bitmask_linear(s.x, s.w, s.packed, s.task_ids, s.b),
     }[impl]
 

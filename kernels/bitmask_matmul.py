@@ -53,6 +53,7 @@ tile), so a 16-token tile still issues ``wgmma`` (``m64n16k16``) where the defau
 ``mma.sync`` below 64 rows. The cost: ``A`` is read transposed and the accumulator transposed
 back once per tile (a layout conversion through shared memory). Not timed on a GPU yet;
 ``bench/bench_linear.py`` (``abp_v2_a``) and ``bench/bench_bitmask.py`` (``abp_gemm_a``) measure it.
+The multi-task kernel below takes the same constexpr.
 
 Many tasks over one base weight (:func:`multi_bitmask_matmul`): a second kernel,
 :func:`_multi_bitmask_mm_kernel`, sharing the K loop (:func:`_bitmask_dot`) and the masked B
@@ -238,7 +239,7 @@ def _multi_bitmask_mm_kernel(
     stride_wn, stride_wk,
     stride_bt,  # bytes between two tasks' masks in packed2d
     stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, MASKED_LEFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
 ):
     n_slots = tl.cdiv(M, BLOCK_M) + T
@@ -264,11 +265,17 @@ def _multi_bitmask_mm_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_n = cols % N
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + src[:, None] * stride_am + offs_k[None, :] * stride_ak
     # B[k, n] = W[n, k]; its bit is n·K + k: bit strides (1, K)
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
-    acc = _bitmask_dot(a_ptrs, w_ptrs, bits_ptr + task * stride_bt, offs_n * K, K, stride_ak, stride_wk, 1,
-                       INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    if MASKED_LEFT:
+        at_ptrs = a_ptr + offs_k[:, None] * stride_ak + src[None, :] * stride_am
+        wt_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        acc = tl.trans(_bitmask_dot_t(at_ptrs, wt_ptrs, bits_ptr + task * stride_bt, offs_n * K, K, stride_ak,
+                                      stride_wk, 1, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K))
+    else:
+        a_ptrs = a_ptr + src[:, None] * stride_am + offs_k[None, :] * stride_ak
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        acc = _bitmask_dot(a_ptrs, w_ptrs, bits_ptr + task * stride_bt, offs_n * K, K, stride_ak, stride_wk, 1,
+                           INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n).to(tl.float32)[None, :]
     out_ptrs = out_ptr + src[:, None] * stride_om + cols[None, :] * stride_on
@@ -284,6 +291,7 @@ _dx_kernel = configs.autotune("bitmask_matmul_dx", *_TILE_NAMES, key=_KEY)(_bitm
 _multi_kernel = configs.autotune("multi_bitmask_matmul", *_TILE_NAMES, key=_KEY)(_multi_bitmask_mm_kernel)
 _fwd_t_kernel = configs.autotune("bitmask_matmul_t", *_TILE_NAMES, key=_KEY)(_bitmask_mm_kernel)
 _dx_t_kernel = configs.autotune("bitmask_matmul_dx_t", *_TILE_NAMES, key=_KEY)(_bitmask_mm_kernel)
+_multi_t_kernel = configs.autotune("multi_bitmask_matmul_t", *_TILE_NAMES, key=_KEY)(_multi_bitmask_mm_kernel)
 
 #: Where the masked weight goes in the MMA (``ABP_BITMASK_OPERAND``, read at each call): ``b``, the default,
 #: ``out = A·(W⊙M)ᵀ`` with the masked tile as the right operand; ``a``, ``outᵀ = (W⊙M)·Aᵀ`` with it as the left
@@ -384,7 +392,8 @@ def bitmask_matmul_dx(dy2d: Tensor, weight: Tensor, packed: Tensor, *, operand: 
 
 
 def multi_bitmask_matmul(x2d: Tensor, weight: Tensor, packed2d: Tensor, task_ids: Tensor,
-                         bias: Optional[Tensor] = None, *, check_ids: bool = True) -> Tensor:
+                         bias: Optional[Tensor] = None, *, check_ids: bool = True,
+                         operand: Optional[str] = None) -> Tensor:
     """Row ``i``: ``y[i] = x2d[i]·(W⊙unpack(packed2d[task_ids[i]]))ᵀ + bias`` → ``[M, N]``, one launch.
 
     Serving several task masks over one base weight (:func:`abp.reference.multi_bitmask_linear`).
@@ -392,8 +401,10 @@ def multi_bitmask_matmul(x2d: Tensor, weight: Tensor, packed2d: Tensor, task_ids
     (one packed mask per task); ``task_ids`` int64 (or int32) ``[M]`` with values in ``[0, T)``,
     in any order. Checking that range reads two numbers back to the host (one sync per call);
     ``check_ids=False`` skips it for callers that checked the ids already (``abp.multi_bitmask_linear``
-    checks once; a :class:`abp.MultiTaskModel` once per batch, not once per layer).
+    checks once; a :class:`abp.MultiTaskModel` once per batch, not once per layer). ``operand`` as in
+    :func:`bitmask_matmul`.
     """
+    left = masked_operand(operand) == "a"
     M, N, K = _check_input_and_weight(x2d, weight)
     _check_packed("packed2d", packed2d, weight, ndim=2)
     check_tensor("task_ids", task_ids, ndim=1, dtypes=INDEX_DTYPES, shape=(M,))
@@ -419,7 +430,7 @@ def multi_bitmask_matmul(x2d: Tensor, weight: Tensor, packed2d: Tensor, task_ids
         # Σ_t cdiv(count_t, BLOCK_M) ≤ cdiv(M, BLOCK_M) + T row-tile slots; the extra ones exit at once.
         return ((triton.cdiv(M, meta["BLOCK_M"]) + T) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _multi_kernel[grid](
+    (_multi_t_kernel if left else _multi_kernel)[grid](
         x2d, weight, packed2d,
         bias if bias is not None else weight,  # never read when HAS_BIAS is False
         out, order, counts, starts,
@@ -428,6 +439,6 @@ def multi_bitmask_matmul(x2d: Tensor, weight: Tensor, packed2d: Tensor, task_ids
         weight.stride(0), weight.stride(1),
         packed2d.stride(0),
         out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, INPUT_PRECISION=configs.input_precision(x2d.dtype),
+        HAS_BIAS=bias is not None, INPUT_PRECISION=configs.input_precision(x2d.dtype), MASKED_LEFT=left,
     )
     return out

@@ -240,16 +240,20 @@ def _call_bitmask_dx_t(mod, dt):
                           operand="a")
 
 
-def _call_multi_bitmask(mod, dt):
+def _call_multi_bitmask(mod, dt, operand="b"):
     # the task-id range check reads values back to the host, which meta tensors do not have
     check = mod.check_task_ids
     mod.check_task_ids = lambda task_ids, num_tasks: None
     try:
         mod.multi_bitmask_matmul(_meta(M, K, dtype=dt), _meta(N, K, dtype=dt),
                                  _meta(TASKS, N * K // 8, dtype=torch.uint8), _meta(M, dtype=torch.int64),
-                                 _meta(N, dtype=dt))
+                                 _meta(N, dtype=dt), operand=operand)
     finally:
         mod.check_task_ids = check
+
+
+def _call_multi_bitmask_t(mod, dt):
+    _call_multi_bitmask(mod, dt, operand="a")
 
 
 def _mm_footprint(tile, e):
@@ -281,13 +285,15 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("bitmask_matmul_t", "bitmask_matmul", "_fwd_t_kernel", _call_bitmask_t, _bm_footprint, swapped=True),
     Kernel("bitmask_matmul_dx_t", "bitmask_matmul", "_dx_t_kernel", _call_bitmask_dx_t, _bm_footprint,
            swapped=True),
+    Kernel("multi_bitmask_matmul_t", "bitmask_matmul", "_multi_t_kernel", _call_multi_bitmask_t, _bm_footprint,
+           swapped=True),
 )
 
 
 # Default subset, per @triton.jit kernel: (launch compiled with the largest tile, with the smallest)
 REPRESENTATIVE = (("masked_matmul", "masked_matmul_dx"), ("score_grad_update", "score_grad"),
                   ("bitmask_matmul", "bitmask_matmul_dx"), ("multi_bitmask_matmul", "multi_bitmask_matmul"),
-                  ("bitmask_matmul_t", "bitmask_matmul_dx_t"))
+                  ("bitmask_matmul_t", "bitmask_matmul_dx_t"), ("multi_bitmask_matmul_t", "multi_bitmask_matmul_t"))
 
 
 def _module(name: str):
@@ -714,8 +720,8 @@ def notes_section(rows: list[dict], command: str, targets: Iterable[str]) -> str
         f"{M}, {N}, {K} with 16-byte-aligned pointers; forward with soft mask, bias and bias scores, dX "
         "with soft mask, score grad and fused update (no recovery) with bias scores, 1-bit-mask forward "
         f"with bias, its dX, multi-task forward with bias over {TASKS} masks, the 1-bit-mask forward "
-        "(with bias) and dX with the masked weight as the MMA's left operand (`_t`, whose MMA rows are "
-        "the tile's columns); fp32 rows use exact "
+        "(with bias), its dX and the multi-task forward with the masked weight as the MMA's left operand "
+        "(`_t`, whose MMA rows are the tile's columns); fp32 rows use exact "
         "`ieee` products. Configs: each kernel's autotune candidates (`configs.candidates`: its table "
         "minus `configs.SPILLS`) and the fixed tile, which must pass every limit: shared memory per block "
         "(sm90a 227 KiB, sm80 163 KiB), no spills (`configs.ACCEPTED_SPILLS`: at most the recorded "
@@ -758,7 +764,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "every configs.SPILLS entry, which must still spill. Default: a representative subset, "
                          "per @triton.jit kernel and target the largest 16-bit candidate in bf16 and the "
                          "smallest in fp16, plus per target the forward's largest fp32 candidate and smallest "
-                         "fp32 SPILLS entry (24 compiles)."))
+                         "fp32 SPILLS entry (28 compiles)."))
     p.add_argument("--targets", default="sm90a,sm80",
                    help=f"comma-separated targets, from {', '.join(TARGETS)} (default: both)")
     p.add_argument("--dtypes", default=None,

@@ -97,7 +97,7 @@ GROUP_SIZE = 8
 # The autotuned kernels, as ``autotune(kernel=...)`` names them; the compile gate uses the same names.
 KERNEL_NAMES = ("masked_matmul", "masked_matmul_dx", "score_grad", "score_grad_update",
                 "bitmask_matmul", "bitmask_matmul_dx", "multi_bitmask_matmul", "bitmask_matmul_t",
-                "bitmask_matmul_dx_t")
+                "bitmask_matmul_dx_t", "multi_bitmask_matmul_t")
 TABLES = {"hopper": _HOPPER_TABLE, "ampere": _AMPERE_TABLE, "fp32": _FP32_TABLE}
 ARCHS = (9, 8)  # GPU families with a table: 9 = sm90 and newer (Hopper table), 8 = sm8x (Ampere table)
 DTYPE_CLASSES = ("16bit", "fp32")
@@ -173,6 +173,12 @@ SPILLS: dict[str, dict[tuple[int, str], frozenset[tuple]]] = {
         (9, "fp32"): frozenset({(128, 128, 32, 4, 4)}),
         (8, "16bit"): frozenset({(128, 256, 32, 3, 8), (64, 256, 32, 3, 4), (128, 128, 32, 4, 4)}),
         (8, "fp32"): frozenset({(128, 128, 32, 4, 4)}),
+    },
+    "multi_bitmask_matmul_t": {
+        (9, "16bit"): frozenset({(128, 128, 64, 3, 4)}),
+        (9, "fp32"): frozenset({(128, 128, 32, 4, 4)}),
+        (8, "16bit"): frozenset({(128, 256, 32, 3, 8), (64, 256, 32, 3, 4)}),
+        (8, "fp32"): frozenset({(128, 128, 32, 4, 4), (64, 32, 32, 5, 2)}),
     },
 }
 # Spilling tiles that are offered anyway, because that (kernel, arch, dtype class) has no

@@ -144,10 +144,11 @@ MULTI_CASES = [
 
 
 @needs_kernels
+@pytest.mark.parametrize("operand", OPERANDS)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", MULTI_CASES, ids=lambda c: f"{shape_id(c[0])}-tasks{len(c[1])}")
-def test_multi_bitmask_matmul(case, dtype, with_bias):
+def test_multi_bitmask_matmul(case, dtype, with_bias, operand):
     (M, N, Kd), counts = case
     assert sum(counts) == M
     T = len(counts)
@@ -159,7 +160,7 @@ def test_multi_bitmask_matmul(case, dtype, with_bias):
     task_ids = task_ids_with_counts(counts, gen)
     if T > 1 and M > 1:
         assert not bool((task_ids[1:] >= task_ids[:-1]).all()), "test precondition: unsorted task ids"
-    y = K.multi_bitmask_matmul(x, w, packed2d, task_ids, b)
+    y = K.multi_bitmask_matmul(x, w, packed2d, task_ids, b, operand=operand)
     assert y.dtype == dtype
     ref = R.multi_bitmask_linear(*f64(x, w), packed2d, task_ids, None if b is None else b.double())
     assert_accurate(y, ref, R.multi_bitmask_linear(x, w, packed2d, task_ids, b), "y")
@@ -260,7 +261,7 @@ def test_bad_inputs_raise(error, call, match):
 
 @needs_kernels
 def test_operand_picks_the_kernel(monkeypatch):
-    """``operand=`` and ``ABP_BITMASK_OPERAND`` route forward and dX to the ``_t`` tuners ("a") or the
+    """``operand=`` and ``ABP_BITMASK_OPERAND`` route forward, dX and the multi-task forward to the ``_t`` tuners ("a") or the
     default ones ("b", also when unset); a bad environment value is refused by name."""
     import importlib
 
@@ -274,7 +275,7 @@ def test_operand_picks_the_kernel(monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launched.append(self.name)
 
-    for name in ("_fwd_kernel", "_dx_kernel", "_fwd_t_kernel", "_dx_t_kernel"):
+    for name in ("_fwd_kernel", "_dx_kernel", "_fwd_t_kernel", "_dx_t_kernel", "_multi_kernel", "_multi_t_kernel"):
         monkeypatch.setattr(mod, name, Tuner(name))
     x, w, dy = randn((4, 9), torch.float32, _gen("op")), randn((5, 9), torch.float32, _gen("op")), \
         randn((4, 5), torch.float32, _gen("op"))
@@ -284,12 +285,13 @@ def test_operand_picks_the_kernel(monkeypatch):
         launched.clear()
         K.bitmask_matmul(x, w, p)
         K.bitmask_matmul_dx(dy, w, p)
+        K.multi_bitmask_matmul(x, w, p[None], torch.zeros(4, dtype=torch.int64, device=DEVICE))
         return list(launched)
 
     monkeypatch.delenv("ABP_BITMASK_OPERAND", raising=False)
-    assert calls() == ["_fwd_kernel", "_dx_kernel"]
+    assert calls() == ["_fwd_kernel", "_dx_kernel", "_multi_kernel"]
     monkeypatch.setenv("ABP_BITMASK_OPERAND", "A")
-    assert calls() == ["_fwd_t_kernel", "_dx_t_kernel"]
+    assert calls() == ["_fwd_t_kernel", "_dx_t_kernel", "_multi_t_kernel"]
     K.bitmask_matmul(x, w, p, operand="b")
     assert launched[-1] == "_fwd_kernel"  # the argument wins over the environment
     monkeypatch.setenv("ABP_BITMASK_OPERAND", "wgmma")

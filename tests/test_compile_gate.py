@@ -11,8 +11,8 @@ compiled still spills (in bf16 or fp16 for a 16-bit entry).
 
 By default they compile the gate's representative subset (per ``@triton.jit`` kernel and target,
 the largest 16-bit candidate in bf16 and the smallest in fp16, plus per target the forward's
-largest fp32 candidate and smallest fp32 SPILLS entry: 24 compiles). ``ABP_COMPILE_GATE_ALL=1``
-compiles every runnable config and every SPILLS entry (612 compiles; 10 min on two busy cores with
+largest fp32 candidate and smallest fp32 SPILLS entry: 28 compiles). ``ABP_COMPILE_GATE_ALL=1``
+compiles every runnable config and every SPILLS entry (680 compiles; 10-20 min on two busy cores with
 Triton's cache warm for most kernels: the fp32 tiles kept as SPILLS entries are slow to compile).
 
 The compiles run in a subprocess whose environment lacks ``TRITON_INTERPRET``: conftest.py sets
@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 ALL = os.environ.get("ABP_COMPILE_GATE_ALL") == "1"
 SHARED_LIMIT = {"sm90a": 232448, "sm80": 166912}
 KERNELS = {"masked_matmul", "masked_matmul_dx", "score_grad", "score_grad_update", "bitmask_matmul",
-           "bitmask_matmul_dx", "multi_bitmask_matmul", "bitmask_matmul_t", "bitmask_matmul_dx_t"}
+           "bitmask_matmul_dx", "multi_bitmask_matmul", "bitmask_matmul_t", "bitmask_matmul_dx_t",
+           "multi_bitmask_matmul_t"}
 
 
 def _require_nvidia_toolchain() -> None:
@@ -183,7 +184,8 @@ def test_wgmma_on_hopper(rows):
     msg = _fails([r for r in hopper16 if r["kernel"].endswith("_t")],
                  lambda r: not r["wgmma_a_in_registers"] and "wgmma's A operand is not in registers")
     assert not msg, msg
-    assert not any(r["wgmma_a_in_registers"] for r in hopper16 if r["kernel"] in ("bitmask_matmul", "masked_matmul")
+    assert not any(r["wgmma_a_in_registers"] for r in hopper16
+                   if r["kernel"] in ("bitmask_matmul", "masked_matmul", "multi_bitmask_matmul")
                    and r["wgmma"]), "the default form was expected to read both wgmma operands from shared memory"
     few = [r for r in swapped if r["target"] == "sm90a" and r["dtype"] != "fp32" and r["tile"][0] < 64]
     msg = _fails(few, lambda r: r["compiled"] and not r["wgmma"] and "no wgmma")

@@ -102,4 +102,6 @@ def test_gpu_selections_measure_the_goals_first():
         for impl in ("abp_gemm", "abp_gemm_a", "abp_gemv", "dense"):
             assert f"bitmask_linear-bf16-t{m}-4096x11008-{impl}" in more, (m, impl)
     assert {"linear_fwd_bwd-bf16-t16384-4096x11008-abp_v2", "linear_fwd_bwd-bf16-t16384-4096x11008-abp_v2_a"} <= more
+    for impl in ("abp", "abp_gemm", "abp_gemm_a", "dense_per_task"):
+        assert f"multi_bitmask_linear-bf16-tasks32-4096x11008-{impl}" in more, impl
     assert any("abp_step" in i and "b8-s128" in i for i in head)
