@@ -38,20 +38,20 @@ bytes), so the bit loads are plain loads in the loop while ``A`` and ``W`` are p
 has the compiled figures; measuring the two on a GPU comes first.
 
 The masked weight as the MMA's left operand (``operand="a"``, ``ABP_BITMASK_OPERAND=a``): with the
-constexpr ``MASKED_LEFT`` the same kernel computes the same ``out`` through
-``outᵀ[N', M] = Bᵀ[N', K'] @ Aᵀ[K', M]`` (:func:`_bitmask_dot_t`): it loads the weight tile as
-``[BLOCK_N, BLOCK_K]``, masks it in registers and passes it as ``tl.dot``'s first operand, with ``Aᵀ``
-as the second, and transposes the ``[BLOCK_N, BLOCK_M]`` accumulator back before the epilogue. Why: Hopper's ``wgmma`` reads its right operand
-only from shared memory, so with the masked tile on the right (the default form) Triton writes the
-tile it just masked in registers back to shared memory at every K step before the MMA can read
-it; its left operand may come from registers. Compiled for sm_90a (bf16, 128×128×64, 4 stages, 8
-warps, Triton 3.9): the default form's ``wgmma`` takes both operands as shared-memory descriptors
-and its PTX has 40 ``st.shared``; this one's takes the masked tile as four registers per thread
-and has 4, at the same 128 KiB of shared memory (165 against 175 registers). A second gain
-at few tokens: the MMA's row dimension becomes the weight's ``BLOCK_N`` (≥ 64 in every Hopper
-tile), so a 16-token tile still issues ``wgmma`` (``m64n16k16``) where the default form falls back to
-``mma.sync`` below 64 rows. The cost: ``A`` is read transposed and the accumulator transposed
-back once per tile (a layout conversion through shared memory). Not timed on a GPU yet;
+constexpr ``MASKED_LEFT`` the same kernel computes the same ``out`` through ``outᵀ[N', M] = Bᵀ[N',
+K'] @ Aᵀ[K', M]`` (:func:`_bitmask_dot_t`): it loads the weight tile as ``[BLOCK_N, BLOCK_K]``,
+masks it in registers and passes it as ``tl.dot``'s first operand, with ``Aᵀ`` as the second, and
+transposes the ``[BLOCK_N, BLOCK_M]`` accumulator back before the epilogue. Why: Hopper's ``wgmma``
+reads its right operand only from shared memory, so with the masked tile on the right (the default
+form) Triton writes the tile it just masked in registers back to shared memory at every K step
+before the MMA can read it; its left operand may come from registers. Compiled for sm_90a (bf16,
+128×128×64, 4 stages, 8 warps, Triton 3.9): the default form's ``wgmma`` takes both operands as
+shared-memory descriptors and its PTX has 40 ``st.shared``; this one's takes the masked tile as four
+registers per thread and has 4, at the same 128 KiB of shared memory (165 against 175 registers). A
+second gain at few tokens: the MMA's row dimension becomes the weight's ``BLOCK_N`` (≥ 64 in every
+Hopper tile), so a 16-token tile still issues ``wgmma`` (``m64n16k16``) where the default form falls
+back to ``mma.sync`` below 64 rows. The cost: ``A`` is read transposed and the accumulator
+transposed back once per tile (a layout conversion through shared memory). Not timed on a GPU yet;
 ``bench/bench_linear.py`` (``abp_v2_a``) and ``bench/bench_bitmask.py`` (``abp_gemm_a``) measure it.
 The multi-task kernel below takes the same constexpr.
 
@@ -294,8 +294,8 @@ _dx_t_kernel = configs.autotune("bitmask_matmul_dx_t", *_TILE_NAMES, key=_KEY)(_
 _multi_t_kernel = configs.autotune("multi_bitmask_matmul_t", *_TILE_NAMES, key=_KEY)(_multi_bitmask_mm_kernel)
 
 #: Where the masked weight goes in the MMA (``ABP_BITMASK_OPERAND``, read at each call): ``b``, the default,
-#: ``out = A·(W⊙M)ᵀ`` with the masked tile as the right operand; ``a``, ``outᵀ = (W⊙M)·Aᵀ`` with it as the left
-#: operand (``MASKED_LEFT``), which Hopper's ``wgmma`` can read from registers. Each form has its own tuners
+#: ``out = A·(W⊙M)ᵀ`` with the masked tile as the right operand; ``a``, ``outᵀ = (W⊙M)·Aᵀ`` with it as the
+#: left operand (``MASKED_LEFT``), which Hopper's ``wgmma`` can read from registers. Each form has its own tuners
 #: (``*_t``: their tiles spill differently). The default stays ``b`` until a GPU has timed the two side by side.
 OPERANDS = ("b", "a")
 
@@ -309,8 +309,9 @@ def masked_operand(operand: Optional[str] = None) -> str:
     return v
 
 
-def _launch(tuner, a: Tensor, weight: Tensor, w_kn_strides, packed: Tensor, bit_kn_strides,
+def _launch(tuners: tuple, left: bool, a: Tensor, weight: Tensor, w_kn_strides, packed: Tensor, bit_kn_strides,
             out: Tensor, K: int, bias: Optional[Tensor] = None) -> Tensor:
+    """Launch ``_bitmask_mm_kernel`` through ``tuners[left]``: (the default form's tuner, ``MASKED_LEFT``'s)."""
     M, N = out.shape
     if out.numel() == 0:
         return out
@@ -318,7 +319,7 @@ def _launch(tuner, a: Tensor, weight: Tensor, w_kn_strides, packed: Tensor, bit_
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    tuner[grid](
+    tuners[left][grid](
         a, weight, packed,
         bias if bias is not None else weight,  # never read when HAS_BIAS is False
         out,
@@ -327,7 +328,7 @@ def _launch(tuner, a: Tensor, weight: Tensor, w_kn_strides, packed: Tensor, bit_
         *w_kn_strides, *bit_kn_strides,
         out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, INPUT_PRECISION=configs.input_precision(a.dtype),
-        MASKED_LEFT=tuner in (_fwd_t_kernel, _dx_t_kernel),
+        MASKED_LEFT=left,
     )
     return out
 
@@ -356,7 +357,7 @@ def bitmask_matmul(x2d: Tensor, weight: Tensor, packed: Tensor, bias: Optional[T
     Training forward and serving at any token count. ``operand``: where the masked weight goes in the
     MMA, ``"b"`` or ``"a"`` (:func:`masked_operand`; None: ``ABP_BITMASK_OPERAND``).
     """
-    tuner = _fwd_t_kernel if masked_operand(operand) == "a" else _fwd_kernel
+    left = masked_operand(operand) == "a"
     M, N, K = _check_input_and_weight(x2d, weight)
     _check_packed("packed", packed, weight, ndim=1)
     _check_bias(bias, N, weight.dtype)
@@ -366,8 +367,8 @@ def bitmask_matmul(x2d: Tensor, weight: Tensor, packed: Tensor, bias: Optional[T
     bias = bias.contiguous() if bias is not None else None
     out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     # B[k, n] = W[n, k]: the weight read transposed through its strides; its bit is n·K + k.
-    return _launch(tuner, x2d, weight, (weight.stride(1), weight.stride(0)), packed, (1, K),
-                   out, K, bias)
+    return _launch((_fwd_kernel, _fwd_t_kernel), left, x2d, weight, (weight.stride(1), weight.stride(0)), packed,
+                   (1, K), out, K, bias)
 
 
 def bitmask_matmul_dx(dy2d: Tensor, weight: Tensor, packed: Tensor, *, operand: Optional[str] = None) -> Tensor:
@@ -375,7 +376,7 @@ def bitmask_matmul_dx(dy2d: Tensor, weight: Tensor, packed: Tensor, *, operand: 
 
     ``dy2d`` [M, N] and ``weight`` [N, K] in one dtype; ``packed`` and ``operand`` as in :func:`bitmask_matmul`.
     """
-    tuner = _dx_t_kernel if masked_operand(operand) == "a" else _dx_kernel
+    left = masked_operand(operand) == "a"
     check_tensor("dy2d", dy2d, ndim=2, dtypes=ACTIVATION_DTYPES)
     _check_weight(weight, dy2d.dtype)
     M, N = dy2d.shape
@@ -388,7 +389,8 @@ def bitmask_matmul_dx(dy2d: Tensor, weight: Tensor, packed: Tensor, *, operand: 
     dy2d, weight, packed = dy2d.contiguous(), weight.contiguous(), packed.contiguous()
     out = torch.empty((M, K), dtype=dy2d.dtype, device=dy2d.device)
     # Generic kernel sizes: out [M, K], reduction over N; B[n, k] = W[n, k] as stored, bit n·K + k.
-    return _launch(tuner, dy2d, weight, (weight.stride(0), weight.stride(1)), packed, (K, 1), out, N)
+    return _launch((_dx_kernel, _dx_t_kernel), left, dy2d, weight, (weight.stride(0), weight.stride(1)), packed, (K, 1),
+                   out, N)
 
 
 def multi_bitmask_matmul(x2d: Tensor, weight: Tensor, packed2d: Tensor, task_ids: Tensor,
