@@ -181,6 +181,8 @@ def _fused_blockers(args, cfg: ABPConfig, warmup_steps: Optional[int] = None) ->
     why = []
     if cfg.score_optimizer != "sgd":
         why.append(f"score_optimizer={cfg.score_optimizer!r} (its moments live outside the backward epilogue)")
+    if cfg.allocation != "global":
+        why.append(f"allocation={cfg.allocation!r} (one γ per tensor; the backward epilogue applies one γ)")
     if args.gradient_accumulation_steps > 1:
         why.append(f"gradient_accumulation_steps={args.gradient_accumulation_steps} (the Trainer steps once per "
                    "accumulated batch; the fused update would step on every micro-batch)")
@@ -281,11 +283,11 @@ class ABPOptimizer(torch.optim.Optimizer):
         self.scores = ScoreOptimizer(self.model, lr=cfg.score_lr or 0.0, target_sparsity=cfg.target_sparsity,
                                      prune_steps=prune_steps, gamma=cfg.gamma, recovery=cfg.recovery, fused=self.fused,
                                      schedule=cfg.schedule, backend=abp.backends.prefer(cfg.backend),
-                                     optimizer=cfg.score_optimizer)
+                                     optimizer=cfg.score_optimizer, allocation=cfg.allocation)
         self.plan = {"max_steps": total, "warmup_steps": warm, "prune_steps": prune_steps,
                      "target_sparsity": cfg.target_sparsity, "score_optimizer": cfg.score_optimizer,
                      "score_lr": cfg.score_lr, "score_lr_ratio": cfg.score_lr_ratio, "gamma": cfg.gamma,
-                     "schedule": cfg.schedule, "recovery": cfg.recovery}
+                     "schedule": cfg.schedule, "allocation": cfg.allocation, "recovery": cfg.recovery}
         self.steps = int(state.global_step)
         if self._pending is not None:
             self._restore(self._pending)
@@ -395,7 +397,7 @@ class ABPOptimizer(torch.optim.Optimizer):
         if self.scores is None:
             return {}
         stopped = self.scores.done()
-        return {"abp/sparsity": self.scores.sparsity(), "abp/gamma": float(self.scores.gamma),
+        return {"abp/sparsity": self.scores.sparsity(), "abp/gamma": self.scores.gamma_now(),
                 "abp/pruning_active": float(self.steps >= self.plan["warmup_steps"] and not stopped),
                 "abp/pruning_stopped": float(stopped)}
 
@@ -431,7 +433,7 @@ class ABPOptimizer(torch.optim.Optimizer):
                 self._arm()
 
     def _restore(self, state: dict) -> None:
-        saved, now = state["plan"], self.plan
+        saved, now = {"allocation": "global", **state["plan"]}, self.plan  # plans saved before allocation existed ran global
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if diff:
             raise ValueError(f"abp.hf: cannot resume: the checkpoint's pruning schedule differs in {diff} (checkpoint "

@@ -18,6 +18,8 @@ from abp.train.tasks import get_task
 
 ROWS = [
     ("abp", "ABP, abp's default (θ0 ∝ \\|w\\|, Adam with v̂^(1−s)·mean(v̂)^s, hard mask, cubic ramp)"),
+    ("abp_mask", "ABP's mask (the default's), head retrained on it for the budget as every fixed mask's is"),
+    ("abp_per_tensor", "ABP, abp's default with each tensor pruned to s on its own (per-tensor γ)"),
     ("abp_cubic", "ABP, θ0 ∝ \\|w\\| + Adam, hard mask, cubic ramp (the previous default)"),
     ("abp_adam", "ABP, θ0 ∝ \\|w\\| + Adam, σ(1e5·θ), linear ramp"),
     ("abp_hard", "ABP, θ0 ∝ \\|w\\| + Adam, hard mask, linear ramp"),

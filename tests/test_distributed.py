@@ -263,13 +263,14 @@ def test_resume_one_to_two(run_cfg, reference, died_single, tmp_path, strategy):
     assert json.loads((out / "metrics.json").read_text())["distributed"]["strategy"] == strategy
 
 
-@pytest.mark.parametrize("strategy,optimizer", [("ddp", "adam_mix"), ("fsdp", "adam_mix"), ("fsdp", "adam")])
+@pytest.mark.parametrize("strategy,optimizer,allocation", [("ddp", "adam_mix", "global"), ("fsdp", "adam_mix", "global"),
+                                                         ("fsdp", "adam", "global"), ("fsdp", "adam_mix", "tensor")])
 def test_adam_on_two_processes_follows_one_and_resumes_across_world_sizes(run_cfg, tmp_path, monkeypatch, strategy,
-                                                                          optimizer):
-    """Adam on the scores under DDP / FSDP (its moments sharded there; adam_mix's tensor means all-reduced): a run
-    killed at step 6 on one process resumes on two from the step-4 checkpoint (moments included) and follows the
-    uninterrupted single-process run."""
-    cfg = dict(run_cfg, score_optimizer=optimizer, score_init_mode="magnitude")
+                                                                          optimizer, allocation):
+    """Adam on the scores under DDP / FSDP (its moments sharded there; adam_mix's tensor means all-reduced; with
+    allocation="tensor" each tensor's γ from its all-reduced count): a run killed at step 6 on one process resumes on
+    two from the step-4 checkpoint (moments and γ included) and follows the uninterrupted single-process run."""
+    cfg = dict(run_cfg, score_optimizer=optimizer, score_init_mode="magnitude", allocation=allocation)
     _single(cfg, tmp_path / "one", monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _single(cfg, tmp_path / "two", monkeypatch, die_at=DIE_AT)

@@ -22,6 +22,7 @@ from abp.experiments.methods import (DENSE_METHODS, KEEPS_WEIGHTS, LEARNT_METHOD
 from abp.experiments.recovery import RecoveryTracker
 from abp.experiments.report import write_report
 from abp.train.score_optim import ScoreOptimizer
+from abp.train.config import ABPConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,6 +74,13 @@ def test_method_runs_and_ends_at_its_sparsity(grid, method):
         assert 0.3 < r["sparsity_reached"] < S
     elif method in LEARNT_METHODS:  # the stop rule: at or just past the target, within one step's pruning
         assert S <= r["sparsity_reached"] < S + 0.1
+    elif method == "abp_mask":  # the grid's ABP mask itself, its head retrained
+        src = A.load_keep_masks(A.find_mask_file(R.run_dir(grid["out"], grid["exp"], R.RunSpec("sst2", "abp", S, SEED))))
+        assert masks.keys() == src.keys() and all(torch.equal(m, src[k]) for k, m in masks.items())
+        assert r["phase1"]["source_mask"] == "../abp-s0.5-seed0/mask.safetensors"  # reused, not learnt again
+        heads = [abp.read_mask_file(A.find_mask_file(R.run_dir(grid["out"], grid["exp"], R.RunSpec("sst2", m, S, SEED)))).head
+                 for m in ("abp", "abp_mask")]
+        assert heads[0].keys() == heads[1].keys() and any(not torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
     elif method == "abp_shuffled":  # exactly the ABP mask's count in every tensor
         src = A.load_keep_masks(A.find_mask_file(R.run_dir(grid["out"], grid["exp"], R.RunSpec("sst2", "abp", S, SEED))))
         for k, m in masks.items():
@@ -98,6 +106,20 @@ def test_pretrained_weights_kept_where_they_must_be(grid, tiny_model_dir, method
             abp.load_mask(fresh, path)
     else:
         abp.load_mask(fresh, path)
+
+
+def test_abp_mask_without_a_grid_run_learns_the_abp_methods_mask(tiny_model_dir, tiny_glue, tmp_path, grid):
+    """``abp_mask`` called on its own (no ``abp`` run to reuse) learns its source with the ``abp`` method's settings,
+    not the fixed-mask rows' uniform score init, so it gets the grid's own ABP mask (same seed, same budget)."""
+    from abp.experiments.methods import run_method
+
+    r = run_method("abp_mask", grid["exp"], "sst2", S, SEED, tmp_path)
+    assert r["phase1"]["source_mask"] == "abp_source/mask.safetensors"
+    cfg = json.loads((tmp_path / "abp_source" / "metrics.json").read_text())["config"]
+    assert cfg["score_init_mode"] == ABPConfig().score_init_mode == "magnitude"
+    mine = A.load_keep_masks(tmp_path / "abp_source" / "mask.safetensors")
+    theirs = A.load_keep_masks(A.find_mask_file(R.run_dir(grid["out"], grid["exp"], R.RunSpec("sst2", "abp", S, SEED))))
+    assert all(torch.equal(m, theirs[k]) for k, m in mine.items())
 
 
 def test_weights_digest_sees_one_ulp(tiny_model_dir):

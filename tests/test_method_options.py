@@ -329,10 +329,13 @@ def test_adam_auto_lr_moves_a_score_ratio_times_init_over_the_window():
     assert math.isclose(adam_score_lr(m, prune_steps=200, ratio=1.5), 1.5 * 0.01 / 200, rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "adam_tensor", "adam_floor"])
+@pytest.mark.parametrize("optimizer,allocation", [("adam", "global"), ("adam_tensor", "global"), ("adam_floor", "global"),
+                                                  ("adam_mix", "tensor")])
 def test_adam_run_resumes_exactly_and_its_moments_are_checkpointed(tiny_model_dir, tiny_data, tmp_path, monkeypatch,
-                                                                   optimizer):
-    cfg = _cfg(tiny_model_dir, tiny_data, score_optimizer=optimizer, score_init_mode="magnitude")
+                                                                   optimizer, allocation):
+    """Killed at step 7, resumed from the step-4 checkpoint (Adam's moments; under allocation "tensor" every
+    tensor's γ and stop flag): the scores end bit for bit as the uninterrupted run's."""
+    cfg = _cfg(tiny_model_dir, tiny_data, score_optimizer=optimizer, score_init_mode="magnitude", allocation=allocation)
     ref = Trainer(cfg, tmp_path / "a", progress=False)
     metrics = ref.run()
     assert ref.scores.optimizer == optimizer and not metrics["fused_update"]
@@ -352,6 +355,7 @@ def test_adam_run_resumes_exactly_and_its_moments_are_checkpointed(tiny_model_di
     ck = load_checkpoint(tmp_path / "b" / "checkpoint.safetensors")
     assert len(ck["score_state"]["moments"]) == len(ref.scores.moments)
     assert any(float(v.abs().sum()) > 0 for _, v in ck["score_state"]["moments"])
+    assert ck["score_state"]["gamma"].shape == ref.scores.gamma.shape
     monkeypatch.setattr(ScoreOptimizer, "step", real_step)
     resumed = Trainer(cfg, tmp_path / "b", progress=False)
     resumed.run(resume=True)
@@ -365,6 +369,105 @@ def test_adam_run_resumes_exactly_and_its_moments_are_checkpointed(tiny_model_di
 def test_adam_with_fused_on_is_refused_by_the_trainer(tiny_model_dir, tiny_data, tmp_path):
     with pytest.raises(FusedUpdateError, match="adam score optimizer"):
         Trainer(_cfg(tiny_model_dir, tiny_data, score_optimizer="adam", fused_update="on"), tmp_path, progress=False)
+
+
+# ------------------------------------------------------------------------------------ allocation
+
+
+def _random_grads(opt, g, k):
+    for i, s in enumerate(opt.scores):
+        s.grad = torch.randn(s.shape, generator=g) * 1e-6 if (i + k) % 4 else None  # some tensors sit a step out
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adam_mix", "adam_tensor"])
+def test_tensor_allocation_steps_as_global_while_every_tensor_prunes(optimizer):
+    """With a fixed γ and no tensor at the target, allocation="tensor" (the step op once per tensor, each with its own
+    γ and ``active``) moves every score, moment and count exactly as "global" (one op over all tensors) does."""
+    runs = []
+    for allocation in ("global", "tensor"):
+        opt = ScoreOptimizer(_tiny_bert(score_init_mode="magnitude"), lr=1e3 if optimizer == "sgd" else 1e-3,
+                             target_sparsity=0.95, prune_steps=50, gamma=2e-4, optimizer=optimizer, allocation=allocation)
+        g = torch.Generator().manual_seed(5)
+        for k in range(5):
+            _random_grads(opt, g, k)
+            opt.step()
+        runs.append(opt)
+    a, b = runs
+    assert b.gamma.shape == (len(b.scores),) and bool((b.active == 1).all())
+    assert 0 < a.sparsity() < 0.95
+    for x, y in zip(a.scores, b.scores):
+        assert torch.equal(x.detach(), y.detach())
+    for (ma, va), (mb, vb) in zip(a.moments, b.moments):
+        assert torch.equal(ma, mb) and torch.equal(va, vb)
+    assert torch.equal(a.counts, b.counts) and int(a.pruned) == int(b.pruned)
+
+
+def test_tensor_allocation_prunes_every_tensor_to_the_target_and_stops_each_on_its_own():
+    """Auto γ per tensor: with the tensors' scores scaled ½×, 1×, 2× (and gradients 10⁴× apart), "tensor" ends with
+    every tensor at the target, within a step's overshoot, where the one global count of "global" prunes the low
+    tensors far more; a tensor that reaches the target stops moving while the others go on."""
+    def run(allocation):
+        m = _tiny_bert(score_init_mode="magnitude")
+        with torch.no_grad():
+            for k, (_, mod) in enumerate(abp.masked_modules(m)):
+                mod.scores.mul_(2.0 ** (k % 3 - 1))
+        opt = ScoreOptimizer(m, lr=1e-4, target_sparsity=0.6, prune_steps=100, optimizer="adam_mix",
+                             schedule="cubic", allocation=allocation)
+        g, frozen = torch.Generator().manual_seed(1), {}
+        for k in range(300):
+            before = [s.detach().clone() for s in opt.scores]
+            for i, s in enumerate(opt.scores):
+                s.grad = torch.randn(s.shape, generator=g) * 10.0 ** (-4 - 4 * (i % 2))
+            opt.step()
+            for i, (s, b) in enumerate(zip(opt.scores, before)):
+                if i in frozen:  # stopped: never moves again
+                    assert torch.equal(s.detach(), b), (allocation, i, k)
+            act = opt.active.expand(len(opt.scores))
+            frozen.update({i: k for i in range(len(opt.scores)) if float(act[i]) == 0 and i not in frozen})
+            if opt.done():
+                break
+        return opt, [float((s <= 0).float().mean()) for s in opt.scores], frozen
+
+    opt, fracs, frozen = run("tensor")
+    assert opt.done()
+    assert all(0.6 <= f <= 0.64 for f in fracs), fracs
+    assert len(set(frozen.values())) > 1  # the tensors stopped at different steps, each at its own target
+    assert opt.gamma.shape == (len(opt.scores),) and len(set(opt.gamma.tolist())) > 1 and opt.gamma_now() > 0
+    _, glob, _ = run("global")
+    assert max(glob) - min(glob) > 0.3, glob  # one count: the tensors scaled down are pruned far more
+
+
+def test_tensor_allocation_is_refused_where_it_cannot_be_exact_and_checkpoints_keep_their_allocation(
+        tiny_model_dir, tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="allocation must be one of global, tensor, got 'layer'"):
+        ABPConfig(allocation="layer").validate()
+    with pytest.raises(ValueError, match="allocation must be one of global, tensor, got 'layer'"):
+        ScoreOptimizer(_tiny_bert(), lr=1.0, target_sparsity=0.5, prune_steps=3, allocation="layer")
+    with pytest.raises(FusedUpdateError, match="allocation='tensor' keeps one γ per tensor"):
+        ScoreOptimizer(_tiny_bert(), lr=1.0, target_sparsity=0.5, prune_steps=3, fused=True, allocation="tensor")
+    with pytest.raises(FusedUpdateError, match="allocation='tensor'"):
+        Trainer(_cfg(tiny_model_dir, tiny_data, score_optimizer="sgd", allocation="tensor", fused_update="on"), tmp_path,
+                progress=False)
+    glob = ScoreOptimizer(_tiny_bert(), lr=1.0, target_sparsity=0.5, prune_steps=3).state_dict()
+    per = ScoreOptimizer(_tiny_bert(), lr=1.0, target_sparsity=0.5, prune_steps=3, allocation="tensor")
+    with pytest.raises(ValueError, match="resume with the allocation the run was started with"):
+        per.load_state_dict(glob)
+    with pytest.raises(ValueError, match="resume with the allocation the run was started with"):
+        ScoreOptimizer(_tiny_bert(), lr=1.0, target_sparsity=0.5, prune_steps=3).load_state_dict(per.state_dict())
+
+
+def test_tensor_allocation_run_reaches_the_target_in_every_tensor(tiny_model_dir, tiny_data, tmp_path):
+    """A whole run (the trainer, the default score optimiser): every masked tensor ends within a few weights of s,
+    and the run's budget names the allocation."""
+    cfg = _cfg(tiny_model_dir, tiny_data, allocation="tensor", target_sparsity=0.5, max_steps=30, eval_every=30,
+               warmup_fraction=0.1, prune_fraction=0.6)
+    tr = Trainer(cfg, tmp_path, progress=False)
+    metrics = tr.run()
+    assert tr.scores.allocation == "tensor" and not metrics["fused_update"]
+    for name, s in abp.patch.score_tensors(tr.model):
+        n = s.numel()
+        assert 0.5 * n <= int((s <= 0).sum()) <= 0.5 * n + max(3, 0.1 * n), name
+    assert json.loads((tmp_path / "metrics.json").read_text())["config"]["allocation"] == "tensor"
 
 
 # ------------------------------------------------------------------------------------ --preset paper

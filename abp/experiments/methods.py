@@ -4,7 +4,9 @@ Learnt masks (Algorithm 1 through :class:`~abp.train.trainer.Trainer`):
   ``abp``; ablations ``abp_norecovery`` (``recovery=False``), ``abp_reinit`` (every masked weight
   multiplied elementwise by ``N(1, σ)`` before ABP, σ = ``reinit_sigma``, default 0.5; its weights are
   *meant* to differ from the pre-trained ones) and ``abp_shuffled`` (an ABP mask permuted within each tensor,
-  head retrained with the mask fixed). All three record connection-recovery statistics.
+  head retrained with the mask fixed). All three record connection-recovery statistics. ``abp_mask``: the ``abp``
+  run's mask as it is, judged as every fixed mask below is (a fresh head trained for the whole budget on it, where
+  ``abp``'s own head was trained while the mask was still changing).
 Fixed masks on the *original* pre-trained weights, head trained by the Trainer with ``learn_mask=False``:
   ``random`` (exact per-tensor count), ``mp`` (Zhu & Gupta gradual magnitude pruning during fine-tuning,
   cubic schedule, per tensor; the mask moves to the original weights), ``imp`` (iterative magnitude pruning
@@ -56,7 +58,7 @@ ABP_SETTINGS = ("score_init_mode", "score_optimizer", "score_lr_ratio", "score_l
 # Settings recorded only where a run moves them from their neutral value (so earlier budgets stay valid). The neutral
 # values are what every run recorded before the hard mask and the cubic ramp became the default ran: σ(1e5·θ) in the
 # forward and a linear ramp of the controller's target; a budget without t_l or schedule ran them.
-ABP_OPTIONAL_SETTINGS = {"unused_token_scale": 1.0, "t_l": 1e5, "schedule": "linear"}
+ABP_OPTIONAL_SETTINGS = {"unused_token_scale": 1.0, "t_l": 1e5, "schedule": "linear", "allocation": "global"}
 BEFORE = {"t_l": 1e5, "schedule": "linear"}  # the σ(1e5·θ) forward and the linear ramp, pinned (see above)
 ABP_VARIANTS: dict[str, dict] = {
     "abp": {},
@@ -92,9 +94,15 @@ ABP_VARIANTS: dict[str, dict] = {
     # abp_cubic with the second moment v̂^(1−s)·mean(v̂)^s (adam_mix), Adam's step at low s and adam_tensor's at high:
     # today's default, pinned, so its rows keep their meaning when the default moves again (`abp` adopts them)
     "abp_cubic_mix": {"score_init_mode": "magnitude", "score_optimizer": "adam_mix", "t_l": None, "schedule": "cubic"},
+    # today's default with every score tensor pruned to the target on its own (allocation="tensor": one γ controller
+    # and stop rule per tensor), so each keeps 1 − s of its weights as MP and Wanda do, instead of one global count
+    "abp_per_tensor": {"score_init_mode": "magnitude", "score_optimizer": "adam_mix", "t_l": None, "schedule": "cubic",
+                       "allocation": "tensor"},
 }
 METHODS = (*ABP_VARIANTS, "random", "mp", "imp", "wanda", "feature_extraction", "finetune",
-           "abp_shuffled", "abp_reinit", "abp_norecovery")
+           "abp_mask", "abp_shuffled", "abp_reinit", "abp_norecovery")
+# Methods that retrain a head on the mask of the grid's own ``abp`` run of the same task, sparsity and seed.
+FROM_ABP_MASK = ("abp_mask", "abp_shuffled")
 DENSE_METHODS = ("feature_extraction", "finetune")  # no sparsity level: reported with sparsity null
 LEARNT_METHODS = (*ABP_VARIANTS, "abp_reinit", "abp_norecovery")  # run Algorithm 1 (recovery statistics)
 # Methods whose final model must hold the pre-trained weights exactly (checked on every run).
@@ -159,7 +167,7 @@ class ExperimentConfig:
         pool = resolve_pool(self.head_pool, self.model, get_task(task).text_b is not None)
         if pool != native_pooling(self.model):
             out["head_pool"] = pool
-        if method in LEARNT_METHODS or method == "abp_shuffled":
+        if method in LEARNT_METHODS or method in FROM_ABP_MASK:
             cfg = dataclasses.asdict(ABPConfig(**{"head_lr": self.head_lr, **ABP_VARIANTS.get(method, {})}))
             out["abp"] = {k: cfg[k] for k in ABP_SETTINGS}
             out["abp"].update({k: cfg[k] for k, neutral in ABP_OPTIONAL_SETTINGS.items() if cfg[k] != neutral})
@@ -392,8 +400,8 @@ def run_method(method: str, exp: ExperimentConfig, task: str, sparsity: Optional
                imp_rounds_dir: Optional[str | os.PathLike] = None, progress: bool = False) -> dict:
     """Run one method once and write ``out/result.json``; returns the result.
 
-    ``sparsity`` is ignored (None in the result) for :data:`DENSE_METHODS`. ``abp_source`` (``abp_shuffled``
-    only): a finished ``abp`` run folder of the same task, sparsity and seed whose mask is shuffled;
+    ``sparsity`` is ignored (None in the result) for :data:`DENSE_METHODS`. ``abp_source`` (:data:`FROM_ABP_MASK`
+    only): a finished ``abp`` run folder of the same task, sparsity and seed whose mask is retrained (and shuffled);
     without it the ABP mask is learnt inside ``out/abp_source``. ``imp_rounds_dir`` (``imp`` only): where the
     trajectory's rounds are kept, shared by the runs of one task and seed (default ``out/imp_rounds``).
     """
@@ -432,19 +440,21 @@ def run_method(method: str, exp: ExperimentConfig, task: str, sparsity: Optional
         masks, phase1 = _phase1(out / "phase1_masks.safetensors", make)
         (out / FINETUNE_CHECKPOINT).unlink(missing_ok=True)  # MP's phase 1 is saved: its checkpoint is not needed
         res, backbone = _head_only(cfg, out, lambda bb: apply_masks_(bb, masks), progress)
-    elif method == "abp_shuffled":
+    elif method in FROM_ABP_MASK:
         src = Path(abp_source) if abp_source is not None else None
         if src is None or not (src / RESULT).is_file():
-            src = out / "abp_source"
+            src = out / "abp_source"  # no grid run to reuse: learn the `abp` method's mask here, with its settings
             if not (src / "metrics.json").is_file():
-                ExperimentTrainer(cfg, src, progress=progress).run(resume=_resume(src))
+                ExperimentTrainer(exp.abp_config(task, s, seed, **ABP_VARIANTS["abp"]), src,
+                                  progress=progress).run(resume=_resume(src))
         src_mask = src / "mask.safetensors"
         phase1 = {"source_mask": os.path.relpath(src_mask, out)}
 
-        def shuffled(bb: nn.Module) -> None:
+        def set_mask(bb: nn.Module) -> None:
             abp.load_mask(bb, src_mask)
-            shuffle_masks_(bb, seed=seed)
-        res, backbone = _head_only(cfg, out, shuffled, progress)
+            if method == "abp_shuffled":
+                shuffle_masks_(bb, seed=seed)
+        res, backbone = _head_only(cfg, out, set_mask, progress)
     else:  # finetune
         ft = FineTuner(cfg, exp.finetune_options())
         ft.train(cfg.max_steps, progress=progress, desc="finetune", checkpoint=out / FINETUNE_CHECKPOINT,

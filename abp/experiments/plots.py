@@ -11,7 +11,8 @@ from abp.experiments.analysis import COMPONENTS
 from abp.experiments.methods import DENSE_METHODS, METHODS
 
 METHOD_STYLE = {"abp": ("tab:red", "o"), "random": ("tab:gray", "x"), "mp": ("tab:blue", "s"), "imp": ("tab:cyan", "D"),
-          "wanda": ("tab:green", "^"), "abp_shuffled": ("tab:pink", "v"), "abp_reinit": ("tab:orange", "P"),
+          "wanda": ("tab:green", "^"), "abp_shuffled": ("tab:pink", "v"), "abp_mask": ("maroon", "o"),
+          "abp_reinit": ("tab:orange", "P"),
           "abp_norecovery": ("tab:brown", "*"), "finetune": ("black", None), "feature_extraction": ("tab:purple", None),
           "abp_paper": ("tab:olive", "<"), "abp_uniform": ("salmon", "o"), "abp_magnitude": ("darkred", "h"),
           "abp_adam": ("indigo", "p"), "abp_uniform_adam": ("plum", "p"), "abp_usage": ("crimson", "d"),
@@ -19,7 +20,7 @@ METHOD_STYLE = {"abp": ("tab:red", "o"), "random": ("tab:gray", "x"), "mp": ("ta
           "abp_adam_floor": ("teal", "P"), "abp_adam_ceiling": ("olive", "X"), "abp_hard": ("firebrick", "1"),
           "abp_cubic": ("goldenrod", "2"), "abp_quadratic": ("peru", "3"),
           "abp_cubic_tensor": ("darkcyan", "4"),
-          "abp_cubic_mix": ("navy", "v")}
+          "abp_cubic_mix": ("navy", "v"), "abp_per_tensor": ("deeppink", "d")}
 
 
 def pyplot():

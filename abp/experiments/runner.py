@@ -13,7 +13,8 @@ Layout under ``output``::
     fig2-<task>-<model>.png, fig3-<task>-<model>.png, results.md
 
 Order: seed-major (all methods of seed 0, then seed 1 …), so a grid stopped early still has every method
-for the seeds it finished; within a seed ``abp`` runs before ``abp_shuffled`` (which shuffles its mask).
+for the seeds it finished; within a seed ``abp`` runs before ``abp_mask`` and ``abp_shuffled`` (which retrain a head on
+its mask).
 A run interrupted mid-way resumes from its checkpoint (Trainer ``resume``; the fine-tuning loop of finetune, mp
 and an IMP round: ``finetune_checkpoint.safetensors``, ``imp-rounds-seed<seed>/checkpoint-round….safetensors``) or
 finished phase files.
@@ -30,8 +31,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from abp._atomic import write_text
-from abp.experiments.methods import (ABP_VARIANTS, DENSE_METHODS, METHODS, RESULT, ExperimentConfig, model_label, read_result,
-                                     run_method)
+from abp.experiments.methods import (ABP_VARIANTS, DENSE_METHODS, FROM_ABP_MASK, METHODS, RESULT, ExperimentConfig,
+                                     model_label, read_result, run_method)
 from abp.experiments.record import collect_results, read_record, record_doc, record_path, run_folder
 from abp.train.tasks import get_task
 
@@ -57,7 +58,7 @@ class RunSpec:
 
 
 def plan(tasks: Sequence[str], methods: Sequence[str], sparsities: Sequence[float], seeds: Sequence[int]) -> list[RunSpec]:
-    """The runs of a grid, seed-major; methods in :data:`METHODS` order (abp before abp_shuffled)."""
+    """The runs of a grid, seed-major; methods in :data:`METHODS` order (abp before abp_mask and abp_shuffled)."""
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
@@ -195,7 +196,7 @@ def run_grid(exp: ExperimentConfig, tasks: Sequence[str], methods: Sequence[str]
             rounds = imp_rounds_dir(output, exp, spec)
             rounds.mkdir(parents=True, exist_ok=True)
             write_text(rounds / "budget.json", json.dumps(exp.budget("imp", spec.task), indent=1))
-        if spec.method == "abp_shuffled":  # reuse the grid's own ABP run when it was made with this budget
+        if spec.method in FROM_ABP_MASK:  # reuse the grid's own ABP run when it was made with this budget
             src = run_dir(output, exp, RunSpec(spec.task, "abp", spec.sparsity, spec.seed))
             done = read_result(src)
             source = src if done is not None and done["budget"] == _want(exp, "abp", spec.task) else None

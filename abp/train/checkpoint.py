@@ -68,14 +68,16 @@ def save_checkpoint(path: str | os.PathLike, *, scores: dict[str, torch.Tensor],
     tensors.update({f"head/{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
     opt_tensors, opt_meta = _flatten_optimizer(head_opt)
     tensors.update(opt_tensors)
-    for k in ("gamma", "active", "pruned"):
-        tensors[f"score_optim/{k}"] = score_state[k].reshape(1)
+    for k in ("gamma", "active", "pruned"):  # one value each; γ and active one per score tensor under allocation "tensor"
+        tensors[f"score_optim/{k}"] = score_state[k].reshape(-1 if score_state[k].dim() else 1)
     for i, (m, v) in enumerate(score_state.get("moments", ())):  # Adam on the scores
         tensors[f"score_moments/{i}/m"] = m.contiguous()
         tensors[f"score_moments/{i}/v"] = v.contiguous()
     tensors.update(rng_state_tensors())
     meta = {"format": "abp-checkpoint", "format_version": FORMAT_VERSION, "info": json.dumps(info),
             "opt": json.dumps(opt_meta), "score_steps": str(score_state["steps"]), "score_lr": repr(score_state["lr"])}
+    if score_state["gamma"].dim():
+        meta["score_allocation"] = "tensor"
     if "moment_steps" in score_state:
         meta["score_moment_steps"] = json.dumps(score_state["moment_steps"])
     write_signed(path, tensors, meta)
@@ -191,10 +193,14 @@ def _assemble(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str 
     parsed = lambda key, kind: parsed_meta(meta, key, kind)  # noqa: E731
     pick = lambda prefix: with_prefix(tensors, prefix)  # noqa: E731
     so = pick("score_optim/")
+    per_tensor = meta.get("score_allocation", "global") == "tensor"  # γ and active: one per score tensor
     for k in ("gamma", "active", "pruned"):
-        if so[k].numel() != 1:
+        if so[k].dim() != 1 or (so[k].numel() != 1 and not (per_tensor and k != "pruned")):
             raise ValueError(f"score_optim/{k} holds {so[k].numel()} values, not 1")
-    score_state = {"gamma": so["gamma"][0], "active": so["active"][0], "pruned": so["pruned"][0],
+    if per_tensor and so["gamma"].numel() != so["active"].numel():
+        raise ValueError(f"score_optim holds {so['gamma'].numel()} γ and {so['active'].numel()} active flags")
+    score_state = {"gamma": so["gamma"] if per_tensor else so["gamma"][0],
+                   "active": so["active"] if per_tensor else so["active"][0], "pruned": so["pruned"][0],
                    "steps": int(meta["score_steps"]), "lr": float(meta["score_lr"])}
     if not math.isfinite(score_state["lr"]):
         raise ValueError(f"score_lr is {meta['score_lr']}")

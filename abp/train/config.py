@@ -49,6 +49,9 @@ class ABPConfig:
     #   adam_tensor: Adam with one second moment per tensor | adam_floor / adam_ceiling: Adam with each score's second
     #   moment floored / capped at its tensor's mean. Adam's step does not scale with the gradient, whose size spans
     #   orders of magnitude between tensors
+    allocation: str = "global"  # how the target sparsity is shared among the masked tensors: global (Algorithm 1: one
+    #   count over all scores, each tensor keeps what its scores earn) | tensor (each score tensor pruned to s on its own,
+    #   with its own γ controller and stop rule, as magnitude pruning and Wanda do; refuses the fused update)
     recovery: bool = True  # connection recovery: pruned scores may turn positive again
     mask_embeddings: bool = True  # mask the embedding tables too (word, position, type)
     mask_layernorm: bool = False  # mask LayerNorm weights and biases
@@ -123,7 +126,7 @@ class ABPConfig:
             raise ValueError(f"distributed must be auto, ddp or fsdp, got {self.distributed!r}")
         from abp.nn import SCORE_INIT_MODES
         from abp.train.heads import POOLS
-        from abp.train.score_optim import OPTIMIZERS, SCHEDULES
+        from abp.train.score_optim import ALLOCATIONS, OPTIMIZERS, SCHEDULES
 
         if self.head_pool not in ("auto", *POOLS):
             raise ValueError(f"head_pool must be auto, {', '.join(POOLS)}, got {self.head_pool!r}")
@@ -131,6 +134,8 @@ class ABPConfig:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.score_init_mode not in SCORE_INIT_MODES:
             raise ValueError(f"score_init_mode must be one of {', '.join(SCORE_INIT_MODES)}, got {self.score_init_mode!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if self.score_optimizer not in OPTIMIZERS:
             raise ValueError(f"score_optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.score_optimizer!r}")
         if not 0 <= self.unused_token_scale <= 1:

@@ -100,6 +100,13 @@ class FusedUpdateError(RuntimeError):
 # Zhu & Gupta's cubic (most of the pruning early, the last weights chosen slowly near the final sparsity).
 SCHEDULES = {"linear": 1, "quadratic": 2, "cubic": 3}
 
+# How the target sparsity is shared among the masked tensors. global: Algorithm 1's one count over all scores, one γ
+# and one stop rule, so each tensor keeps what its scores earn against every other tensor's; tensor: every score
+# tensor has its own γ controller on its own ramp and stops at the target on its own, so each keeps 1 − s of its
+# weights, as magnitude pruning and Wanda do (one γ and one ``active`` per tensor; the multi-tensor ops then run once
+# per tensor, and the fused in-backward update, which holds one γ, is refused).
+ALLOCATIONS = ("global", "tensor")
+
 
 class ScoreOptimizer:
     """Owns the scores' SGD step, the γ schedule and the stop rule of Algorithm 1."""
@@ -117,6 +124,7 @@ class ScoreOptimizer:
         schedule: str = "linear",
         backend: Optional[str] = None,
         optimizer: str = "sgd",
+        allocation: str = "global",
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-12,  # not torch's 1e-8: MiniLM's score gradients span 8e-10 … 4e-6 per entry (1st … 99th
         #   percentile, one SST-2 batch of 16), so 1e-8 would damp a tenth of them
@@ -129,9 +137,15 @@ class ScoreOptimizer:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"score optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+        if allocation != "global" and fused:
+            raise FusedUpdateError(f"fused score update refused: allocation={allocation!r} keeps one γ per tensor, "
+                                   "the backward epilogue applies one γ to every tensor")
         if optimizer != "sgd" and fused:
             raise FusedUpdateError(f"fused score update refused: the {optimizer} score optimizer keeps per-score moments "
                                    "that the backward epilogue does not hold (it applies plain SGD only)")
+        self.allocation = allocation
         self.optimizer, self.betas, self.eps = optimizer, (float(betas[0]), float(betas[1])), float(eps)
         self.lr, self.target, self.prune_steps = float(lr), float(target_sparsity), int(prune_steps)
         self.auto_gamma, self.recovery, self.schedule, self.backend = gamma is None, recovery, schedule, backend or ""
@@ -149,9 +163,11 @@ class ScoreOptimizer:
         device = first.device
         init = float(first.detach().float().mean())
         # auto γ starts where a pure-γ drift of U(0, 2·init) scores would meet the ramp; the controller adapts it
-        self.gamma = torch.tensor(gamma if gamma is not None else 2 * max(init, 1e-4) * max(self.target, 0.05) / self.prune_steps,
-                                  dtype=torch.float32, device=device)
-        self.active = torch.ones((), dtype=torch.float32, device=device)
+        # (allocation="tensor": one of each per score tensor, in self.scores' order)
+        shape = (len(self.scores),) if allocation == "tensor" else ()
+        self.gamma = torch.full(shape, gamma if gamma is not None else 2 * max(init, 1e-4) * max(self.target, 0.05) / self.prune_steps,
+                                dtype=torch.float32, device=device)
+        self.active = torch.ones(shape, dtype=torch.float32, device=device)
         self.recount()
         self.frozen = False
         self.steps = 0
@@ -217,7 +233,9 @@ class ScoreOptimizer:
             m.fused_uses = 0
         self.pruned = pruned
         self.steps += 1
-        frac = pruned.float() / self.total
+        # global: the pruned share of all scores; tensor: each tensor's own share (one controller each)
+        frac = (self.counts.double() / self._numels([s.numel() for s in self.scores], self.counts.device)).float() \
+            if self.allocation == "tensor" else pruned.float() / self.total
         self.active.mul_((frac < self.target).float())
         if self.auto_gamma:
             err = (self.target_at(self.steps) - frac) / max(self.target, 1e-6)
@@ -236,27 +254,38 @@ class ScoreOptimizer:
         """One step of the live tensors ``scores`` (``counts`` ← their θ ≤ 0): SGD and Adam each in one multi-tensor
         op (Adam's moments and the score step in one pass), ``adam_mix`` in two (the moments and each tensor's sum of
         v̂, then the step: each score's step needs its whole tensor's mean); ``adam_tensor``, ``adam_floor`` and
-        ``adam_ceiling`` compute their directions in eager torch first."""
+        ``adam_ceiling`` compute their directions in eager torch first. The step op runs once over every live tensor
+        with the one γ (``allocation="global"``), or once per tensor with its own γ and ``active`` (``"tensor"``)."""
         if self.optimizer == "adam":
             b1, b2 = self.betas
-            inv1, inv2 = zip(*(self._inv_bias(i) for i in live))
-            _ops.multi_score_adam_update_(scores, grads, [self.moments[i][0] for i in live],
-                                          [self.moments[i][1] for i in live], list(inv1), list(inv2), self.lr, b1, b2,
-                                          self.eps, self.gamma, self.active, self.recovery, counts, self.backend)
-            return
-        if self.optimizer == "adam_mix":
+            inv1, inv2 = (list(t) for t in zip(*(self._inv_bias(i) for i in live)))
+            m, v = [self.moments[i][0] for i in live], [self.moments[i][1] for i in live]
+
+            def step(sl: slice, gamma: torch.Tensor, active: torch.Tensor, cnt: torch.Tensor) -> None:
+                _ops.multi_score_adam_update_(scores[sl], grads[sl], m[sl], v[sl], inv1[sl], inv2[sl], self.lr, b1, b2,
+                                              self.eps, gamma, active, self.recovery, cnt, self.backend)
+        elif self.optimizer == "adam_mix":
             b1, b2 = self.betas
             inv1, inv2 = (list(t) for t in zip(*(self._inv_bias(i) for i in live)))
             m, v = [self.moments[i][0] for i in live], [self.moments[i][1] for i in live]
             sums = torch.empty(len(live), dtype=torch.float64, device=counts.device)
             _ops.multi_adam_moments_(grads, m, v, inv2, b1, b2, sums, self.backend)
             mean_sq = self._means_of_sums(sums, self._numels([s.numel() for s in scores], counts.device))
-            _ops.multi_score_adam_mix_update_(scores, m, v, mean_sq, inv1, inv2, self.target, self.lr, self.eps,
-                                              self.gamma, self.active, self.recovery, counts, self.backend)
-            return
-        if self.optimizer != "sgd":
-            grads = self._adam_directions(live, grads)
-        _ops.multi_score_update_(scores, grads, self.lr, self.gamma, self.active, self.recovery, counts, self.backend)
+
+            def step(sl: slice, gamma: torch.Tensor, active: torch.Tensor, cnt: torch.Tensor) -> None:
+                _ops.multi_score_adam_mix_update_(scores[sl], m[sl], v[sl], mean_sq[sl], inv1[sl], inv2[sl], self.target,
+                                                  self.lr, self.eps, gamma, active, self.recovery, cnt, self.backend)
+        else:
+            if self.optimizer != "sgd":
+                grads = self._adam_directions(live, grads)
+
+            def step(sl: slice, gamma: torch.Tensor, active: torch.Tensor, cnt: torch.Tensor) -> None:
+                _ops.multi_score_update_(scores[sl], grads[sl], self.lr, gamma, active, self.recovery, cnt, self.backend)
+        if self.allocation == "global":
+            step(slice(None), self.gamma, self.active, counts)
+        else:
+            for j, i in enumerate(live):
+                step(slice(j, j + 1), self.gamma[i], self.active[i], counts[j:j + 1])
 
     def _inv_bias(self, i: int) -> tuple[float, float]:
         """Count one more Adam step of tensor ``i``; its bias corrections ``1/(1−β1^t)``, ``1/(1−β2^t)``."""
@@ -302,13 +331,21 @@ class ScoreOptimizer:
         and counts over every rank's shard)."""
         return (sums / numels).float()
 
+    def gamma_now(self) -> float:
+        """γ as a number for logs (allocation="tensor": the mean over the tensors still pruning, else over all);
+        one host sync."""
+        if self.gamma.dim() == 0:
+            return float(self.gamma)
+        live = self.gamma[self.active > 0]
+        return float((live if live.numel() else self.gamma).mean())
+
     def sparsity(self) -> float:
         """Current fraction of pruned scores (one host sync)."""
         return float(self.pruned) / self.total
 
     def done(self) -> bool:
         """Whether the stop rule has fired (one host sync)."""
-        return float(self.active) == 0.0 or self.target == 0.0
+        return float(self.active.max()) == 0.0 or self.target == 0.0
 
     def enable(self, on: bool) -> None:
         """Pause (``on=False``: scores need no gradient, so backward skips dθ) or resume score learning."""
@@ -356,10 +393,14 @@ class ScoreOptimizer:
                 m.copy_(m0)
                 v.copy_(v0)
             self.moment_steps = [int(t) for t in state["moment_steps"]]
+        if tuple(state["gamma"].shape) != tuple(self.gamma.shape):
+            raise ValueError(f"checkpoint's score-optimiser state holds {state['gamma'].numel()} γ, this run's "
+                             f"allocation={self.allocation!r} keeps {self.gamma.numel()} (one per tensor under 'tensor', "
+                             "one in all under 'global'): resume with the allocation the run was started with")
         self.gamma.copy_(state["gamma"])
         self.active.copy_(state["active"])
         self.pruned = state["pruned"].to(self.pruned.device)
         self.steps = int(state["steps"])
         self.set_lr(float(state["lr"]))
-        if not math.isfinite(float(self.gamma)):
+        if not bool(torch.isfinite(self.gamma).all()):
             raise ValueError("checkpoint holds a non-finite gamma")

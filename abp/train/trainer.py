@@ -121,7 +121,8 @@ class Trainer:
         self.scores = self.dist.score_optimizer(self.model, lr=cfg.score_lr or 0.0, target_sparsity=cfg.target_sparsity,
                                                 prune_steps=max(1, int(cfg.prune_fraction * cfg.max_steps)), gamma=cfg.gamma,
                                                 recovery=cfg.recovery, fused=self.fused, schedule=cfg.schedule,
-                                                backend=abp.backends.prefer(cfg.backend), optimizer=cfg.score_optimizer)
+                                                backend=abp.backends.prefer(cfg.backend), optimizer=cfg.score_optimizer,
+                                                allocation=cfg.allocation)
         if not learn_mask:
             self.scores.freeze()
         self.dist.prepare(self.model, self.scores)  # FSDP: shard now that the scores' state is built
@@ -190,6 +191,8 @@ class Trainer:
             why.append("gradient accumulation (grad_accum > 1)")
         if self.cfg.score_optimizer != "sgd":
             why.append(f"the {self.cfg.score_optimizer} score optimizer (its moments live outside the backward epilogue)")
+        if self.cfg.allocation != "global":
+            why.append(f"allocation={self.cfg.allocation!r} (one γ per tensor; the backward epilogue applies one γ)")
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             why.append("a DDP gradient all-reduce")
         if self.cfg.fused_update == "on" or (self.cfg.fused_update == "auto" and self.device.type == "cuda" and not why):
@@ -352,7 +355,7 @@ class Trainer:
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {self.step}: lower --score-lr/--head-lr")
         sp = self.scores.sparsity()
-        bar.set_postfix(loss=f"{loss:.4f}", sparsity=f"{sp:.3f}", gamma=f"{float(self.scores.gamma):.2e}")
+        bar.set_postfix(loss=f"{loss:.4f}", sparsity=f"{sp:.3f}", gamma=f"{self.scores.gamma_now():.2e}")
         self._last_log = {"step": self.step, "loss": loss, "sparsity": sp}
         if self.learn_mask and not self.scores.frozen and self.scores.done():
             self.scores.freeze()
