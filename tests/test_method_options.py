@@ -470,6 +470,51 @@ def test_tensor_allocation_run_reaches_the_target_in_every_tensor(tiny_model_dir
     assert json.loads((tmp_path / "metrics.json").read_text())["config"]["allocation"] == "tensor"
 
 
+# ------------------------------------------------------------------------------------ head refit
+
+
+def test_head_refit_trains_the_head_on_the_unchanged_mask_and_resumes(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    """``head_refit_steps``: after the run, its head trained on on the final mask. The shipped file keeps the run's
+    bits with the refitted head, metrics.json reports the refit's dev metric (the joint head's beside it), and a run
+    killed inside the refit resumes to the same head bit for bit."""
+    from abp.train.trainer import HEAD_REFIT_DIR, run_abp
+
+    plain = run_abp(_cfg(tiny_model_dir, tiny_data), tmp_path / "plain", progress=False)
+    cfg = _cfg(tiny_model_dir, tiny_data, head_refit_steps=6)
+    res = run_abp(cfg, tmp_path / "a", progress=False)
+    a, p = abp.read_mask_file(tmp_path / "a" / "mask.safetensors"), abp.read_mask_file(tmp_path / "plain" / "mask.safetensors")
+    assert a.masks.keys() == p.masks.keys() and all(torch.equal(a.masks[k], p.masks[k]) for k in a.masks)
+    assert any(not torch.equal(a.head[k], p.head[k]) for k in a.head)  # trained on
+    run_abp(_cfg(tiny_model_dir, tiny_data, head_refit_steps=1), tmp_path / "one", progress=False)
+    one = abp.read_mask_file(tmp_path / "one" / "mask.safetensors").head  # one Adam step (lr 1e-3) from the run's head
+    assert all(float((one[k].float() - p.head[k].float()).abs().max()) <= 1.1e-3 for k in one)
+    refit = json.loads((tmp_path / "a" / HEAD_REFIT_DIR / "metrics.json").read_text())
+    assert res["dev_metric"] == refit["dev_metric"] and res["steps"] == cfg.max_steps + 6
+    assert res["head_refit"]["joint_head_dev_metric"] == plain["dev_metric"]
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text()) == json.loads(json.dumps(res))
+    refit_head = abp.read_mask_file(refit["mask_file"]).head  # the shipped file is the refit's
+    assert all(torch.equal(refit_head[k], a.head[k]) for k in a.head)
+
+    calls, real = {"n": 0}, torch.optim.AdamW.step
+
+    def dying(self, *args, **kw):  # the head's optimiser: the run's 12 steps, then the refit's; die at the refit's 5th
+        calls["n"] += 1                # (after its step-4 checkpoint)
+        if calls["n"] == cfg.max_steps + 5:
+            raise KeyboardInterrupt
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_abp(cfg, tmp_path / "b", progress=False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real)
+    assert (tmp_path / "b" / HEAD_REFIT_DIR / "checkpoint.safetensors").is_file()
+    resumed = run_abp(cfg, tmp_path / "b", resume=True, progress=False)
+    b = abp.read_mask_file(tmp_path / "b" / "mask.safetensors")
+    assert all(torch.equal(b.head[k], a.head[k]) for k in a.head) and resumed["dev_metric"] == res["dev_metric"]
+    with pytest.raises(ValueError, match="head_refit_steps must be >= 0"):
+        ABPConfig(head_refit_steps=-1).validate()
+
+
 # ------------------------------------------------------------------------------------ --preset paper
 
 

@@ -62,6 +62,10 @@ class ABPConfig:
     head_pool: str = "auto"  # cls | mean | pair (two sentences: each one's mean u, v and |u - v|, u * v) | auto (the model's own: [CLS] for BERT; for sentence-transformers such as the embedded MiniLM the mean, pair on sentence pairs)
     head_lr: float = 1e-3  # β, the head's learning rate
     head_optimizer: str = "adamw"  # adamw | sgd
+    head_refit_steps: int = 0  # after the run, its head trained this many more steps on the final mask, the mask
+    #   fixed (OUTPUT/head_refit/); that head and its dev metric become the run's. The head trained while the mask
+    #   changed sees the final mask only for the steps after the stop rule: on STS-B at 99 % (grid budget) 400 more
+    #   steps add about 2 points (bench/results/pair-head/notes.md). 0: the run's head as it ends (the paper)
     # the loop
     batch_size: int = 32  # the global batch: under torchrun all ranks together (each takes its slice)
     max_length: int = 128  # tokens per example (longer ones are truncated)
@@ -114,6 +118,8 @@ class ABPConfig:
         if self.warmup_fraction + self.prune_fraction > 1:
             raise ValueError(f"warmup_fraction + prune_fraction must be <= 1 (the ramp must end within max_steps), "
                              f"got {self.warmup_fraction} + {self.prune_fraction}")
+        if self.head_refit_steps < 0:
+            raise ValueError(f"head_refit_steps must be >= 0 (0: keep the jointly trained head), got {self.head_refit_steps}")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

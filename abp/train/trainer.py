@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -23,7 +24,7 @@ from torch import nn
 
 import abp
 from abp import backends
-from abp._atomic import write_text
+from abp._atomic import atomic_path, write_text
 from abp.models import load_backbone, resolve_model
 from abp.patch import mask_model, masked_modules, score_tensors
 from abp.train.data import Batcher, load_custom, load_split, subsample
@@ -478,6 +479,51 @@ class Trainer:
         log.info("abp: resumed from %s at step %d", path, self.step)
 
 
+HEAD_REFIT_DIR = "head_refit"
+
+
 def run_abp(cfg: ABPConfig, output_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> dict:
-    """Convenience: build a :class:`Trainer` and run it."""
-    return Trainer(cfg, output_dir, progress=progress).run(resume=resume)
+    """Build a :class:`Trainer` and run it; with ``cfg.head_refit_steps``, then :func:`refit_head` on its mask."""
+    result = Trainer(cfg, output_dir, progress=progress).run(resume=resume)
+    if cfg.head_refit_steps:
+        result = refit_head(cfg, output_dir, result, resume=resume, progress=progress)
+    return result
+
+
+def refit_head(cfg: ABPConfig, output_dir: str | os.PathLike, joint: dict, *, resume: bool = False,
+               progress: bool = True, trainer: type = Trainer) -> dict:
+    """Phase 2: the run's head trained ``cfg.head_refit_steps`` more steps on the run's final mask, the mask fixed
+    (a fresh optimiser state; Algorithm 1's "keep training p", for a set number of steps on the mask it ships).
+
+    Runs in ``output_dir/head_refit/`` (its own checkpoint: it resumes); then its mask file (the same bits, the
+    refitted head) replaces ``output_dir/mask.safetensors`` and ``metrics.json`` reports its dev metric, with the
+    jointly trained head's under ``head_refit``. ``joint``: the run's result (:meth:`Trainer.run`)."""
+    out = Path(output_dir)
+    mask_file = out / "mask.safetensors"
+    steps = cfg.head_refit_steps
+    rcfg = dataclasses.replace(cfg, max_steps=steps, epochs=None, head_refit_steps=0, eval_every=min(cfg.eval_every, steps),
+                               checkpoint_every=min(cfg.checkpoint_every or cfg.eval_every, steps))
+    shipped = abp.read_mask_file(mask_file)
+    bits = shipped.masks
+    t = trainer(rcfg, out / HEAD_REFIT_DIR, progress=progress, mask_init=lambda bb: abp.load_mask(bb, mask_file),
+                learn_mask=False)
+    t.model.head.load_state_dict(shipped.head)  # the run's head (a checkpoint of the refit, if any, replaces it)
+    refit = t.run(resume=resume)
+    if t.dist.is_main:
+        new = abp.read_mask_file(refit["mask_file"])
+        if new.masks.keys() != bits.keys() or any(not torch.equal(new.masks[k], bits[k]) for k in bits):
+            raise RuntimeError(f"head refit: the mask in {refit['mask_file']} differs from the run's {mask_file}")
+        with atomic_path(mask_file) as tmp:
+            shutil.copyfile(refit["mask_file"], tmp)
+        result = {**joint, "dev_metric": refit["dev_metric"], "dev_metrics": refit["dev_metrics"],
+                  "steps": joint["steps"] + refit["steps"],
+                  "head_refit": {"steps": steps, "dev_metric": refit["dev_metric"], "best_step": refit["best_step"],
+                                 "joint_head_dev_metric": joint["dev_metric"], "joint_head_dev_metrics": joint["dev_metrics"],
+                                 "folder": HEAD_REFIT_DIR}}
+        write_text(out / "metrics.json", json.dumps(result, indent=1))
+        log.info("abp: head refit on the final mask: dev %s %.4f (the jointly trained head: %.4f)",
+                 joint["metric_name"], refit["dev_metric"], joint["dev_metric"])
+    else:
+        result = None
+    t.dist.barrier()
+    return t.dist.broadcast(result)
