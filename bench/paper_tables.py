@@ -18,6 +18,7 @@ from abp.train.tasks import get_task
 
 ROWS = [
     ("abp", "ABP, abp's default (θ0 ∝ \\|w\\|, Adam with v̂^(1−s)·mean(v̂)^s, hard mask, cubic ramp)"),
+    ("abp_refit", "ABP, abp's default + its head trained max_steps more steps on the final mask (--head-refit-steps)"),
     ("abp_mask", "ABP's mask (the default's), head retrained on it for the budget as every fixed mask's is"),
     ("abp_per_tensor", "ABP, abp's default with each tensor pruned to s on its own (per-tensor γ)"),
     ("abp_cubic", "ABP, θ0 ∝ \\|w\\| + Adam, hard mask, cubic ramp (the previous default)"),

@@ -74,6 +74,11 @@ def test_method_runs_and_ends_at_its_sparsity(grid, method):
         assert 0.3 < r["sparsity_reached"] < S
     elif method in LEARNT_METHODS:  # the stop rule: at or just past the target, within one step's pruning
         assert S <= r["sparsity_reached"] < S + 0.1
+        if method == "abp_refit":  # then its head trained on (max_steps more steps) on the abp run's very mask
+            assert r["head_refit"]["steps"] == grid["exp"].max_steps
+            assert r["metrics"]["accuracy"] == r["head_refit"]["dev_metric"]
+            src = A.load_keep_masks(A.find_mask_file(R.run_dir(grid["out"], grid["exp"], R.RunSpec("sst2", "abp", S, SEED))))
+            assert all(torch.equal(m, src[k]) for k, m in masks.items())
     elif method == "abp_mask":  # the grid's ABP mask itself, its head retrained
         src = A.load_keep_masks(A.find_mask_file(R.run_dir(grid["out"], grid["exp"], R.RunSpec("sst2", "abp", S, SEED))))
         assert masks.keys() == src.keys() and all(torch.equal(m, src[k]) for k, m in masks.items())

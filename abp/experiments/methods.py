@@ -49,6 +49,7 @@ from abp.provenance import code_version
 from abp.train.config import ABPConfig, paper_preset
 from abp.train.heads import resolve_pool
 from abp.train.tasks import get_task
+from abp.train.trainer import HEAD_REFIT_DIR, refit_head
 
 # Named settings of Algorithm 1 on the grid. ``abp`` is abp's default (ABPConfig's own values); every other
 # variant pins the fields it is about, so its rows keep their meaning when the defaults change. The grid's
@@ -58,7 +59,8 @@ ABP_SETTINGS = ("score_init_mode", "score_optimizer", "score_lr_ratio", "score_l
 # Settings recorded only where a run moves them from their neutral value (so earlier budgets stay valid). The neutral
 # values are what every run recorded before the hard mask and the cubic ramp became the default ran: σ(1e5·θ) in the
 # forward and a linear ramp of the controller's target; a budget without t_l or schedule ran them.
-ABP_OPTIONAL_SETTINGS = {"unused_token_scale": 1.0, "t_l": 1e5, "schedule": "linear", "allocation": "global"}
+ABP_OPTIONAL_SETTINGS = {"unused_token_scale": 1.0, "t_l": 1e5, "schedule": "linear", "allocation": "global",
+                         "head_refit_steps": 0}
 BEFORE = {"t_l": 1e5, "schedule": "linear"}  # the σ(1e5·θ) forward and the linear ramp, pinned (see above)
 ABP_VARIANTS: dict[str, dict] = {
     "abp": {},
@@ -94,6 +96,10 @@ ABP_VARIANTS: dict[str, dict] = {
     # abp_cubic with the second moment v̂^(1−s)·mean(v̂)^s (adam_mix), Adam's step at low s and adam_tensor's at high:
     # today's default, pinned, so its rows keep their meaning when the default moves again (`abp` adopts them)
     "abp_cubic_mix": {"score_init_mode": "magnitude", "score_optimizer": "adam_mix", "t_l": None, "schedule": "cubic"},
+    # today's default, then its head trained on on the final mask for the grid's max_steps more steps
+    # (--head-refit-steps: the budget of head steps every fixed-mask row's head gets on its final mask)
+    "abp_refit": {"score_init_mode": "magnitude", "score_optimizer": "adam_mix", "t_l": None, "schedule": "cubic",
+                  "head_refit_steps": "max_steps"},
     # today's default with every score tensor pruned to the target on its own (allocation="tensor": one γ controller
     # and stop rule per tensor), so each keeps 1 − s of its weights as MP and Wanda do, instead of one global count
     "abp_per_tensor": {"score_init_mode": "magnitude", "score_optimizer": "adam_mix", "t_l": None, "schedule": "cubic",
@@ -168,10 +174,14 @@ class ExperimentConfig:
         if pool != native_pooling(self.model):
             out["head_pool"] = pool
         if method in LEARNT_METHODS or method in FROM_ABP_MASK:
-            cfg = dataclasses.asdict(ABPConfig(**{"head_lr": self.head_lr, **ABP_VARIANTS.get(method, {})}))
+            cfg = dataclasses.asdict(ABPConfig(**{"head_lr": self.head_lr, **self.variant(method)}))
             out["abp"] = {k: cfg[k] for k in ABP_SETTINGS}
             out["abp"].update({k: cfg[k] for k, neutral in ABP_OPTIONAL_SETTINGS.items() if cfg[k] != neutral})
         return out
+
+    def variant(self, method: str) -> dict:
+        """The ABP settings of ``method`` (:data:`ABP_VARIANTS`) for this grid: ``"max_steps"`` is its own."""
+        return {k: self.max_steps if v == "max_steps" else v for k, v in ABP_VARIANTS.get(method, {}).items()}
 
     def abp_config(self, task: str, sparsity: Optional[float], seed: int, **over) -> ABPConfig:
         n = self.max_steps
@@ -297,6 +307,8 @@ def _learnt(exp: ExperimentConfig, cfg: ABPConfig, out: Path, progress: bool,
             mask_init: Optional[Callable[[nn.Module], None]] = None):
     t = TrackedTrainer(cfg, out, progress=progress, mask_init=mask_init, recovery_every=exp.recovery_every)
     res = t.run(resume=_resume(out))
+    if cfg.head_refit_steps:  # as `abp prune` does: the head trained on on the final mask (same bits)
+        res = refit_head(cfg, out, res, resume=_resume(out / HEAD_REFIT_DIR), progress=progress, trainer=ExperimentTrainer)
     return res, t.model.backbone, t.recovery_stats(res["mask_file"])
 
 
@@ -416,7 +428,7 @@ def run_method(method: str, exp: ExperimentConfig, task: str, sparsity: Optional
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     if method in LEARNT_METHODS:
-        over = {"recovery": False} if method == "abp_norecovery" else ABP_VARIANTS.get(method, {})
+        over = {"recovery": False} if method == "abp_norecovery" else exp.variant(method)
     else:  # the mask is set, not learnt: uniform scores keep every weight (magnitude would prune exact zeros) and
         over = {"score_init_mode": "uniform"}  # draw the RNG stream every baseline row was recorded with
     cfg = exp.abp_config(task, s, seed, **over)
@@ -469,7 +481,7 @@ def run_method(method: str, exp: ExperimentConfig, task: str, sparsity: Optional
         "seconds": round(time.time() - t_start, 1), "device": str(cfg.device if cfg.device != "auto" else
                                                                    ("cuda" if torch.cuda.is_available() else "cpu")),
         **_weights_check(method, exp.model, backbone),
-        "recovery": recovery, "phase1": phase1,
+        "recovery": recovery, "phase1": phase1, **({"head_refit": res["head_refit"]} if res.get("head_refit") else {}),
         "mask_file": os.path.relpath(res["mask_file"], out) if res.get("mask_file") else None,
         "code": code_version(),
     }
@@ -477,7 +489,8 @@ def run_method(method: str, exp: ExperimentConfig, task: str, sparsity: Optional
         raise RuntimeError(f"{method}: the final model's pre-trained weights differ from the pre-trained ones")
     write_text(out / RESULT, json.dumps(result, indent=1))
     # 91 MB each for MiniLM (the fine-tuning checkpoint ~300 MB): not kept
-    for leftover in ("checkpoint.safetensors", "recovery.safetensors", FINETUNE_CHECKPOINT):
+    for leftover in ("checkpoint.safetensors", "recovery.safetensors", FINETUNE_CHECKPOINT,
+                     f"{HEAD_REFIT_DIR}/checkpoint.safetensors"):
         (out / leftover).unlink(missing_ok=True)
     return result
 

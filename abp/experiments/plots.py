@@ -20,7 +20,8 @@ METHOD_STYLE = {"abp": ("tab:red", "o"), "random": ("tab:gray", "x"), "mp": ("ta
           "abp_adam_floor": ("teal", "P"), "abp_adam_ceiling": ("olive", "X"), "abp_hard": ("firebrick", "1"),
           "abp_cubic": ("goldenrod", "2"), "abp_quadratic": ("peru", "3"),
           "abp_cubic_tensor": ("darkcyan", "4"),
-          "abp_cubic_mix": ("navy", "v"), "abp_per_tensor": ("deeppink", "d")}
+          "abp_cubic_mix": ("navy", "v"), "abp_per_tensor": ("deeppink", "d"),
+          "abp_refit": ("orangered", "*")}
 
 
 def pyplot():
