@@ -335,21 +335,24 @@ def test_killed_head_refits_resume_to_the_uninterrupted_result(references, tmp_p
     start = next(t for t, kind, name in reference["seen"] if kind == "renamed" and name == "metrics.json")
     span = reference["seconds"] - start  # the refit, then its mask file and metrics replacing the run's
     rng = random.Random(SEED)
-    kills = [Kill("refit", rng.uniform(0.0, 0.8) * span, r"^metrics\.json$", 1, "renamed") for _ in range(3)]
+    # each a small share of it, so that every rerun (which resumes at the refit's last checkpoint) has some left
+    kills = [Kill("refit", rng.uniform(0.05, 0.3) * span, r"^metrics\.json$", 1, "renamed") for _ in range(3)]
     kills.append(Kill("mask-write", 0.0, r"^\.mask\.safetensors\..*\.tmp$"))  # a rerun's first mask write
-    out, lines, n_killed = tmp_path / "out", [], 0
+    out, lines, n_killed, inside = tmp_path / "out", [], 0, 0
     with open(tmp_path / "log.txt", "w") as log:
         for kill in kills:
             killed, seconds, _ = run_once(tmp_path, reference["cmd"], kill, log)
             n_killed += killed
-            lines.append(f"  aimed at {kill.window:<12} {'killed' if killed else 'missed'} after {seconds:5.2f} s; "
-                         f"files intact: {', '.join(check_every_file_loads(out))}")
+            mid = killed and (out / HEAD_REFIT_DIR).is_dir() and not (out / HEAD_REFIT_DIR / "metrics.json").exists()
+            inside += mid
+            lines.append(f"  aimed at {kill.window:<12} {'killed' if killed else 'missed'} after {seconds:5.2f} s"
+                         f"{' (inside the refit)' if mid else ''}; files intact: {', '.join(check_every_file_loads(out))}")
         run_once(tmp_path, reference["cmd"], None, log)
     report(f"head refit kill/resume: uninterrupted run {reference['seconds']:.1f} s, refit {span:.1f} s\n" + "\n".join(lines))
     _compare_runs(reference["dir"], out)
     refit = json.loads((out / "metrics.json").read_text())["head_refit"]
     assert refit["steps"] == REFIT_STEPS and refit["folder"] == HEAD_REFIT_DIR
-    assert n_killed >= 3, "most planned kills should land before the run finishes"
+    assert n_killed >= 2 and inside >= 1, "the kills should land before the run finishes, one inside the refit"
 
 
 def test_rerunning_a_finished_run_reproduces_its_metrics(references, tmp_path):
