@@ -3,7 +3,7 @@
     python -P bench/paper_tables.py bench/results/paper          # prints the markdown tables
 
 Cells with one run say ``(n = 1)``; a run that missed its target sparsity is marked with the sparsity it reached.
-The rows and their labels are the README's; a method the record lacks is left out. ``abp_cubic_mix`` (today's
+The rows and their labels are the README's; a method the record lacks is left out. ``abp_refit`` (today's
 default, pinned) is not a row: its runs are the ``abp`` row's. Rows without "hard mask" in their label ran the forward
 σ(1e5·θ), and rows without a ramp named ran the linear one.
 """
@@ -17,11 +17,12 @@ from abp.experiments.record import collect_results
 from abp.train.tasks import get_task
 
 ROWS = [
-    ("abp", "ABP, abp's default (θ0 ∝ \\|w\\|, Adam with v̂^(1−s)·mean(v̂)^s, hard mask, cubic ramp)"),
-    ("abp_refit", "ABP, abp's default + its head trained max_steps more steps on the final mask (--head-refit-steps)"),
-    ("abp_mask", "ABP's mask (the default's), head retrained on it for the budget as every fixed mask's is"),
-    ("abp_per_tensor", "ABP, abp's default with each tensor pruned to s on its own (per-tensor γ)"),
-    ("abp_cubic", "ABP, θ0 ∝ \\|w\\| + Adam, hard mask, cubic ramp (the previous default)"),
+    ("abp", "ABP, abp's default (θ0 ∝ \\|w\\|, Adam with v̂^(1−s)·mean(v̂)^s, hard mask, cubic ramp, then its head "
+            "trained max_steps more steps on the final mask)"),
+    ("abp_cubic_mix", "ABP, the same with the head as the run ends (--head-refit-steps 0; the previous default)"),
+    ("abp_mask", "ABP's mask (the default's), a fresh head trained on it for the budget as every fixed mask's is"),
+    ("abp_per_tensor", "ABP, the previous default with each tensor pruned to s on its own (per-tensor γ)"),
+    ("abp_cubic", "ABP, θ0 ∝ \\|w\\| + Adam, hard mask, cubic ramp"),
     ("abp_adam", "ABP, θ0 ∝ \\|w\\| + Adam, σ(1e5·θ), linear ramp"),
     ("abp_hard", "ABP, θ0 ∝ \\|w\\| + Adam, hard mask, linear ramp"),
     ("abp_quadratic", "ABP, θ0 ∝ \\|w\\| + Adam, hard mask, quadratic ramp"),

@@ -20,6 +20,7 @@ import torch
 
 from abp.train.distributed import shard_batch, shard_rows, step_seed
 from abp.train.strategy import DDP, MultiProcess, Strategy
+from abp.train.trainer import HEAD_REFIT_DIR
 
 # every strategy starts a step in seed_step: the one-process body (Strategy) or the per-rank one (MultiProcess)
 _REAL_SEED_STEP = {cls: cls.__dict__["seed_step"] for cls in (Strategy, MultiProcess)}
@@ -104,9 +105,13 @@ def _same_run(ref: Path, other: Path) -> None:
 
 
 def _outputs_are_single(out: Path) -> None:
-    """One mask file, one checkpoint, nothing half-written left behind."""
+    """One mask file, one checkpoint, nothing half-written left behind; the same in the head refit's folder (the
+    default's second phase, which every rank runs too)."""
+    files = ["checkpoint.safetensors", "history.json", "mask.safetensors", "metrics.json"]
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["checkpoint.safetensors", "history.json", "mask.safetensors", "metrics.json"], names
+    assert names in (files, sorted([*files, HEAD_REFIT_DIR])), names
+    if HEAD_REFIT_DIR in names:
+        assert sorted(p.name for p in (out / HEAD_REFIT_DIR).iterdir()) == files
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -302,10 +307,10 @@ def test_torchrun_module_entry_point(run_cfg, tmp_path):
     proc = _launch(2, "prune", *_args(cfg), "--output", str(out), "--quiet", module=True)
     _ok(proc)
     _outputs_are_single(out)
-    assert proc.stdout.count("step 4:") == 1  # eval lines and the summary from rank 0 only
+    assert proc.stdout.count("step 4:") == 2  # eval lines (the loop's, the head refit's) and the summary from rank 0 only
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["mask_file"].endswith("mask.safetensors")
     m = json.loads((out / "metrics.json").read_text())
-    assert m["distributed"]["world_size"] == 2 and m["steps"] == 4
+    assert m["distributed"]["world_size"] == 2 and m["steps"] == 4 + 4 and m["head_refit"]["steps"] == 4
 
 
 def test_accelerate_recipe_two_processes_equal_one(tiny_model_dir_nodrop, tiny_data, tmp_path):
@@ -356,10 +361,11 @@ def _worker_prune(cfg_json: str, out: str, *flags: str) -> int:
             return net
 
         def finish(self, seconds):
-            s = self.scores
-            state = {"counts": s.counts.tolist(), "pruned": int(s.pruned), "gamma": float(s.gamma).hex(),
-                     "active": float(s.active), "lr": float(s.lr).hex(), "steps": s.steps, "phases": len(phases)}
-            Path(f"{out}.rank{self.dist.rank}.json").write_text(json.dumps(state))
+            if self.learn_mask:  # the loop's state, not the head refit's that follows it (the mask fixed)
+                s = self.scores
+                state = {"counts": s.counts.tolist(), "pruned": int(s.pruned), "gamma": float(s.gamma).hex(),
+                         "active": float(s.active), "lr": float(s.lr).hex(), "steps": s.steps, "phases": len(phases)}
+                Path(f"{out}.rank{self.dist.rank}.json").write_text(json.dumps(state))
             return real_finish(self, seconds)
 
         DDP.module = module

@@ -609,15 +609,16 @@ def test_report_shows_the_pinned_default_once_and_names_neutral_settings():
              "run_dir": f"/x/{R.RunSpec('sst2', method, 0.5, seed).name}"}
         return {**r, "reused_from": reused} if reused else r
 
-    pinned = [run("abp_cubic_mix", s) for s in (0, 1)]
-    adopted = [run("abp", s, R.RunSpec("sst2", "abp_cubic_mix", 0.5, s).name) for s in (0, 1)]
-    older = [run("abp_adam", 0)]
-    assert copies_of_default(pinned + adopted + older) == {"abp_cubic_mix"}
-    assert copies_of_default(pinned + adopted[:1] + older) == set()  # seed 1 of abp_cubic_mix is its own
+    pinned = [run("abp_refit", s) for s in (0, 1)]
+    adopted = [run("abp", s, R.RunSpec("sst2", "abp_refit", 0.5, s).name) for s in (0, 1)]
+    older = [run("abp_adam", 0), run("abp_cubic_mix", 0)]
+    assert copies_of_default(pinned + adopted + older) == {"abp_refit"}
+    assert copies_of_default(pinned + adopted[:1] + older) == set()  # seed 1 of abp_refit is its own
     text = _abp_settings_text(adopted + pinned + older)
-    assert "`abp_cubic_mix`: as `abp`" in text
-    # left out of its budget: the neutral values of t_l and schedule
-    assert '`abp_adam`: score_optimizer="adam", t_l=100000.0, schedule="linear"' in text
+    assert "`abp_refit`: as `abp`" in text and "head_refit_steps=40" in text  # the default's, resolved
+    # left out of their budgets: the neutral values of t_l, schedule and head_refit_steps
+    assert '`abp_adam`: score_optimizer="adam", t_l=100000.0, schedule="linear", head_refit_steps=0' in text
+    assert "`abp_cubic_mix`: head_refit_steps=0" in text
 
 
 def test_every_variant_setting_is_in_the_budget():

@@ -12,7 +12,9 @@ JSON through ``json.loads``). The resumed run must then end with the mask (bit f
 and metrics of an uninterrupted run, wall time aside. The kill plan is drawn from a seeded RNG, so the same
 windows are aimed at on every run (where exactly a kill lands within a window depends on the scheduler; what
 each kill hit is printed). The default test kills a 24-step run 7 times; the ``slow`` variant kills a
-96-step run 20 times, twice (two seeds).
+96-step run 20 times, twice (two seeds). Those runs keep the head as the loop ends (``--head-refit-steps 0``), so
+every kill lands in the loop the plan is timed on; ``test_killed_head_refits_resume_to_the_uninterrupted_result``
+kills the default's head refit (``OUTPUT/head_refit/``) and the final replacement of the mask file.
 """
 from __future__ import annotations
 
@@ -35,10 +37,12 @@ import torch
 
 import abp
 from abp.train.checkpoint import load_checkpoint
+from abp.train.trainer import HEAD_REFIT_DIR
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify and SIGKILL (Linux)")
 
 CKPT_EVERY, EVAL_EVERY = 2, 4
+REFIT_STEPS = 60  # the head refit's steps: forward-only, so enough of them to aim kills inside the refit
 SEED = int(os.environ.get("ABP_KILL_SEED", "20"))
 TEMP = re.compile(r"^\.(tmp\w+|.+\.[^.]+\.tmp)$")  # safetensors' own temp file; abp._atomic's .<name>.<random>.tmp
 PROCESS_FIELDS = {"train_seconds_this_process"}  # wall time of the last process
@@ -46,12 +50,12 @@ PROCESS_FIELDS = {"train_seconds_this_process"}  # wall time of the last process
 # test_rerunning_a_finished_run_reproduces_its_metrics); compared below only where both runs recorded an op.
 
 
-def _command(model_dir: str, data: Path, max_steps: int) -> list[str]:
+def _command(model_dir: str, data: Path, max_steps: int, refit_steps: int = 0) -> list[str]:
     return [sys.executable, "-P", "-m", "abp", "prune", "--model", model_dir, "--train-file", str(data / "train.csv"),
             "--dev-file", str(data / "dev.csv"), "--text-columns", "sentence", "--label-column", "label",
             "--num-labels", "2", "--sparsity", "0.2", "--max-steps", str(max_steps), "--eval-every", str(EVAL_EVERY),
             "--checkpoint-every", str(CKPT_EVERY), "--log-every", "2", "--batch-size", "8", "--max-length", "16",
-            "--seed", "3", "--output", "out", "--resume", "--quiet",
+            "--seed", "3", "--output", "out", "--resume", "--quiet", "--head-refit-steps", str(refit_steps),
             # the kill plan meets the mask's first write late in the run: the linear ramp reaches the target at the
             # end of its window, where the cubic default reaches it (and writes the mask) before half the run
             "--schedule", "linear"]
@@ -121,13 +125,16 @@ def _temps(out: Path) -> set[str]:
 
 
 def check_every_file_loads(out: Path) -> list[str]:
-    """Every file in ``out`` but temporary ones loads cleanly; returns the names checked."""
+    """Every file in ``out`` (and in its head refit's folder) but temporary ones loads cleanly; returns the names
+    checked."""
     names = []
     for p in sorted(out.iterdir()):
         if TEMP.match(p.name):
             continue
         names.append(p.name)
-        if p.name == "mask.safetensors":
+        if p.name == HEAD_REFIT_DIR and p.is_dir():
+            names += [f"{p.name}/{n}" for n in check_every_file_loads(p)]
+        elif p.name == "mask.safetensors":
             abp.read_mask_file(p)  # every tensor's digest checked
         elif p.name == "checkpoint.safetensors":
             load_checkpoint(p)  # its digest checked
@@ -240,23 +247,27 @@ def _compare_runs(ref: Path, got: Path) -> None:
     ma, mb = json.loads((ref / "metrics.json").read_text()), json.loads((got / "metrics.json").read_text())
     assert {k: v for k, v in ma.items() if k not in PROCESS_FIELDS} == \
         {k: v for k, v in mb.items() if k not in PROCESS_FIELDS}
+    assert (ref / HEAD_REFIT_DIR).is_dir() == (got / HEAD_REFIT_DIR).is_dir()
+    if (ref / HEAD_REFIT_DIR).is_dir():
+        _compare_runs(ref / HEAD_REFIT_DIR, got / HEAD_REFIT_DIR)
 
 
 @pytest.fixture(scope="module")
 def references(tiny_model_dir, tiny_data, tmp_path_factory):
-    """``references(max_steps)``: an uninterrupted run of the command, and its timeline (one per budget)."""
-    runs: dict[int, dict] = {}
+    """``references(max_steps, refit_steps=0)``: an uninterrupted run of the command, and its timeline (one per
+    budget)."""
+    runs: dict[tuple[int, int], dict] = {}
 
-    def get(max_steps: int) -> dict:
-        if max_steps not in runs:
-            d = tmp_path_factory.mktemp(f"uninterrupted-{max_steps}")
-            cmd = _command(tiny_model_dir, tiny_data, max_steps)
+    def get(max_steps: int, refit_steps: int = 0) -> dict:
+        if (max_steps, refit_steps) not in runs:
+            d = tmp_path_factory.mktemp(f"uninterrupted-{max_steps}-{refit_steps}")
+            cmd = _command(tiny_model_dir, tiny_data, max_steps, refit_steps)
             with open(d / "log.txt", "w") as log:
                 killed, seconds, seen = run_once(d, cmd, None, log)
             assert not killed
-            runs[max_steps] = {"dir": d / "out", "cmd": cmd, "seconds": seconds, "timeline": _timeline(seen),
-                               "max_steps": max_steps}
-        return runs[max_steps]
+            runs[(max_steps, refit_steps)] = {"dir": d / "out", "cmd": cmd, "seconds": seconds, "seen": seen,
+                                              "timeline": _timeline(seen), "max_steps": max_steps}
+        return runs[(max_steps, refit_steps)]
     return get
 
 
@@ -314,6 +325,36 @@ def test_killed_runs_resume_to_the_uninterrupted_result_many_kills(references, t
     assert any(a.hit.startswith("writing checkpoint") for a in attempts)
 
 
+def test_killed_head_refits_resume_to_the_uninterrupted_result(references, tmp_path, report):
+    """The default's second phase, the head refit: killed at random times inside it and inside a mask file write,
+    each time rerun with the same command; it must end with the uninterrupted run's mask file, metrics and refit
+    folder (mask, history, checkpoint, metrics)."""
+    reference = references(12, REFIT_STEPS)
+    # the refit starts once the loop's metrics.json lands (a rerun that resumes at the loop's final checkpoint
+    # writes it again first): aim from that event, a random share of the refit's time later
+    start = next(t for t, kind, name in reference["seen"] if kind == "renamed" and name == "metrics.json")
+    span = reference["seconds"] - start  # the refit, then its mask file and metrics replacing the run's
+    rng = random.Random(SEED)
+    # each a small share of it, so that every rerun (which resumes at the refit's last checkpoint) has some left
+    kills = [Kill("refit", rng.uniform(0.05, 0.3) * span, r"^metrics\.json$", 1, "renamed") for _ in range(3)]
+    kills.append(Kill("mask-write", 0.0, r"^\.mask\.safetensors\..*\.tmp$"))  # a rerun's first mask write
+    out, lines, n_killed, inside = tmp_path / "out", [], 0, 0
+    with open(tmp_path / "log.txt", "w") as log:
+        for kill in kills:
+            killed, seconds, _ = run_once(tmp_path, reference["cmd"], kill, log)
+            n_killed += killed
+            mid = killed and (out / HEAD_REFIT_DIR).is_dir() and not (out / HEAD_REFIT_DIR / "metrics.json").exists()
+            inside += mid
+            lines.append(f"  aimed at {kill.window:<12} {'killed' if killed else 'missed'} after {seconds:5.2f} s"
+                         f"{' (inside the refit)' if mid else ''}; files intact: {', '.join(check_every_file_loads(out))}")
+        run_once(tmp_path, reference["cmd"], None, log)
+    report(f"head refit kill/resume: uninterrupted run {reference['seconds']:.1f} s, refit {span:.1f} s\n" + "\n".join(lines))
+    _compare_runs(reference["dir"], out)
+    refit = json.loads((out / "metrics.json").read_text())["head_refit"]
+    assert refit["steps"] == REFIT_STEPS and refit["folder"] == HEAD_REFIT_DIR
+    assert n_killed >= 2 and inside >= 1, "the kills should land before the run finishes, one inside the refit"
+
+
 def test_rerunning_a_finished_run_reproduces_its_metrics(references, tmp_path):
     """The same command once more, after the run finished: it resumes at the final checkpoint, trains nothing,
     and must leave the mask and metrics as they were (wall time aside)."""
@@ -333,6 +374,8 @@ def test_files_a_run_writes_get_the_usual_permissions(references):
     """The atomic writes replace a 0600 temporary file: the result must still get the user's usual mode."""
     umask = os.umask(0)
     os.umask(umask)
-    for p in references(24)["dir"].iterdir():
+    out = references(12, REFIT_STEPS)["dir"]
+    for p in [*references(24)["dir"].iterdir(), *out.iterdir(), *(out / HEAD_REFIT_DIR).iterdir()]:
         if not TEMP.match(p.name):
-            assert p.stat().st_mode & 0o777 == 0o666 & ~umask, (p.name, oct(p.stat().st_mode))
+            want = (0o777 if p.is_dir() else 0o666) & ~umask
+            assert p.stat().st_mode & 0o777 == want, (p.name, oct(p.stat().st_mode))

@@ -479,7 +479,8 @@ def test_head_refit_trains_the_head_on_the_unchanged_mask_and_resumes(tiny_model
     killed inside the refit resumes to the same head bit for bit."""
     from abp.train.trainer import HEAD_REFIT_DIR, run_abp
 
-    plain = run_abp(_cfg(tiny_model_dir, tiny_data), tmp_path / "plain", progress=False)
+    plain = run_abp(_cfg(tiny_model_dir, tiny_data, head_refit_steps=0), tmp_path / "plain", progress=False)
+    assert "head_refit" not in plain and not (tmp_path / "plain" / HEAD_REFIT_DIR).exists()
     cfg = _cfg(tiny_model_dir, tiny_data, head_refit_steps=6)
     res = run_abp(cfg, tmp_path / "a", progress=False)
     a, p = abp.read_mask_file(tmp_path / "a" / "mask.safetensors"), abp.read_mask_file(tmp_path / "plain" / "mask.safetensors")
@@ -513,6 +514,19 @@ def test_head_refit_trains_the_head_on_the_unchanged_mask_and_resumes(tiny_model
     assert all(torch.equal(b.head[k], a.head[k]) for k in a.head) and resumed["dev_metric"] == res["dev_metric"]
     with pytest.raises(ValueError, match="head_refit_steps must be >= 0"):
         ABPConfig(head_refit_steps=-1).validate()
+
+
+def test_head_refit_defaults_to_the_runs_own_steps(tiny_model_dir, tiny_data, tmp_path):
+    """The default (None) refits the head for as many steps as the run took, counted after ``epochs`` resolved
+    them; ``--preset paper`` keeps the run's head as it ends (Algorithm 1 as written)."""
+    from abp.train.trainer import run_abp
+
+    assert ABPConfig().head_refit_steps is None and ABPConfig(max_steps=37).refit_steps == 37
+    assert ABPConfig(max_steps=37, head_refit_steps=5).refit_steps == 5
+    assert paper_preset("sst2")["head_refit_steps"] == 0
+    res = run_abp(_cfg(tiny_model_dir, tiny_data, epochs=0.5), tmp_path / "e", progress=False)
+    assert res["head_refit"]["steps"] == math.ceil(0.5 * 96 / 8)  # tiny_data: 96 training rows, batch 8
+    assert res["steps"] == 2 * res["head_refit"]["steps"]
 
 
 # ------------------------------------------------------------------------------------ --preset paper
@@ -553,7 +567,12 @@ def test_grid_variants_pin_their_settings_in_the_budget():
     assert budgets["abp_paper"]["gamma"] == 2e-7 and budgets["abp_paper"]["head_lr"] == 2e-5
     assert budgets["abp_uniform"]["score_init_mode"] == "uniform"
     assert len({json.dumps(b, sort_keys=True) for m, b in budgets.items() if m != "abp"}) == len(budgets) - 1
-    assert "abp" not in exp.budget("mp", "sst2") and exp.budget("abp_shuffled", "sst2")["abp"] == budgets["abp"]
+    # the default refits its head for the grid's steps (abp_refit pins it); a mask-only row's own head is its own
+    assert budgets["abp"] == budgets["abp_refit"] and budgets["abp"]["head_refit_steps"] == 40
+    assert "head_refit_steps" not in budgets["abp_cubic_mix"] and "head_refit_steps" not in budgets["abp_paper"]
+    assert budgets["abp_cubic_mix"] == {k: v for k, v in budgets["abp"].items() if k != "head_refit_steps"}
+    assert "abp" not in exp.budget("mp", "sst2")
+    assert exp.budget("abp_shuffled", "sst2")["abp"] == exp.budget("abp_mask", "sst2")["abp"] == budgets["abp_cubic_mix"]
     cfg = exp.abp_config("sst2", 0.5, 0, **ABP_VARIANTS["abp_paper"])
     assert (cfg.head_lr, cfg.batch_size, cfg.max_steps) == (2e-5, 16, 40)  # the grid's batch and steps, the paper's β
 

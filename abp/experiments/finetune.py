@@ -48,7 +48,7 @@ NOT_READ_BY_FINETUNING = frozenset({
     "target_sparsity", "score_lr", "score_lr_ratio", "gamma", "warmup_fraction", "prune_fraction", "schedule", "t_l",
     "t_s", "score_init", "score_init_mode", "score_init_spread", "score_init_std", "unused_token_scale",
     "score_optimizer", "recovery", "head_optimizer", "max_steps", "epochs", "grad_accum", "eval_every",
-    "checkpoint_every", "keep_best", "backbone_dtype", "fused_update"}) | RESUMABLE_CHANGES
+    "checkpoint_every", "keep_best", "backbone_dtype", "fused_update", "allocation"}) | RESUMABLE_CHANGES
 
 
 @dataclass

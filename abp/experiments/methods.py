@@ -54,6 +54,7 @@ from abp.train.trainer import HEAD_REFIT_DIR, refit_head
 # Named settings of Algorithm 1 on the grid. ``abp`` is abp's default (ABPConfig's own values); every other
 # variant pins the fields it is about, so its rows keep their meaning when the defaults change. The grid's
 # budget (steps, batch, head lr) applies to all of them except where a variant names its own (abp_paper).
+# head_refit_steps None is the grid's max_steps (ABPConfig.refit_steps); budgets record the number.
 ABP_SETTINGS = ("score_init_mode", "score_optimizer", "score_lr_ratio", "score_lr", "gamma", "head_lr",
                 "warmup_fraction", "prune_fraction", "score_init", "score_init_spread", "score_init_std")
 # Settings recorded only where a run moves them from their neutral value (so earlier budgets stay valid). The neutral
@@ -61,7 +62,8 @@ ABP_SETTINGS = ("score_init_mode", "score_optimizer", "score_lr_ratio", "score_l
 # forward and a linear ramp of the controller's target; a budget without t_l or schedule ran them.
 ABP_OPTIONAL_SETTINGS = {"unused_token_scale": 1.0, "t_l": 1e5, "schedule": "linear", "allocation": "global",
                          "head_refit_steps": 0}
-BEFORE = {"t_l": 1e5, "schedule": "linear"}  # the σ(1e5·θ) forward and the linear ramp, pinned (see above)
+JOINT_HEAD = {"head_refit_steps": 0}  # the run's head as it ends: every variant recorded before the refit was the default
+BEFORE = {"t_l": 1e5, "schedule": "linear", **JOINT_HEAD}  # the σ(1e5·θ) forward and the linear ramp, pinned (see above)
 ABP_VARIANTS: dict[str, dict] = {
     "abp": {},
     # the paper's settings at the grid's budget: α = β = 2e-5, γ = 2e-7 fixed, θ0 ~ N(0.01, var 0.001), no warm-up
@@ -84,26 +86,30 @@ ABP_VARIANTS: dict[str, dict] = {
     # θ0 ∝ |w|, Adam, and the embedding rows of tokens absent from the training set first in line (θ0 × 0.01)
     "abp_usage": {"score_init_mode": "magnitude", "score_optimizer": "adam", "unused_token_scale": 0.01, **BEFORE},
     # the hard mask 1[θ>0] in the forward (t_l → ∞), linear ramp: measured against abp_adam's σ(1e5·θ)
-    "abp_hard": {"t_l": None, "schedule": "linear"},
+    "abp_hard": {"t_l": None, "schedule": "linear", **JOINT_HEAD},
     # the hard mask and the controller's target ramped on Zhu & Gupta's cubic (fast early, slow near the target), with
     # per-score Adam: the previous default (it holds the rows recorded as `abp` while it was)
-    "abp_cubic": {"score_init_mode": "magnitude", "score_optimizer": "adam", "t_l": None, "schedule": "cubic"},
+    "abp_cubic": {"score_init_mode": "magnitude", "score_optimizer": "adam", "t_l": None, "schedule": "cubic",
+                  **JOINT_HEAD},
     # abp_cubic with the ramp between the linear and the cubic one, s·(1 − (1 − t)²)
-    "abp_quadratic": {"score_init_mode": "magnitude", "score_optimizer": "adam", "t_l": None, "schedule": "quadratic"},
+    "abp_quadratic": {"score_init_mode": "magnitude", "score_optimizer": "adam", "t_l": None, "schedule": "quadratic",
+                      **JOINT_HEAD},
     # abp_cubic with one second moment per tensor (adam_tensor): steps ∝ the gradient inside a tensor
     "abp_cubic_tensor": {"score_init_mode": "magnitude", "score_optimizer": "adam_tensor", "t_l": None,
-                         "schedule": "cubic"},
-    # abp_cubic with the second moment v̂^(1−s)·mean(v̂)^s (adam_mix), Adam's step at low s and adam_tensor's at high:
-    # today's default, pinned, so its rows keep their meaning when the default moves again (`abp` adopts them)
-    "abp_cubic_mix": {"score_init_mode": "magnitude", "score_optimizer": "adam_mix", "t_l": None, "schedule": "cubic"},
-    # today's default, then its head trained on on the final mask for the grid's max_steps more steps
-    # (--head-refit-steps: the budget of head steps every fixed-mask row's head gets on its final mask)
+                         "schedule": "cubic", **JOINT_HEAD},
+    # abp_cubic with the second moment v̂^(1−s)·mean(v̂)^s (adam_mix), Adam's step at low s and adam_tensor's at high,
+    # the run's head as it ends: the previous default (it holds the rows recorded as `abp` while it was)
+    "abp_cubic_mix": {"score_init_mode": "magnitude", "score_optimizer": "adam_mix", "t_l": None, "schedule": "cubic",
+                      **JOINT_HEAD},
+    # abp_cubic_mix, then its head trained on on the final mask for the grid's max_steps more steps (the budget of
+    # head steps every fixed-mask row's head gets on its final mask): today's default, pinned, so its rows keep their
+    # meaning when the default moves again (`abp` adopts them)
     "abp_refit": {"score_init_mode": "magnitude", "score_optimizer": "adam_mix", "t_l": None, "schedule": "cubic",
-                  "head_refit_steps": "max_steps"},
-    # today's default with every score tensor pruned to the target on its own (allocation="tensor": one γ controller
+                  "head_refit_steps": None},
+    # abp_cubic_mix with every score tensor pruned to the target on its own (allocation="tensor": one γ controller
     # and stop rule per tensor), so each keeps 1 − s of its weights as MP and Wanda do, instead of one global count
     "abp_per_tensor": {"score_init_mode": "magnitude", "score_optimizer": "adam_mix", "t_l": None, "schedule": "cubic",
-                       "allocation": "tensor"},
+                       "allocation": "tensor", **JOINT_HEAD},
 }
 METHODS = (*ABP_VARIANTS, "random", "mp", "imp", "wanda", "feature_extraction", "finetune",
            "abp_mask", "abp_shuffled", "abp_reinit", "abp_norecovery")
@@ -174,14 +180,17 @@ class ExperimentConfig:
         if pool != native_pooling(self.model):
             out["head_pool"] = pool
         if method in LEARNT_METHODS or method in FROM_ABP_MASK:
-            cfg = dataclasses.asdict(ABPConfig(**{"head_lr": self.head_lr, **self.variant(method)}))
-            out["abp"] = {k: cfg[k] for k in ABP_SETTINGS}
-            out["abp"].update({k: cfg[k] for k, neutral in ABP_OPTIONAL_SETTINGS.items() if cfg[k] != neutral})
+            cfg = ABPConfig(**{"head_lr": self.head_lr, "max_steps": self.max_steps, **self.variant(method)})
+            d = {**dataclasses.asdict(cfg), "head_refit_steps": cfg.refit_steps}
+            if method in FROM_ABP_MASK:  # they train their own head on the run's mask: the run's refit is not theirs
+                d["head_refit_steps"] = ABP_OPTIONAL_SETTINGS["head_refit_steps"]
+            out["abp"] = {k: d[k] for k in ABP_SETTINGS}
+            out["abp"].update({k: d[k] for k, neutral in ABP_OPTIONAL_SETTINGS.items() if d[k] != neutral})
         return out
 
     def variant(self, method: str) -> dict:
-        """The ABP settings of ``method`` (:data:`ABP_VARIANTS`) for this grid: ``"max_steps"`` is its own."""
-        return {k: self.max_steps if v == "max_steps" else v for k, v in ABP_VARIANTS.get(method, {}).items()}
+        """The ABP settings of ``method`` (:data:`ABP_VARIANTS`)."""
+        return dict(ABP_VARIANTS.get(method, {}))
 
     def abp_config(self, task: str, sparsity: Optional[float], seed: int, **over) -> ABPConfig:
         n = self.max_steps
@@ -307,8 +316,9 @@ def _learnt(exp: ExperimentConfig, cfg: ABPConfig, out: Path, progress: bool,
             mask_init: Optional[Callable[[nn.Module], None]] = None):
     t = TrackedTrainer(cfg, out, progress=progress, mask_init=mask_init, recovery_every=exp.recovery_every)
     res = t.run(resume=_resume(out))
-    if cfg.head_refit_steps:  # as `abp prune` does: the head trained on on the final mask (same bits)
-        res = refit_head(cfg, out, res, resume=_resume(out / HEAD_REFIT_DIR), progress=progress, trainer=ExperimentTrainer)
+    if cfg.refit_steps:  # as `abp prune` does: the head trained on on the final mask (same bits)
+        res = refit_head(cfg, out, res, resume=_resume(out / HEAD_REFIT_DIR), progress=progress, trainer=ExperimentTrainer,
+                         weights_init=mask_init)
     return res, t.model.backbone, t.recovery_stats(res["mask_file"])
 
 

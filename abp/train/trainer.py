@@ -483,30 +483,39 @@ HEAD_REFIT_DIR = "head_refit"
 
 
 def run_abp(cfg: ABPConfig, output_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> dict:
-    """Build a :class:`Trainer` and run it; with ``cfg.head_refit_steps``, then :func:`refit_head` on its mask."""
-    result = Trainer(cfg, output_dir, progress=progress).run(resume=resume)
-    if cfg.head_refit_steps:
-        result = refit_head(cfg, output_dir, result, resume=resume, progress=progress)
+    """Build a :class:`Trainer` and run it; then, unless ``cfg.head_refit_steps`` is 0, :func:`refit_head` on its
+    mask."""
+    t = Trainer(cfg, output_dir, progress=progress)
+    result = t.run(resume=resume)
+    if t.cfg.refit_steps:  # t.cfg: max_steps resolved from epochs
+        result = refit_head(t.cfg, output_dir, result, resume=resume, progress=progress)
     return result
 
 
 def refit_head(cfg: ABPConfig, output_dir: str | os.PathLike, joint: dict, *, resume: bool = False,
-               progress: bool = True, trainer: type = Trainer) -> dict:
-    """Phase 2: the run's head trained ``cfg.head_refit_steps`` more steps on the run's final mask, the mask fixed
+               progress: bool = True, trainer: type = Trainer,
+               weights_init: Optional[Callable[[nn.Module], None]] = None) -> dict:
+    """Phase 2: the run's head trained ``cfg.refit_steps`` more steps on the run's final mask, the mask fixed
     (a fresh optimiser state; Algorithm 1's "keep training p", for a set number of steps on the mask it ships).
 
     Runs in ``output_dir/head_refit/`` (its own checkpoint: it resumes); then its mask file (the same bits, the
     refitted head) replaces ``output_dir/mask.safetensors`` and ``metrics.json`` reports its dev metric, with the
-    jointly trained head's under ``head_refit``. ``joint``: the run's result (:meth:`Trainer.run`)."""
+    jointly trained head's under ``head_refit``. ``joint``: the run's result (:meth:`Trainer.run`); ``weights_init``:
+    what the run's ``mask_init`` did to the frozen weights before its mask was learnt (the mask file's fingerprint
+    checks that the refit masks those very weights)."""
     out = Path(output_dir)
     mask_file = out / "mask.safetensors"
-    steps = cfg.head_refit_steps
+    steps = cfg.refit_steps
     rcfg = dataclasses.replace(cfg, max_steps=steps, epochs=None, head_refit_steps=0, eval_every=min(cfg.eval_every, steps),
                                checkpoint_every=min(cfg.checkpoint_every or cfg.eval_every, steps))
     shipped = abp.read_mask_file(mask_file)
     bits = shipped.masks
-    t = trainer(rcfg, out / HEAD_REFIT_DIR, progress=progress, mask_init=lambda bb: abp.load_mask(bb, mask_file),
-                learn_mask=False)
+    def mask_init(backbone: nn.Module) -> None:
+        if weights_init is not None:
+            weights_init(backbone)
+        abp.load_mask(backbone, mask_file)
+
+    t = trainer(rcfg, out / HEAD_REFIT_DIR, progress=progress, mask_init=mask_init, learn_mask=False)
     t.model.head.load_state_dict(shipped.head)  # the run's head (a checkpoint of the refit, if any, replaces it)
     refit = t.run(resume=resume)
     if t.dist.is_main:
