@@ -64,6 +64,8 @@ ABP_OPTIONAL_SETTINGS = {"unused_token_scale": 1.0, "t_l": 1e5, "schedule": "lin
                          "head_refit_steps": 0}
 JOINT_HEAD = {"head_refit_steps": 0}  # the run's head as it ends: every variant recorded before the refit was the default
 BEFORE = {"t_l": 1e5, "schedule": "linear", **JOINT_HEAD}  # the σ(1e5·θ) forward and the linear ramp, pinned (see above)
+# θ0 ∝ |w|, adam_mix, the hard mask, the cubic ramp: the loop of the previous and today's default
+MIX = {"score_init_mode": "magnitude", "score_optimizer": "adam_mix", "t_l": None, "schedule": "cubic"}
 ABP_VARIANTS: dict[str, dict] = {
     "abp": {},
     # the paper's settings at the grid's budget: α = β = 2e-5, γ = 2e-7 fixed, θ0 ~ N(0.01, var 0.001), no warm-up
@@ -99,17 +101,14 @@ ABP_VARIANTS: dict[str, dict] = {
                          "schedule": "cubic", **JOINT_HEAD},
     # abp_cubic with the second moment v̂^(1−s)·mean(v̂)^s (adam_mix), Adam's step at low s and adam_tensor's at high,
     # the run's head as it ends: the previous default (it holds the rows recorded as `abp` while it was)
-    "abp_cubic_mix": {"score_init_mode": "magnitude", "score_optimizer": "adam_mix", "t_l": None, "schedule": "cubic",
-                      **JOINT_HEAD},
+    "abp_cubic_mix": {**MIX, **JOINT_HEAD},
     # abp_cubic_mix, then its head trained on on the final mask for the grid's max_steps more steps (the budget of
     # head steps every fixed-mask row's head gets on its final mask): today's default, pinned, so its rows keep their
     # meaning when the default moves again (`abp` adopts them)
-    "abp_refit": {"score_init_mode": "magnitude", "score_optimizer": "adam_mix", "t_l": None, "schedule": "cubic",
-                  "head_refit_steps": None},
+    "abp_refit": {**MIX, "head_refit_steps": None},
     # abp_cubic_mix with every score tensor pruned to the target on its own (allocation="tensor": one γ controller
     # and stop rule per tensor), so each keeps 1 − s of its weights as MP and Wanda do, instead of one global count
-    "abp_per_tensor": {"score_init_mode": "magnitude", "score_optimizer": "adam_mix", "t_l": None, "schedule": "cubic",
-                       "allocation": "tensor", **JOINT_HEAD},
+    "abp_per_tensor": {**MIX, "allocation": "tensor", **JOINT_HEAD},
 }
 METHODS = (*ABP_VARIANTS, "random", "mp", "imp", "wanda", "feature_extraction", "finetune",
            "abp_mask", "abp_shuffled", "abp_reinit", "abp_norecovery")

@@ -66,8 +66,8 @@ class ABPConfig:
     #   the mask fixed (OUTPUT/head_refit/); that head and its dev metric become the run's. None: as many as the run's
     #   steps (max_steps, or what epochs came to) | 0: the head as the run ends (the paper). The head trained while the
     #   mask changed sees the final mask only after the stop rule; each refit step is a forward through the frozen,
-    #   masked backbone and the head's backward. On the grid (400 steps, 3 seeds) it adds 1.4 (SST-2) and 2.0 (STS-B)
-    #   points at 99 % and 0.3 at 50 % (bench/results/paper/notes.md, bench/results/pair-head/notes.md)
+    #   masked backbone and the head's backward. On the grid (400 steps, 3 seeds; 6 at STS-B 99 %) it adds 1.4 (SST-2)
+    #   and 2.0 (STS-B) points at 99 % and 0.3 at 50 % (bench/results/paper/notes.md, bench/results/pair-head/notes.md)
     # the loop
     batch_size: int = 32  # the global batch: under torchrun all ranks together (each takes its slice)
     max_length: int = 128  # tokens per example (longer ones are truncated)
