@@ -9,6 +9,10 @@ Algorithm 1 on the scores, and let a callback log the sparsity, apply the stop r
                       optimizers=(opt, sched), callbacks=[abp.hf.ABPCallback(task="sst2")])
     trainer.train()                                            # output_dir/mask.safetensors
 
+    # phase 2, abp prune's default: the head trained on the final mask, the mask fixed (a second Trainer run)
+    opt, sched = abp.hf.head_refit_optimizers(model, refit_args)
+    Trainer(model=model, args=refit_args, ..., optimizers=(opt, sched), callbacks=[abp.hf.ABPCallback()]).train()
+
 What runs where:
 
 - :class:`ABPOptimizer` is one ``torch.optim.Optimizer`` for the Trainer. Its ``step()`` applies
@@ -22,6 +26,12 @@ What runs where:
   α is ``abp prune``'s too: Adam's needs no gradient; plain SGD's (``score_optimizer="sgd"``, ``score_lr=None``) is
   calibrated on the score gradient of the last warm-up step (``abp prune`` runs one extra backward on the first
   pruning batch instead; the Trainer owns the batches here), or of the first step when there is no warm-up.
+- :func:`head_refit_optimizers` is ``abp prune``'s phase 2 (``head_refit_steps``, on by default there): a fresh
+  AdamW on the head, the scores frozen from the first step (no score gradient is computed), the same
+  :class:`ABPOptimizer` and callback, so the log, the mask file and a resume work as in phase 1. On the CPU
+  grid (MiniLM, 400 steps, 3 seeds) a refit of as many steps as the pruning run changed the dev metric by
+  −0.3 … +1.4 points on SST-2 and −0.0 … +2.0 on STS-B (mean per sparsity, 20 … 99 %; the most at 99 %), for
+  about half the pruning run's time.
 - :class:`ABPCallback` builds it, adds ``abp/sparsity``, ``abp/gamma``, ``abp/pruning_active`` and
   ``abp/pruning_stopped`` to every log the Trainer writes, stops computing score gradients once the stop rule has
   fired (checked at log and save points: before that the device flag already keeps the scores still), and writes
@@ -154,10 +164,27 @@ def optimizers(model: nn.Module, args, *, head_lr: Optional[float] = None, confi
     return opt, get_constant_schedule(opt)
 
 
-def check_training_args(args, cfg: ABPConfig) -> None:
-    """Refuse, with the setting named, what Algorithm 1 cannot honour in this process (see the module docstring)."""
+def head_refit_optimizers(model: nn.Module, args, *, head_lr: Optional[float] = None
+                          ) -> tuple["ABPOptimizer", torch.optim.lr_scheduler.LambdaLR]:
+    """``(optimizer, scheduler)`` for the head refit, ``abp prune``'s phase 2: a second Trainer run on the pruned
+    model that trains the task head on the final mask, with a fresh AdamW (``head_lr``, default
+    ``args.learning_rate``) and the mask fixed: the scores are frozen from the first step, so no score gradient is
+    computed and the mask file written at the end has the same bits and the refitted head. ``abp prune`` runs as
+    many refit steps as the pruning run took (``args.max_steps``, the same head learning rate). Use it with
+    :class:`ABPCallback`, as in phase 1; it logs the sparsity it refits at (a model not pruned yet, or whose mask
+    file was not loaded, shows there).
+    """
+    opt = ABPOptimizer(model, args, config=ABPConfig(), head_lr=head_lr, refit=True)
+    from transformers import get_constant_schedule
+
+    return opt, get_constant_schedule(opt)
+
+
+def check_training_args(args, cfg: ABPConfig, *, refit: bool = False) -> None:
+    """Refuse, with the setting named, what Algorithm 1 cannot honour in this process (see the module docstring).
+    ``refit``: the head refit (the scores frozen; fp16 with clipping is then fine: there are no score gradients)."""
     max_norm = float(args.max_grad_norm or 0.0)
-    if args.fp16 and max_norm > 0:
+    if args.fp16 and max_norm > 0 and not refit:
         raise ValueError(f"fp16=True with max_grad_norm={args.max_grad_norm}: with clipping on, abp holds the score "
                          "gradients aside from the Trainer's clip, out of reach of fp16's GradScaler, which would then "
                          "neither unscale nor overflow-check them; set max_grad_norm=0 (fp16 then works: the scaler "
@@ -201,15 +228,18 @@ class ABPOptimizer(torch.optim.Optimizer):
     ``param_groups`` are the head's AdamW groups (first: the Trainer logs the first group's learning rate) and one
     group holding the scores, marked ``"abp": "scores"``, whose ``lr`` is never read: α belongs to the score
     optimiser. The group is there so that fp16's GradScaler unscales the score gradients. Build it with
-    :func:`optimizers`; :class:`ABPCallback` sets it up when training starts.
+    :func:`optimizers` (Algorithm 1) or :func:`head_refit_optimizers` (``refit=True``: the scores frozen, the head
+    alone trained); :class:`ABPCallback` sets it up when training starts.
     """
 
-    def __init__(self, model: nn.Module, args, *, config: ABPConfig, head_lr: Optional[float] = None):
-        check_training_args(args, config)
+    def __init__(self, model: nn.Module, args, *, config: ABPConfig, head_lr: Optional[float] = None,
+                 refit: bool = False):
+        check_training_args(args, config, refit=refit)
         scores = [s for _, s in score_tensors(model)]
+        where = "head_refit_optimizers" if refit else "optimizers"
         if not scores:
-            raise ValueError("abp.hf.optimizers: the model has no masked modules (call abp.hf.mask_model first)")
-        self.model, self.cfg = model, config
+            raise ValueError(f"abp.hf.{where}: the model has no masked modules (call abp.hf.mask_model first)")
+        self.model, self.cfg, self.refit = model, config, refit
         ids = {id(s) for s in scores}
         head = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids]
         stray = sorted({n for n, _ in head} - set(self._head_param_names(model)))
@@ -255,11 +285,14 @@ class ABPOptimizer(torch.optim.Optimizer):
     def setup(self, args, state) -> None:
         """Build the score optimiser for ``state.max_steps`` steps, restore a resumed run's state, arm step one."""
         cfg = self.cfg
-        check_training_args(args, cfg)
+        check_training_args(args, cfg, refit=self.refit)
         self.teardown()
         total = int(state.max_steps)
         if total < 1:
             raise ValueError(f"abp.hf: the Trainer plans {total} steps; Algorithm 1 needs at least one")
+        if self.refit:
+            self._setup_refit(total, state)
+            return
         warm = int(cfg.warmup_fraction * total)
         prune_steps = max(1, int(cfg.prune_fraction * total))
         device = next(s for _, s in score_tensors(self.model)).device
@@ -288,15 +321,7 @@ class ABPOptimizer(torch.optim.Optimizer):
                      "target_sparsity": cfg.target_sparsity, "score_optimizer": cfg.score_optimizer,
                      "score_lr": cfg.score_lr, "score_lr_ratio": cfg.score_lr_ratio, "gamma": cfg.gamma,
                      "schedule": cfg.schedule, "allocation": cfg.allocation, "recovery": cfg.recovery}
-        self.steps = int(state.global_step)
-        if self._pending is not None:
-            self._restore(self._pending)
-            self._pending = None
-        elif self.steps > 0:
-            raise ValueError(f"abp.hf: training resumes at step {self.steps} but the checkpoint's optimizer.pt holds "
-                             "no abp score-optimiser state (save_only_model=True, or a checkpoint not written through "
-                             "abp.hf.optimizers): Algorithm 1 cannot continue exactly; start again from step 0")
-        else:
+        if not self._resumed(state):
             self._needs_calibration = cfg.score_lr is None and cfg.score_optimizer == "sgd"
             if cfg.score_lr is None and cfg.score_optimizer != "sgd":
                 self.scores.set_lr(adam_score_lr(self.model, prune_steps=prune_steps, ratio=cfg.score_lr_ratio))
@@ -312,6 +337,31 @@ class ABPOptimizer(torch.optim.Optimizer):
         if self.steps > 0 and self.scores.done():
             self.scores.freeze()
         self._arm()
+
+    def _resumed(self, state) -> bool:
+        """Restore the state a resume loaded (True), or start at step 0 (False); refuse a resume without that state."""
+        self.steps = int(state.global_step)
+        if self._pending is not None:
+            self._restore(self._pending)
+            self._pending = None
+            return True
+        if self.steps > 0:
+            made_by = "abp.hf.head_refit_optimizers" if self.refit else "abp.hf.optimizers"
+            raise ValueError(f"abp.hf: training resumes at step {self.steps} but the checkpoint's optimizer.pt holds "
+                             f"no abp score-optimiser state (save_only_model=True, or a checkpoint not written through "
+                             f"{made_by}): it cannot continue exactly; start again from step 0")
+        return False
+
+    def _setup_refit(self, total: int, state) -> None:
+        """The head refit: a score optimiser that never steps (frozen: backward skips dθ), kept for the log entries,
+        the mask file's sparsity and a resume's check that the checkpoint's scores are this run's."""
+        self.fused, self.update_path = False, "none (head refit: the mask is fixed)"
+        self.scores = ScoreOptimizer(self.model, lr=0.0, target_sparsity=0.0, prune_steps=1)
+        self.scores.freeze()
+        self._armed = "frozen"
+        self.plan = {"phase": "head_refit", "max_steps": total, "warmup_steps": 0}
+        self._resumed(state)
+        log.info("abp: head refit on the mask as it is (sparsity %.4f): the scores are frozen", self.scores.sparsity())
 
     def teardown(self) -> None:
         """Remove the gradient hooks and the fused update from the modules (training has ended)."""
@@ -430,10 +480,13 @@ class ABPOptimizer(torch.optim.Optimizer):
                 self._pending = state_dict["abp"]
             else:
                 self._restore(state_dict["abp"])
-                self._arm()
+                if not self.refit:
+                    self._arm()
 
     def _restore(self, state: dict) -> None:
-        saved, now = {"allocation": "global", **state["plan"]}, self.plan  # plans saved before allocation existed ran global
+        saved, now = dict(state["plan"]), self.plan
+        if "phase" not in saved:
+            saved.setdefault("allocation", "global")  # pruning plans saved before allocation existed ran global
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if diff:
             raise ValueError(f"abp.hf: cannot resume: the checkpoint's pruning schedule differs in {diff} (checkpoint "
@@ -509,7 +562,7 @@ class ABPCallback(TrainerCallback):
         opt = self.opt
         opt.freeze_if_done()
         sp = opt.scores.sparsity()
-        if sp < opt.cfg.target_sparsity:
+        if not opt.refit and sp < opt.cfg.target_sparsity:
             log.warning("abp: the target sparsity %.3f was not reached in %d steps (at %.4f); writing the final mask",
                         opt.cfg.target_sparsity, state.global_step, sp)
         self._write(os.path.join(args.output_dir, self.mask_name), state)

@@ -1,6 +1,7 @@
 """ABP in a ``transformers.Trainer`` script (abp.hf): a real Trainer run on the embedded MiniLM and SST-2 to the target
 sparsity, exact resume, gradient accumulation, the score gradients kept out of the Trainer's clip, fused == unfused,
 fp16's loss scale, and the settings Algorithm 1 cannot honour refused by name."""
+import copy
 import json
 
 import pytest
@@ -241,6 +242,59 @@ def test_bf16_trains_with_fp32_scores(tiny_cls, tmp_path):
     trainer, opt = _trainer(model, _args(tmp_path / "bf16", bf16=True, max_steps=8), rows, tok, target_sparsity=0.3)
     trainer.train()
     assert all(s.dtype == torch.float32 for _, s in score_tensors(model)) and opt.scores.sparsity() > 0.01
+
+
+# ------------------------------------------------------------------ the head refit (abp prune's phase 2)
+def test_head_refit_trains_the_head_on_the_fixed_mask_and_resumes_exactly(tiny_cls, tmp_path, caplog):
+    """abp.hf.head_refit_optimizers after a pruning run: the scores and the frozen weights do not move (bit for bit),
+    the head does; the log carries the sparsity with pruning off; the mask file holds the pruning run's bits and the
+    refitted head; a resume from the middle checkpoint ends with the same head, bit for bit."""
+    _, tok, rows = tiny_cls
+    model = _tiny(tiny_cls)
+    trainer, opt = _trainer(model, _args(tmp_path / "prune", max_steps=12), rows, tok, target_sparsity=0.3)
+    trainer.train()
+    pruned = copy.deepcopy(model)  # where the refit starts: the resumed run's model
+    scores, head = _scores(model), model.classifier.weight.detach().clone()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()
+              if not n.endswith("scores") and not n.startswith("classifier.")}
+
+    def refit(m, out):
+        args = _args(out, max_steps=12, save_strategy="steps", save_steps=6)
+        r_opt, sched = abp.hf.head_refit_optimizers(m, args)
+        return Trainer(model=m, args=args, train_dataset=rows, data_collator=DataCollatorWithPadding(tok),
+                       optimizers=(r_opt, sched), callbacks=[abp.hf.ABPCallback(task="test")]), r_opt
+
+    t, r_opt = refit(model, tmp_path / "refit")
+    with caplog.at_level("INFO", logger="abp"):
+        t.train()
+    assert "head refit on the mask as it is" in caplog.text
+    for n, s in _scores(model).items():
+        assert torch.equal(s, scores[n]), n
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p.detach(), frozen[n]), n
+    assert not torch.equal(model.classifier.weight, head), "the refit should train the head"
+    hist = [h for h in t.state.log_history if "loss" in h]
+    assert len(hist) == 12 and {h["abp/sparsity"] for h in hist} == {opt.scores.sparsity()}
+    assert opt.scores.sparsity() >= 0.3
+    assert all(h["abp/pruning_active"] == 0 and h["abp/pruning_stopped"] == 1 for h in hist)
+
+    # the mask file: the pruning run's bits and the refitted head, loadable onto a fresh model
+    first = abp.read_mask_file(tmp_path / "prune" / "mask.safetensors")
+    fresh = AutoModelForSequenceClassification.from_pretrained(tiny_cls[0])
+    mf = abp.load_mask(fresh, tmp_path / "refit" / "mask.safetensors", head=abp.hf.task_head(fresh))
+    assert mf.masks.keys() == first.masks.keys() and all(torch.equal(mf.masks[k], first.masks[k]) for k in first.masks)
+    assert torch.equal(fresh.classifier.weight, model.classifier.weight)
+    assert json.loads(mf.metadata["extra"])["plan"]["phase"] == "head_refit"
+
+    # a resume from the middle checkpoint: the same head, bit for bit; the pruning run's state does not resume a refit
+    t2, opt2 = refit(pruned, tmp_path / "resumed")
+    t2.train(resume_from_checkpoint=str(tmp_path / "refit" / "checkpoint-6"))
+    assert torch.equal(pruned.classifier.weight, model.classifier.weight)
+    for n, s in _scores(pruned).items():
+        assert torch.equal(s, scores[n]), n
+    with pytest.raises(ValueError, match=r"cannot resume: the checkpoint's pruning schedule differs"):
+        opt2.load_state_dict(opt.state_dict())
 
 
 # ------------------------------------------------------------------ refused settings and misuse
