@@ -480,8 +480,7 @@ class ABPOptimizer(torch.optim.Optimizer):
                 self._pending = state_dict["abp"]
             else:
                 self._restore(state_dict["abp"])
-                if not self.refit:
-                    self._arm()
+                self._arm()
 
     def _restore(self, state: dict) -> None:
         saved, now = dict(state["plan"]), self.plan
