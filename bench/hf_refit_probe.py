@@ -88,7 +88,7 @@ def run_cell(a, spec, tok, train, devs, sparsity: float, seed: int, workdir: str
     return cell
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", default="sst2")
     p.add_argument("--model", default=None, help="HF id or path (default: the embedded all-MiniLM-L6-v2)")
@@ -130,7 +130,8 @@ def main(argv=None) -> None:
         write_text(a.output, json.dumps(record, indent=1))
         tqdm.write(f"s={s} seed={seed}: prune {cell['prune']['metrics']} refit {cell['refit']['metrics']} "
                    f"({cell['refit_gain_points']:+.2f} points)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

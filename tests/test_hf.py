@@ -369,3 +369,38 @@ def test_resume_refuses_a_state_that_does_not_fit(tiny_cls, tmp_path):
     assert resumed.scores.sparsity() == opt.scores.sparsity() and float(resumed.scores.gamma) == float(opt.scores.gamma)
     with pytest.raises(ValueError, match=r"not an abp.hf optimizer state"):
         resumed.load_state_dict(torch.optim.AdamW(model.classifier.parameters()).state_dict())
+
+
+# ------------------------------------------------------------------ bench/hf_refit_probe.py
+def test_hf_refit_probe_measures_both_phases_and_resumes_by_cell(tiny_model_dir, tiny_glue, tmp_path):
+    """The README's two-phase Trainer example as a probe, on a regression pair task (one output, two sentences): each
+    cell records the dev metrics after pruning and after the refit at the same sparsity, a rerun adds only the cells
+    it lacks, and a record made with other settings is refused by name."""
+    import importlib.util
+    import math
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "hf_refit_probe.py"
+    spec = importlib.util.spec_from_file_location("hf_refit_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    out = tmp_path / "probe.json"
+    common = ["--task", "stsb", "--model", tiny_model_dir, "--glue-dir", tiny_glue, "--steps", "8", "--batch-size", "8",
+              "--max-length", "16", "--seeds", "0", "--output", str(out)]
+    assert probe.main([*common, "--sparsities", "0.4"]) == 0
+    first = json.loads(out.read_text())["cells"]
+    assert [(c["sparsity_target"], c["seed"]) for c in first] == [(0.4, 0)]
+    cell = first[0]
+    assert cell["prune"]["sparsity"] >= 0.4 and cell["refit"]["sparsity"] == cell["prune"]["sparsity"]
+    for phase in ("prune", "refit"):
+        assert set(cell[phase]["metrics"]) == {"pearson", "spearman"}
+        assert all(math.isfinite(v) for v in cell[phase]["metrics"].values())
+    assert cell["refit_gain_points"] == pytest.approx(
+        100 * (cell["refit"]["metrics"]["pearson"] - cell["prune"]["metrics"]["pearson"]))
+
+    assert probe.main([*common, "--sparsities", "0.4", "0.6"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["cells"][0] == cell and [c["sparsity_target"] for c in doc["cells"]] == [0.4, 0.6]
+    assert doc["cells"][1]["prune"]["sparsity"] >= 0.6 and doc["device"].startswith("CPU")
+    with pytest.raises(ValueError, match="other settings"):
+        probe.main([*common, "--sparsities", "0.4", "--head-lr", "0.01"])
