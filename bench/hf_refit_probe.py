@@ -17,7 +17,6 @@ import os
 import tempfile
 import time
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
@@ -28,7 +27,7 @@ import abp.hf
 from abp._atomic import write_text
 from abp.models import resolve_model
 from abp.provenance import code_version
-from abp.train.evaluate import hard_masks
+from abp.train.evaluate import dev_batchers, predict
 from abp.train.glue import load_split
 from abp.train.metrics import evaluate_splits, primary_metric
 from abp.train.tasks import get_task
@@ -44,26 +43,26 @@ def encode(tok, examples, max_length: int) -> list[dict]:
     return rows
 
 
-@torch.no_grad()
-def dev_metrics(model, tok, spec, devs: dict, max_length: int, batch: int = 64) -> dict:
+class Logits(torch.nn.Module):
+    """A ``…ForSequenceClassification`` as :func:`abp.train.evaluate.predict` reads a model: logits, a regression
+    head's squeezed to one value per row."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **batch):
+        logits = self.model(**batch).logits
+        return logits.squeeze(-1) if logits.shape[-1] == 1 else logits
+
+
+def dev_metrics(model, spec, batchers: dict) -> dict:
     """The task's dev metrics with the hard mask ``1[θ>0]`` (what the mask file holds)."""
-    model.eval()
-    collate = DataCollatorWithPadding(tok)
-    outputs = {}
-    with hard_masks(model):
-        for split, rows in devs.items():
-            preds = []
-            for i in range(0, len(rows), batch):
-                chunk = collate([{k: v for k, v in r.items() if k != "labels"} for r in rows[i:i + batch]])
-                preds.append(model(**chunk).logits.float())
-            logits = torch.cat(preds).numpy()
-            outputs[split] = (logits[:, 0] if spec.num_labels == 1 else logits,
-                              np.array([r["labels"] for r in rows]))
-    model.train()
-    return evaluate_splits(spec, outputs)
+    outputs = predict(Logits(model), batchers)
+    return evaluate_splits(spec, {k: (p.numpy(), y.numpy()) for k, (p, y) in outputs.items()})
 
 
-def run_cell(a, spec, tok, train, devs, sparsity: float, seed: int, workdir: str) -> dict:
+def run_cell(a, spec, tok, train, batchers, sparsity: float, seed: int, workdir: str) -> dict:
     def args(sub):
         return TrainingArguments(os.path.join(workdir, sub), max_steps=a.steps, per_device_train_batch_size=a.batch_size,
                                  learning_rate=a.head_lr, logging_steps=50, save_strategy="no", report_to=[],
@@ -82,7 +81,7 @@ def run_cell(a, spec, tok, train, devs, sparsity: float, seed: int, workdir: str
         Trainer(model=model, args=ar, train_dataset=train, data_collator=DataCollatorWithPadding(tok),
                 optimizers=(opt, sched), callbacks=[abp.hf.ABPCallback(task=spec.name)]).train()
         cell[phase] = {"seconds": round(time.perf_counter() - t0, 1), "sparsity": abp.sparsity(model),
-                       "metrics": dev_metrics(model, tok, spec, devs, a.max_length)}
+                       "metrics": dev_metrics(model, spec, batchers)}
     key = primary_metric(spec)
     cell["refit_gain_points"] = 100 * (cell["refit"]["metrics"][key] - cell["prune"]["metrics"][key])
     return cell
@@ -117,11 +116,12 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(a.model_path)
     train = encode(tok, load_split(spec.name, "train", a.glue_dir, max_examples=a.train_subsample, seed=0),
                    a.max_length)
-    devs = {s: encode(tok, load_split(spec.name, s, a.glue_dir), a.max_length) for s in spec.dev_splits}
+    batchers = dev_batchers({s: load_split(spec.name, s, a.glue_dir) for s in spec.dev_splits}, tok,
+                            max_length=a.max_length)
     todo = [(s, seed) for s in a.sparsities for seed in a.seeds if (s, seed) not in done]
     for s, seed in tqdm(todo, desc="cells"):
         with tempfile.TemporaryDirectory() as work:
-            cell = run_cell(a, spec, tok, train, devs, s, seed, work)
+            cell = run_cell(a, spec, tok, train, batchers, s, seed, work)
         record["cells"].append(cell)
         record["code"] = code_version()
         record["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else \
